@@ -1,0 +1,159 @@
+"""App factory: wires config, store, upstream session and runtime; ops and admin endpoints.
+
+The OpenAI endpoints are served by the raw ASGI gateway in front; everything else (health,
+readiness, metrics, admin) is a small FastAPI app behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from proxy.admin_auth import require_master_key
+from proxy.config import PolicyFile, load_policy_file
+from proxy.errors import ProxyError
+from proxy.gateway import Gateway
+from proxy.runtime import Runtime
+from proxy.store import Store, build_store
+from proxy.store.base import utc_day
+
+log = logging.getLogger("llm_proxy")
+
+DEFAULT_CONFIG = "policies/default.yaml"
+
+
+class ProxyState:
+    """The objects one proxy process lives on; built by the factory, never global."""
+
+    def __init__(self, policy: PolicyFile, config_path: str | None, redis_url: str | None, master_key: str | None):
+        self.config_path = config_path
+        self.master_key = master_key
+        self.store: Store = build_store(redis_url, policy.store)
+        self.session: aiohttp.ClientSession | None = None
+        self.started_at = time.time()
+        self._policy = policy
+        self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "")
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._policy.server.max_connections, ttl_dns_cache=300, keepalive_timeout=30
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, skip_auto_headers=["User-Agent"]
+        )
+        self.runtime = Runtime(self._policy, self.store, self.session, self.config_path or "")
+        if self.runtime.keyring.plaintext_keys:
+            log.warning(
+                "SECURITY: %d virtual key(s) in %s are stored in plaintext; store them as sha256:<hex> "
+                "(llm-numbers-proxy hash-key KEY prints the form).",
+                self.runtime.keyring.plaintext_keys,
+                self.config_path,
+            )
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        await self.store.close()
+
+
+def _error_response(e: ProxyError) -> JSONResponse:
+    return Response(e.body(), status_code=e.status, media_type="application/json", headers=e.headers)
+
+
+def build_ops_app(state: ProxyState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="llm-numbers-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ProxyError)
+    async def _proxy_error(_: Request, e: ProxyError) -> Response:
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
+        err = ProxyError(str(e.detail), code="not_found" if e.status_code == 404 else None)
+        err.status = e.status_code
+        err.type = "invalid_request_error"
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> Response:
+        err = ProxyError(f"Invalid request: {e.errors()[0].get('msg', 'invalid')}")
+        err.status = 400
+        err.type = "invalid_request_error"
+        return _error_response(err)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        store_ok = await state.store.healthy()
+        body: dict[str, Any] = {
+            "status": "ready" if store_ok else "degraded",
+            "store": {"backend": state.store.name, "healthy": store_ok},
+            "models": len(state.runtime.policy.models),
+        }
+        return JSONResponse(body, status_code=200 if store_ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/spend")
+    async def admin_spend(request: Request, days: int = 7) -> dict[str, Any]:
+        require_master_key(request.headers, state.master_key)
+        days = max(1, min(days, 90))
+        now = time.time()
+        day_list = [utc_day(now - 86400 * i) for i in range(days)]
+        teams = sorted(state.runtime.policy.teams)
+        spend = await state.store.spend(teams, day_list)
+        out: dict[str, Any] = {}
+        for team, ts in spend.items():
+            out[team] = {
+                "spend_usd": sum(line.cost_nano for line in ts.total.values()) / 1e9,
+                "by_model": {m: line.as_dict() for m, line in sorted(ts.total.items())},
+                "by_day": {
+                    d: {m: line.as_dict() for m, line in sorted(lines.items())}
+                    for d, lines in sorted(ts.by_day.items())
+                },
+            }
+        return {"store": state.store.name, "teams": out}
+
+    return app
+
+
+def create_app(
+    config_path: str | None = None,
+    *,
+    redis_url: str | None = None,
+    master_key: str | None = None,
+) -> Gateway:
+    """Build the ASGI app. Arguments default to LLM_PROXY_CONFIG, LLM_PROXY_REDIS_URL, LLM_PROXY_MASTER_KEY."""
+    path = config_path or os.environ.get("LLM_PROXY_CONFIG") or DEFAULT_CONFIG
+    policy = load_policy_file(path)
+    state = ProxyState(
+        policy,
+        path,
+        redis_url if redis_url is not None else os.environ.get("LLM_PROXY_REDIS_URL") or None,
+        master_key if master_key is not None else os.environ.get("LLM_PROXY_MASTER_KEY") or None,
+    )
+    return Gateway(state, build_ops_app(state))

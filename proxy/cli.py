@@ -1,0 +1,115 @@
+"""The `llm-numbers-proxy` command: serve | check | hash-key | mock-upstream."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from proxy.config import ConfigError, load_policy_file
+
+
+def _default_config() -> str:
+    return os.environ.get("LLM_PROXY_CONFIG", "policies/default.yaml")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    try:
+        load_policy_file(args.config)  # fail before binding the port, with every error listed
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    os.environ["LLM_PROXY_CONFIG"] = args.config
+    common = dict(
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=args.log_level,
+        lifespan="on",
+        timeout_keep_alive=30,
+    )
+    if args.workers > 1:
+        uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **common)
+    else:
+        from proxy.app import create_app
+
+        uvicorn.run(create_app(args.config), **common)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy_file(args.path)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    print(f"{args.path}: OK ({len(policy.models)} models, {len(policy.teams)} teams, {len(policy.policies)} policies)")
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from proxy.steps.auth import hash_key
+
+    print(hash_key(args.key))
+    return 0
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from proxy.mock_upstream import MockState, run_mock_upstream
+
+    state = MockState(
+        latency_s=args.latency_ms / 1000,
+        reply_tokens=args.reply_tokens,
+        chunk_delay_s=args.chunk_delay_ms / 1000,
+        usage=not args.no_usage,
+    )
+    print(f"mock upstream on http://{args.host}:{args.port}/v1", flush=True)
+    run_mock_upstream(args.host, args.port, state)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm-numbers-proxy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", default=_default_config())
+    s.add_argument("--host", default=os.environ.get("LLM_PROXY_HOST", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=int(os.environ.get("LLM_PROXY_PORT", "4000")))
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(fn=cmd_serve)
+
+    c = sub.add_parser("check", help="validate a policy file; every error as file:line: field: message")
+    c.add_argument("path")
+    c.set_defaults(fn=cmd_check)
+
+    h = sub.add_parser("hash-key", help="print the sha256:<hex> form of a virtual key for the policy file")
+    h.add_argument("key")
+    h.set_defaults(fn=cmd_hash_key)
+
+    m = sub.add_parser("mock-upstream", help="an OpenAI-compatible fake upstream")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=8090)
+    m.add_argument("--latency-ms", type=float, default=0.0)
+    m.add_argument("--reply-tokens", type=int, default=32, help="words per reply")
+    m.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    m.add_argument("--no-usage", action="store_true", help="never report usage (the proxy must count)")
+    m.set_defaults(fn=cmd_mock_upstream)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Load a policy file: YAML with `${VAR}` / `${VAR:-default}` interpolation, validated by pydantic.
+
+Every error names the file, the line and the field path, so `llm-numbers-proxy check` can list
+them all at once and hot reload can log exactly what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from proxy.config.models import PolicyFile
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.path or "(root)"
+        return f"{self.file}:{self.line}: {where}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _Builder:
+    """Turns a composed YAML node tree into Python values, remembering each path's line."""
+
+    def __init__(self, file: str, env: Mapping[str, str]):
+        self.file = file
+        self.env = env
+        self.lines: dict[Path_, int] = {}
+        self.issues: list[ConfigIssue] = []
+
+    def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.build(key_node, (*path, "<key>"))
+                if key in out:
+                    self._issue((*path, key), key_node, "duplicate key")
+                out[key] = self.build(value_node, (*path, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        value = yaml.SafeLoader.construct_object(_SCALAR_LOADER, node)
+        if isinstance(value, str) and "${" in value:
+            return self._interpolate(value, path, node)
+        return value
+
+    def _interpolate(self, value: str, path: Path_, node: yaml.Node) -> str:
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in self.env:
+                return self.env[name]
+            if default is not None:
+                return default
+            self._issue(path, node, f"environment variable {name} is not set (use ${{{name}:-default}})")
+            return ""
+
+        return _ENV_REF.sub(sub, value)
+
+    def _issue(self, path: Path_, node: yaml.Node, message: str) -> None:
+        self.issues.append(ConfigIssue(self.file, node.start_mark.line + 1, _dotted(path), message))
+
+    def line_of(self, path: Path_) -> int:
+        for cut in range(len(path), -1, -1):
+            if path[:cut] in self.lines:
+                return self.lines[path[:cut]]
+        return 1
+
+
+_SCALAR_LOADER = yaml.SafeLoader("")
+
+
+def parse_policy_text(text: str, file: str = "<string>", env: Mapping[str, str] | None = None) -> PolicyFile:
+    """Parse and validate policy YAML; raise ConfigError listing every problem found."""
+    env = os.environ if env is None else env
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = mark.line + 1 if mark else 1
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([ConfigIssue(file, line, "", f"YAML syntax error: {problem}")]) from None
+    if node is None:
+        raise ConfigError([ConfigIssue(file, 1, "", "the policy file is empty")])
+    builder = _Builder(file, env)
+    raw = builder.build(node)
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue(file, 1, "", "the policy file must be a mapping at the top level")])
+    issues = list(builder.issues)
+    try:
+        policy = PolicyFile.model_validate(raw)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
+        raise ConfigError(issues) from None
+    for loc, msg in policy.reference_errors():
+        issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
+    if issues:
+        raise ConfigError(issues)
+    return policy
+
+
+def load_policy_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> PolicyFile:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([ConfigIssue(str(p), 1, "", f"cannot read the policy file: {e.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(str(p), 1, "", "the policy file is not UTF-8 text")]) from None
+    return parse_policy_text(text, str(p), env)

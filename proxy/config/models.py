@@ -1,0 +1,130 @@
+"""Pydantic models of the policy YAML: the platform team's whole interface.
+
+Every model forbids unknown keys so a typo in the policy file is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PriceConfig(_Strict):
+    """USD per million tokens; overrides the packaged price book for one model."""
+
+    input_per_mtok: Annotated[float, Field(ge=0)]
+    output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+
+
+class RetryConfig(_Strict):
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    max_total_s: Annotated[float, Field(gt=0)] = 30.0
+    initial_backoff_s: Annotated[float, Field(ge=0)] = 0.2
+    max_backoff_s: Annotated[float, Field(ge=0)] = 8.0
+    # A Retry-After above this is not waited for: the next fallback is tried instead.
+    max_retry_after_s: Annotated[float, Field(ge=0)] = 10.0
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    max_wait_ms: Annotated[float, Field(ge=0)] = 10.0
+    max_queue: Annotated[int, Field(ge=1)] = 1024
+    max_concurrent_batches: Annotated[int, Field(ge=1)] = 1
+    mode: Literal["embeddings", "completions", "batch_endpoint"] = "completions"
+
+
+Provider = Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9_\-]+$")]
+
+
+class ModelConfig(_Strict):
+    provider: Provider = "openai"
+    api_base: str | None = None
+    api_key: str | None = None
+    upstream_model: str | None = None
+    mode: Literal["chat", "completion", "embedding"] = "chat"
+    price: PriceConfig | None = None
+    max_input_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    tokenizer: str | None = None
+    fallbacks: list[str] = []
+    retries: RetryConfig | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    # Ask OpenAI-compatible upstreams for usage in streams (stripped again when the client
+    # did not ask), so streamed spend is exact rather than re-counted.
+    stream_usage: bool = True
+    headers: dict[str, str] = {}
+    batching: BatchingConfig | None = None
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_is_http(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://", v):
+            raise ValueError("api_base must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+
+class TeamConfig(_Strict):
+    keys: list[str] = []
+    models: list[str] = ["*"]
+
+    @field_validator("keys")
+    @classmethod
+    def _keys_hashed_or_plain(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if k.startswith("sha256:") and not _KEY_HASH.match(k):
+                raise ValueError("a hashed key must be 'sha256:' followed by 64 lowercase hex digits")
+            if not k:
+                raise ValueError("empty key")
+        return keys
+
+
+class ServerConfig(_Strict):
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    # Used when a request sets no max_tokens and the model's max output is unknown.
+    default_max_output_tokens: Annotated[int, Field(ge=1)] = 4096
+
+
+class StoreConfig(_Strict):
+    key_prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_:\-]+$")] = "llmp"
+    on_failure: Literal["fail_open", "fail_closed"] = "fail_open"
+
+
+class PolicyFile(_Strict):
+    version: Literal[1] = 1
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    retries: RetryConfig = RetryConfig()
+    models: dict[str, ModelConfig]
+    teams: dict[str, TeamConfig] = {}
+    tasks: dict[str, Any] = {}
+    policies: list[dict[str, Any]] = []
+
+    def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Cross-field checks pydantic cannot express per field: (path, message) pairs."""
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        for name, model in self.models.items():
+            for i, fb in enumerate(model.fallbacks):
+                if fb not in self.models:
+                    errors.append((("models", name, "fallbacks", i), f"unknown model '{fb}'"))
+                elif fb == name:
+                    errors.append((("models", name, "fallbacks", i), "a model cannot fall back to itself"))
+        owner: dict[str, str] = {}
+        for name, team in self.teams.items():
+            for i, m in enumerate(team.models):
+                if not any(c in m for c in "*?[") and m not in self.models:
+                    errors.append((("teams", name, "models", i), f"unknown model '{m}'"))
+            for i, k in enumerate(team.keys):
+                if k in owner:
+                    errors.append((("teams", name, "keys", i), f"key also belongs to team '{owner[k]}'"))
+                owner[k] = name
+        return errors

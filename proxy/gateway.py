@@ -1,0 +1,260 @@
+"""The OpenAI-compatible endpoints as a raw ASGI app: the hot path.
+
+FastAPI's routing, dependency injection and response classes cost more CPU per request than the
+whole proxy budget allows, so the four OpenAI endpoints are served here directly; everything else
+(ops, admin) falls through to the FastAPI app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from proxy import metrics
+from proxy.errors import (
+    BadGateway,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    ProxyError,
+    UnsupportedMediaType,
+)
+from proxy.pipeline import Endpoint, RequestContext
+from proxy.streaming import StreamAccount, counted_reply_tokens
+
+if TYPE_CHECKING:
+    from proxy.app import ProxyState
+    from proxy.runtime import Runtime
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("llm_proxy.gateway")
+
+_ENDPOINTS = {
+    "/v1/chat/completions": Endpoint.CHAT,
+    "/v1/completions": Endpoint.COMPLETIONS,
+    "/v1/embeddings": Endpoint.EMBEDDINGS,
+    "/chat/completions": Endpoint.CHAT,
+    "/completions": Endpoint.COMPLETIONS,
+    "/embeddings": Endpoint.EMBEDDINGS,
+}
+_MODELS_PATHS = frozenset({"/v1/models", "/models"})
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _check_content_type(headers: dict[str, str]) -> None:
+    ctype = headers.get("content-type")
+    if ctype is None:
+        return
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"Unsupported content type '{media}': send the request body as application/json.")
+
+
+def _proxy_headers(ctx: RequestContext, with_cost: bool) -> list[tuple[bytes, bytes]]:
+    h = [
+        (b"x-llm-proxy-request-id", ctx.request_id.encode()),
+        (b"x-llm-proxy-route", ctx.route.encode()),
+        (b"x-llm-proxy-overhead-ms", f"{ctx.overhead() * 1000:.3f}".encode()),
+    ]
+    model = ctx.answered_by or ctx.model
+    if model:
+        h.append((b"x-llm-proxy-model", model.encode()))
+    if ctx.policies:
+        h.append((b"x-llm-proxy-policies", ",".join(ctx.policies).encode()))
+    if with_cost:
+        h.append((b"x-llm-proxy-cost-usd", f"{ctx.cost:.9f}".encode()))
+        h.append((b"x-llm-proxy-saved-usd", f"{ctx.saved:.9f}".encode()))
+    return h
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [_JSON, *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, error: ProxyError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
+    await _send_json(send, error.status, error.body(), headers + (extra or []))
+
+
+def _apply_usage(ctx: RequestContext, usage: Any) -> bool:
+    if not isinstance(usage, dict):
+        return False
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not isinstance(prompt, int):
+        return False
+    ctx.input_tokens = prompt
+    ctx.output_tokens = completion if isinstance(completion, int) else 0
+    ctx.usage_known = True
+    return True
+
+
+class Gateway:
+    def __init__(self, state: ProxyState, fallback: ASGIApp):
+        self.state = state
+        self.fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            endpoint = _ENDPOINTS.get(path)
+            if endpoint is not None:
+                if scope["method"] != "POST":
+                    await send_error(send, MethodNotAllowed(f"Use POST for {path}."))
+                    return
+                await self._handle(endpoint, scope, receive, send)
+                return
+            if path in _MODELS_PATHS and scope["method"] == "GET":
+                await self._list_models(scope, send)
+                return
+        await self.fallback(scope, receive, send)
+
+    async def _list_models(self, scope: Scope, send: Send) -> None:
+        runtime = self.state.runtime
+        ctx = RequestContext(request_id=secrets.token_hex(12), endpoint="models", headers=_headers(scope))
+        try:
+            await runtime.pipeline.steps[0].on_request(ctx)  # authentication only
+        except ProxyError as e:
+            await send_error(send, e)
+            return
+        created = int(self.state.started_at)
+        data = [
+            {"id": m, "object": "model", "created": created, "owned_by": runtime.policy.models[m].provider}
+            for m in runtime.models_for(ctx.team or "")
+        ]
+        await _send_json(send, 200, orjson.dumps({"object": "list", "data": data}), [])
+
+    async def _handle(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = self.state.runtime  # this request keeps this runtime even if a reload swaps it
+        headers = _headers(scope)
+        ctx = RequestContext(request_id=secrets.token_hex(12), endpoint=endpoint, headers=headers)
+        try:
+            _check_content_type(headers)
+            ctx.raw = await _read_body(receive, headers, runtime.policy.server.max_body_bytes)
+            await runtime.pipeline.run_request(ctx)
+            if ctx.answer is not None:
+                await runtime.pipeline.run_response(ctx)
+                await _send_json(send, 200, orjson.dumps(ctx.answer), _proxy_headers(ctx, True))
+            elif ctx.stream:
+                await self._stream(ctx, runtime, receive, send)
+            else:
+                await self._forward(ctx, runtime, send)
+        except ProxyError as e:
+            ctx.error = e
+            ctx.status = e.status
+            if not ctx.cancelled:
+                await send_error(send, e, _proxy_headers(ctx, False))
+        except asyncio.CancelledError:
+            ctx.cancelled = True
+            ctx.status = 499
+            raise
+        except Exception:
+            log.exception("unexpected error in request %s", ctx.request_id)
+            ctx.status = 500
+            err = ProxyError("The proxy failed unexpectedly; the request id is in x-llm-proxy-request-id.")
+            await send_error(send, err, _proxy_headers(ctx, False))
+        finally:
+            await runtime.pipeline.run_settle(ctx)
+
+    async def _forward(self, ctx: RequestContext, runtime: Runtime, send: Send) -> None:
+        reply = await runtime.dispatcher.send(ctx)
+        data = reply.data
+        if not _apply_usage(ctx, data.get("usage")):
+            if ctx.endpoint == Endpoint.EMBEDDINGS:
+                if not isinstance(data.get("data"), list):
+                    raise BadGateway("The upstream's embeddings reply has no 'data' list.")
+            elif not isinstance(data.get("choices"), list):
+                raise BadGateway("The upstream's reply has no 'choices' list.")
+            ctx.input_tokens = ctx.prompt_tokens
+            if ctx.endpoint != Endpoint.EMBEDDINGS:
+                ctx.output_tokens = counted_reply_tokens(data, runtime.tokens.counter(ctx.answered_by))
+        await runtime.pipeline.run_response(ctx)
+        await _send_json(send, 200, reply.raw, _proxy_headers(ctx, True))
+
+    async def _stream(self, ctx: RequestContext, runtime: Runtime, receive: Receive, send: Send) -> None:
+        handle = await runtime.dispatcher.open_stream(ctx)
+        # From here on the response belongs to this stream: no retry, no fallback, no JSON error.
+        account = StreamAccount(ctx.include_usage)
+        relay = asyncio.current_task()
+        finished = False
+
+        async def watch_disconnect() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not finished and relay is not None:
+                        ctx.cancelled = True
+                        relay.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch_disconnect())
+        try:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + _proxy_headers(ctx, False)}
+            )
+            first = True
+            async for event in handle.events():
+                if account.inspect(event):
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                    if first:
+                        first = False
+                        metrics.TIME_TO_FIRST_CHUNK.labels(ctx.model_requested).observe(ctx.elapsed())
+            finished = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ProxyError as e:
+            # The stream broke after it began: tell the client in-band and end the stream.
+            ctx.error = e
+            ctx.status = e.status
+            finished = True
+            await send({"type": "http.response.body", "body": b"data: " + e.body() + b"\n\n", "more_body": False})
+        except asyncio.CancelledError:
+            if not ctx.cancelled:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            ctx.status = 499
+        finally:
+            watcher.cancel()
+            handle.close()
+            if not _apply_usage(ctx, account.usage):
+                ctx.input_tokens = ctx.prompt_tokens
+                ctx.output_tokens = account.counted_output_tokens(runtime.tokens.counter(ctx.answered_by))
+            await runtime.pipeline.run_response(ctx)

@@ -1,0 +1,77 @@
+"""Every Prometheus metric the proxy exports, defined once. Names are a public interface.
+
+Labels only ever take values from bounded sets: team and model names from the policy file,
+route, status class, token type. Never keys, prompts, client addresses or user agents.
+docs/metrics.md lists them all; tests/test_metrics_catalog.py keeps both equal.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, disable_created_metrics
+
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+REQUESTS = Counter(
+    "llm_proxy_requests",
+    "Requests answered by the proxy, by team, requested model, route and HTTP status class.",
+    ["team", "model", "route", "status_class"],
+)
+TOKENS = Counter(
+    "llm_proxy_tokens",
+    "Tokens billed, by team, model that answered and token type (input/output).",
+    ["team", "model", "type"],
+)
+TOKEN_USAGE = Histogram(
+    "gen_ai_client_token_usage",
+    "OpenTelemetry GenAI: tokens used per request, by token type (input/output).",
+    ["gen_ai_request_model", "gen_ai_token_type"],
+    buckets=_TOKEN_BUCKETS,
+)
+SPEND = Counter(
+    "llm_proxy_spend_usd",
+    "Real cost of answered requests in USD, by team and model that answered.",
+    ["team", "model"],
+)
+OPERATION_DURATION = Histogram(
+    "gen_ai_client_operation_duration_seconds",
+    "OpenTelemetry GenAI: end-to-end duration of a request through the proxy, by requested model and route.",
+    ["gen_ai_request_model", "route"],
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_CHUNK = Histogram(
+    "gen_ai_client_operation_time_to_first_chunk_seconds",
+    "OpenTelemetry GenAI: time from request to the first streamed chunk, by model.",
+    ["gen_ai_request_model"],
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_LATENCY = Histogram(
+    "llm_proxy_upstream_latency_seconds",
+    "Time the upstream took to answer (response headers for streams), by model that answered.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "llm_proxy_upstream_errors",
+    "Failed upstream attempts, by model and kind (4xx, 429, 5xx, timeout, connect, bad_response).",
+    ["model", "kind"],
+)
+RETRIES = Counter(
+    "llm_proxy_retries",
+    "Upstream attempts retried after a retryable failure, by model.",
+    ["model"],
+)
+FALLBACKS = Counter(
+    "llm_proxy_fallbacks",
+    "Requests that moved to a fallback model after the primary failed, by model and fallback.",
+    ["model", "fallback"],
+)
+OVERHEAD = Histogram(
+    "llm_proxy_overhead_seconds",
+    "Wall time the proxy itself added to a request (total minus upstream time), by route.",
+    ["route"],
+    buckets=_OVERHEAD_BUCKETS,
+)

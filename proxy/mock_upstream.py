@@ -1,0 +1,366 @@
+"""An OpenAI-compatible fake upstream for demos, tests and load tests.
+
+Deterministic replies (chat, streaming, completions, embeddings, models, and Anthropic's messages
+API for the litellm path), a configurable latency and reply length, and fault injection through
+`POST /mock/faults`: status codes with or without Retry-After, HTML error pages, malformed JSON,
+connection resets and stalls. `GET /mock/stats` tells what it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.tokens import counter_for
+
+_WORDS = (
+    "the proxy counts every token and prices each request so that spend stays within budget while "
+    "answers remain useful to the people who asked for them across all teams"
+).split()
+
+
+@dataclass
+class Fault:
+    """One injected failure, applied to the next `count` matching requests."""
+
+    status: int | None = None
+    retry_after: str | None = None
+    body: str = "json"  # json | html | malformed
+    reset: bool = False
+    stall_s: float = 0.0
+    count: int = 1
+    path: str | None = None  # only requests to this path (e.g. /v1/chat/completions)
+    model: str | None = None  # only requests for this upstream model
+    after_chunks: int | None = None  # for streams: break the stream after this many chunks
+
+    def matches(self, path: str, model: str | None) -> bool:
+        return (self.path is None or self.path == path) and (self.model is None or self.model == model)
+
+
+@dataclass
+class MockState:
+    latency_s: float = 0.0
+    reply_tokens: int = 32
+    chunk_delay_s: float = 0.0
+    usage: bool = True
+    embedding_dim: int = 16
+    faults: deque[Fault] = field(default_factory=deque)
+    calls: Counter[str] = field(default_factory=Counter)
+    last_bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+    completion_tokens_served: int = 0
+    prompt_tokens_served: int = 0
+
+
+def _reply_text(seed: str, n_words: int) -> str:
+    h = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "big")
+    return " ".join(_WORDS[(h + i) % len(_WORDS)] for i in range(n_words))
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        parts = []
+        for m in body["messages"]:
+            c = m.get("content")
+            if isinstance(c, str):
+                parts.append(c)
+            elif isinstance(c, list):
+                parts.extend(p.get("text", "") for p in c if isinstance(p, dict))
+        return "\n".join(parts)
+    p = body.get("prompt", body.get("input", ""))
+    return p if isinstance(p, str) else " ".join(map(str, p))
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+class MockUpstream:
+    def __init__(self, state: MockState):
+        self.state = state
+        self._counter = counter_for("gpt-4o")
+
+    def _take_fault(self, path: str, model: str | None) -> Fault | None:
+        for fault in self.state.faults:
+            if fault.matches(path, model):
+                fault.count -= 1
+                if fault.count <= 0:
+                    self.state.faults.remove(fault)
+                return fault
+        return None
+
+    async def _apply_fault(self, request: web.Request, fault: Fault) -> web.StreamResponse | None:
+        if fault.stall_s:
+            await asyncio.sleep(fault.stall_s)
+        if fault.reset:
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError
+        if fault.status is None:
+            return None
+        headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+        if fault.body == "html":
+            return web.Response(
+                text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                status=fault.status,
+                content_type="text/html",
+                headers=headers,
+            )
+        if fault.body == "malformed":
+            return web.Response(
+                body=b'{"id": "x", "choices": [', status=fault.status, content_type="application/json", headers=headers
+            )
+        err = {
+            "error": {"message": f"injected fault {fault.status}", "type": "server_error", "param": None, "code": None}
+        }
+        return web.Response(
+            body=orjson.dumps(err), status=fault.status, content_type="application/json", headers=headers
+        )
+
+    async def _begin(self, request: web.Request) -> tuple[dict[str, Any], Fault | None, web.StreamResponse | None]:
+        body = await request.json(loads=orjson.loads)
+        self.state.calls[request.path] += 1
+        self.state.last_bodies.append(body)
+        fault = self._take_fault(request.path, body.get("model"))
+        if self.state.latency_s:
+            await asyncio.sleep(self.state.latency_s)
+        early = await self._apply_fault(request, fault) if fault else None
+        return body, fault, early
+
+    def _usage(self, prompt: int, completion: int) -> dict[str, int]:
+        self.state.prompt_tokens_served += prompt
+        self.state.completion_tokens_served += completion
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _n_words(self, body: dict[str, Any]) -> int:
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        n = self.state.reply_tokens
+        return min(n, limit) if isinstance(limit, int) and limit > 0 else n
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body, fault, early = await self._begin(request)
+        if early is not None:
+            return early
+        prompt_text = _prompt_text(body)
+        text = _reply_text(prompt_text, self._n_words(body))
+        model = body.get("model", "mock")
+        prompt_tokens = self._counter.chat_prompt(body["messages"])
+        created = int(time.time())
+        if body.get("stream"):
+            return await self._stream_chat(request, body, text, model, prompt_tokens, created, fault)
+        completion_tokens = self._counter.text(text)
+        n = body.get("n") or 1
+        reply = {
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                for i in range(n)
+            ],
+        }
+        if self.state.usage:
+            reply["usage"] = self._usage(prompt_tokens, completion_tokens * n)
+        return _json(reply)
+
+    async def _stream_chat(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        text: str,
+        model: str,
+        prompt_tokens: int,
+        created: int,
+        fault: Fault | None,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        words = text.split(" ")
+        sent_text: list[str] = []
+        try:
+            for i, word in enumerate(words):
+                if fault is not None and fault.after_chunks is not None and i >= fault.after_chunks:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return resp
+                piece = word if i == 0 else " " + word
+                chunk = {
+                    "id": "chatcmpl-mock",
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                }
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                sent_text.append(piece)
+                if self.state.chunk_delay_s:
+                    await asyncio.sleep(self.state.chunk_delay_s)
+            final = {
+                "id": "chatcmpl-mock",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            }
+            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+            opts = body.get("stream_options") or {}
+            if self.state.usage and opts.get("include_usage"):
+                usage = {
+                    "id": "chatcmpl-mock",
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": self._usage(prompt_tokens, self._counter.text(text)),
+                }
+                await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
+            else:
+                self.state.completion_tokens_served += self._counter.text(text)
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.state.calls["stream_cancelled"] += 1
+            self.state.completion_tokens_served += self._counter.text("".join(sent_text))
+            raise
+        await resp.write_eof()
+        return resp
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body, _, early = await self._begin(request)
+        if early is not None:
+            return early
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        if prompts and isinstance(prompts[0], int):
+            prompts = [" ".join(map(str, prompts))]
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, p in enumerate(prompts):
+            p = p if isinstance(p, str) else " ".join(map(str, p))
+            text = _reply_text(p, self._n_words(body))
+            choices.append({"index": i, "text": text, "finish_reason": "stop", "logprobs": None})
+            prompt_tokens += self._counter.text(p)
+            completion_tokens += self._counter.text(text)
+        reply = {
+            "id": "cmpl-mock",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model", "mock"),
+            "choices": choices,
+        }
+        if self.state.usage:
+            reply["usage"] = self._usage(prompt_tokens, completion_tokens)
+        return _json(reply)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body, _, early = await self._begin(request)
+        if early is not None:
+            return early
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        if inputs and isinstance(inputs[0], int):
+            inputs = [" ".join(map(str, inputs))]
+        data, tokens = [], 0
+        dim = body.get("dimensions") or self.state.embedding_dim
+        for i, text in enumerate(inputs):
+            text = text if isinstance(text, str) else " ".join(map(str, text))
+            seed = hashlib.blake2b(text.encode(), digest_size=8).digest()
+            vec = [math.sin(seed[j % 8] + j) for j in range(dim)]
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            data.append({"object": "embedding", "index": i, "embedding": [v / norm for v in vec]})
+            tokens += self._counter.text(text)
+        reply = {"object": "list", "data": data, "model": body.get("model", "mock")}
+        if self.state.usage:
+            reply["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+            self.state.prompt_tokens_served += tokens
+        return _json(reply)
+
+    async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
+        """Enough of Anthropic's Messages API for litellm's anthropic provider (non-streaming)."""
+        body, _, early = await self._begin(request)
+        if early is not None:
+            return early
+        prompt = _prompt_text(body)
+        text = _reply_text(prompt, self._n_words(body))
+        usage = self._usage(self._counter.text(prompt), self._counter.text(text))
+        return _json(
+            {
+                "id": "msg_mock",
+                "type": "message",
+                "role": "assistant",
+                "model": body.get("model", "mock"),
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]},
+            }
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "mock"}]})
+
+    async def add_faults(self, request: web.Request) -> web.Response:
+        items = await request.json(loads=orjson.loads)
+        for item in items if isinstance(items, list) else [items]:
+            self.state.faults.append(Fault(**item))
+        return _json({"queued": len(self.state.faults)})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "calls": dict(self.state.calls),
+                "last_bodies": list(self.state.last_bodies),
+                "prompt_tokens_served": self.state.prompt_tokens_served,
+                "completion_tokens_served": self.state.completion_tokens_served,
+                "faults_pending": len(self.state.faults),
+            }
+        )
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.state.faults.clear()
+        self.state.calls.clear()
+        self.state.last_bodies.clear()
+        self.state.prompt_tokens_served = self.state.completion_tokens_served = 0
+        return _json({"reset": True})
+
+    async def configure(self, request: web.Request) -> web.Response:
+        cfg = await request.json(loads=orjson.loads)
+        for key in ("reply_tokens", "usage", "embedding_dim"):
+            if key in cfg:
+                setattr(self.state, key, cfg[key])
+        if "latency_ms" in cfg:
+            self.state.latency_s = cfg["latency_ms"] / 1000
+        if "chunk_delay_ms" in cfg:
+            self.state.chunk_delay_s = cfg["chunk_delay_ms"] / 1000
+        return _json({"ok": True})
+
+
+def build_mock_app(state: MockState | None = None) -> web.Application:
+    mock = MockUpstream(state or MockState())
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", mock.chat)
+        app.router.add_post(f"{prefix}/completions", mock.completions)
+        app.router.add_post(f"{prefix}/embeddings", mock.embeddings)
+        app.router.add_post(f"{prefix}/messages", mock.anthropic_messages)
+        app.router.add_get(f"{prefix}/models", mock.models)
+    app.router.add_post("/mock/faults", mock.add_faults)
+    app.router.add_get("/mock/stats", mock.stats)
+    app.router.add_post("/mock/reset", mock.reset)
+    app.router.add_post("/mock/config", mock.configure)
+    app["mock"] = mock
+    return app
+
+
+def run_mock_upstream(host: str, port: int, state: MockState) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # uvloop is optional for the mock
+        pass
+    web.run_app(build_mock_app(state), host=host, port=port, access_log=None, print=None)

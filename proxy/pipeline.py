@@ -1,0 +1,91 @@
+"""The request pipeline: an ordered list of steps over one RequestContext.
+
+A step is a small object with up to three hooks: `on_request(ctx)` before the upstream call (it may
+raise a ProxyError to answer the client, or set `ctx.answer` to answer without an upstream call),
+`on_response(ctx)` once the answer and its usage are known, and `on_settle(ctx)` after the client
+has its response, successful or not (release what was reserved, record what was spent).
+Steps read and write the context; they never call each other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proxy.errors import ProxyError
+
+
+class Endpoint:
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    request_id: str
+    endpoint: str
+    headers: dict[str, str]
+    started: float = field(default_factory=time.perf_counter)
+    # who
+    team: str | None = None
+    key_id: str | None = None  # a short fingerprint of the virtual key, never the key
+    # what
+    raw: bytes = b""
+    body: dict[str, Any] = field(default_factory=dict)
+    model_requested: str | None = None
+    model: str | None = None  # the model chosen by policy (the one that is called)
+    stream: bool = False
+    include_usage: bool = False  # the client asked for stream usage
+    prompt_tokens: int = 0
+    max_output_tokens: int = 0
+    policies: list[str] = field(default_factory=list)
+    # estimates before the call
+    cost_estimate: float = 0.0
+    counterfactual_estimate: float = 0.0
+    # outcome
+    route: str = "upstream"
+    answered_by: str | None = None  # the model that answered (after fallbacks)
+    answer: dict[str, Any] | None = None  # set by a step to answer without an upstream call
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usage_known: bool = False
+    cost: float = 0.0
+    saved: float = 0.0
+    upstream_seconds: float = 0.0
+    status: int = 200
+    error: ProxyError | None = None
+    cancelled: bool = False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def overhead(self) -> float:
+        return max(0.0, self.elapsed() - self.upstream_seconds)
+
+
+class Step(Protocol):
+    async def on_request(self, ctx: RequestContext) -> None: ...
+
+
+class Pipeline:
+    def __init__(self, steps: list[Any]):
+        self.steps = steps
+        self._request_hooks = [s.on_request for s in steps if hasattr(s, "on_request")]
+        self._response_hooks = [s.on_response for s in steps if hasattr(s, "on_response")]
+        self._settle_hooks = [s.on_settle for s in reversed(steps) if hasattr(s, "on_settle")]
+
+    async def run_request(self, ctx: RequestContext) -> None:
+        for hook in self._request_hooks:
+            await hook(ctx)
+            if ctx.answer is not None:
+                return
+
+    async def run_response(self, ctx: RequestContext) -> None:
+        for hook in self._response_hooks:
+            await hook(ctx)
+
+    async def run_settle(self, ctx: RequestContext) -> None:
+        for hook in self._settle_hooks:
+            await hook(ctx)

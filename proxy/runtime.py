@@ -1,0 +1,40 @@
+"""The runtime: everything built from one policy file. Hot reload swaps it whole; a request keeps
+the runtime it started with until it ends."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from proxy.config.models import PolicyFile
+from proxy.pipeline import Pipeline
+from proxy.pricing import PriceBook
+from proxy.steps.accounting import RecordUsage
+from proxy.steps.auth import Authenticate, KeyRing
+from proxy.steps.model_access import ResolveModel, allowed_models
+from proxy.steps.tokens import CountTokens
+from proxy.steps.validate import ValidateRequest
+from proxy.store.base import Store
+from proxy.upstream.dispatch import Dispatcher
+
+
+class Runtime:
+    def __init__(self, policy: PolicyFile, store: Store, session: aiohttp.ClientSession | None, source: str = ""):
+        self.policy = policy
+        self.source = source
+        self.prices = PriceBook(policy.models)
+        self.keyring = KeyRing(policy.teams)
+        self.allowed = allowed_models(policy)
+        self.tokens = CountTokens(policy, self.prices)
+        self.pipeline = Pipeline(
+            [
+                Authenticate(self.keyring),
+                ValidateRequest(),
+                ResolveModel(policy, self.allowed),
+                self.tokens,
+                RecordUsage(policy, self.prices, store),
+            ]
+        )
+        self.dispatcher = Dispatcher(policy, session) if session is not None else None
+
+    def models_for(self, team: str) -> list[str]:
+        return sorted(self.allowed.get(team, ()))

@@ -1,0 +1,55 @@
+"""Accounting: price the real usage once the upstream has answered, then record spend and metrics.
+
+`on_response` runs before the response headers go out (non-stream) or at the end of a stream;
+`on_settle` runs after the client has its answer, so recording never delays it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from proxy import metrics
+from proxy.config.models import PolicyFile
+from proxy.pipeline import RequestContext
+from proxy.pricing import PriceBook
+from proxy.store.base import Store, StoreUnavailable, Usage, to_nano, utc_day
+
+log = logging.getLogger("llm_proxy.accounting")
+
+_STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+class RecordUsage:
+    def __init__(self, policy: PolicyFile, prices: PriceBook, store: Store):
+        self._models = policy.models
+        self._prices = prices
+        self._store = store
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        model = ctx.answered_by or ctx.model
+        ctx.cost = self._prices.cost(model, ctx.input_tokens, ctx.output_tokens)
+        requested = ctx.model_requested
+        if requested in self._models:
+            counterfactual = self._prices.cost(requested, ctx.input_tokens, ctx.output_tokens)
+            ctx.saved = max(0.0, counterfactual - ctx.cost) if ctx.policies else 0.0
+
+    async def on_settle(self, ctx: RequestContext) -> None:
+        team = ctx.team or "unauthenticated"
+        requested = ctx.model_requested if ctx.model_requested in self._models else "unknown"
+        metrics.REQUESTS.labels(team, requested, ctx.route, _STATUS_CLASS.get(ctx.status // 100, "5xx")).inc()
+        metrics.OPERATION_DURATION.labels(requested, ctx.route).observe(ctx.elapsed())
+        metrics.OVERHEAD.labels(ctx.route).observe(ctx.overhead())
+        if ctx.team is None or not (ctx.input_tokens or ctx.output_tokens):
+            return
+        model = ctx.answered_by or ctx.model
+        metrics.TOKENS.labels(team, model, "input").inc(ctx.input_tokens)
+        metrics.TOKENS.labels(team, model, "output").inc(ctx.output_tokens)
+        metrics.TOKEN_USAGE.labels(model, "input").observe(ctx.input_tokens)
+        if ctx.output_tokens:
+            metrics.TOKEN_USAGE.labels(model, "output").observe(ctx.output_tokens)
+        metrics.SPEND.labels(team, model).inc(ctx.cost)
+        usage = Usage(team, model, to_nano(ctx.cost), ctx.input_tokens, ctx.output_tokens)
+        try:
+            await self._store.record_usage(usage, utc_day())
+        except StoreUnavailable as e:
+            log.error("could not record spend for team %s: %s", team, e)

@@ -1,0 +1,1 @@
+"""Upstream calls: OpenAI-compatible pass-through, the litellm adapter, retries and fallbacks."""

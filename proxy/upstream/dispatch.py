@@ -1,0 +1,98 @@
+"""Dispatch: call the chosen model with retries, then its `fallbacks:` in order.
+
+Streams are retried and fall back only until the stream is open: once the first byte has gone to
+the client, a failure ends the stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import aiohttp
+
+from proxy import metrics
+from proxy.config.models import ModelConfig, PolicyFile, RetryConfig
+from proxy.errors import BadGateway, ProxyError
+from proxy.pipeline import RequestContext
+from proxy.upstream.openai_compat import OpenAICompatUpstream, UpstreamReply
+from proxy.upstream.retries import RetryableUpstreamError, call_with_retries
+
+T = TypeVar("T")
+
+PASS_THROUGH_PROVIDERS = frozenset({"openai"})
+
+
+class Stream(Protocol):
+    def events(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    name: str
+    cfg: ModelConfig
+
+    async def send(self, endpoint: str, body: dict[str, Any]) -> UpstreamReply: ...
+
+    async def open_stream(self, endpoint: str, body: dict[str, Any], include_usage: bool) -> Stream: ...
+
+
+def build_upstream(name: str, cfg: ModelConfig, session: aiohttp.ClientSession, connect_timeout_s: float) -> Upstream:
+    if cfg.provider in PASS_THROUGH_PROVIDERS:
+        return OpenAICompatUpstream(name, cfg, session, connect_timeout_s)
+    from proxy.upstream.litellm_adapter import LiteLLMUpstream
+
+    return LiteLLMUpstream(name, cfg)
+
+
+class Dispatcher:
+    def __init__(self, policy: PolicyFile, session: aiohttp.ClientSession):
+        connect = policy.server.connect_timeout_s
+        self._upstreams: dict[str, Upstream] = {
+            name: build_upstream(name, cfg, session, connect) for name, cfg in policy.models.items()
+        }
+        self._retry: dict[str, RetryConfig] = {
+            name: cfg.retries or policy.retries for name, cfg in policy.models.items()
+        }
+        self._chain: dict[str, list[str]] = {name: [name, *cfg.fallbacks] for name, cfg in policy.models.items()}
+
+    async def _with_fallbacks(self, ctx: RequestContext, call: Callable[[Upstream], Awaitable[T]]) -> T:
+        chain = self._chain[ctx.model]
+        last: ProxyError | None = None
+        for i, name in enumerate(chain):
+            upstream = self._upstreams[name]
+            if i > 0:
+                metrics.FALLBACKS.labels(chain[0], name).inc()
+
+            def on_retry(e: RetryableUpstreamError, model: str = name) -> None:
+                metrics.UPSTREAM_ERRORS.labels(model, e.kind).inc()
+                metrics.RETRIES.labels(model).inc()
+
+            started = time.perf_counter()
+            try:
+                result = await call_with_retries(lambda u=upstream: call(u), self._retry[name], on_retry)
+            except RetryableUpstreamError as e:
+                metrics.UPSTREAM_ERRORS.labels(name, e.kind).inc()
+                last = e.as_proxy_error()
+            except BadGateway as e:
+                metrics.UPSTREAM_ERRORS.labels(name, "bad_response").inc()
+                last = e
+            except ProxyError as e:  # a 4xx from the upstream is about the request: no fallback helps
+                metrics.UPSTREAM_ERRORS.labels(name, "4xx").inc()
+                raise e
+            else:
+                ctx.answered_by = name
+                metrics.UPSTREAM_LATENCY.labels(name).observe(time.perf_counter() - started)
+                return result
+            finally:
+                ctx.upstream_seconds += time.perf_counter() - started
+        assert last is not None
+        raise last
+
+    async def send(self, ctx: RequestContext) -> UpstreamReply:
+        return await self._with_fallbacks(ctx, lambda u: u.send(ctx.endpoint, ctx.body))
+
+    async def open_stream(self, ctx: RequestContext) -> Stream:
+        return await self._with_fallbacks(ctx, lambda u: u.open_stream(ctx.endpoint, ctx.body, ctx.include_usage))

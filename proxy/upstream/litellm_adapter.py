@@ -1,0 +1,102 @@
+"""Providers that need translation (anthropic, bedrock, vertex_ai, ...) go through litellm.
+
+litellm is imported lazily, the first time such a model is configured: importing it costs seconds
+and ~100 MB, which a proxy serving only OpenAI-compatible upstreams should never pay.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator
+from functools import cache
+from typing import Any
+
+import orjson
+
+from proxy.config.models import ModelConfig
+from proxy.errors import BadGateway, UpstreamHTTPError
+from proxy.upstream.openai_compat import UpstreamReply
+from proxy.upstream.retries import RetryableUpstreamError
+
+
+@cache
+def _import_litellm() -> Any:
+    litellm = importlib.import_module("litellm")
+    litellm.telemetry = False
+    litellm.drop_params = True
+    return litellm
+
+
+def _translate_error(e: Exception) -> Exception:
+    status = getattr(e, "status_code", None)
+    name = type(e).__name__
+    if name in ("Timeout", "APITimeoutError") or status == 408:
+        return RetryableUpstreamError("timeout", name)
+    if name == "APIConnectionError" or status is None:
+        return RetryableUpstreamError("connect", name)
+    message = str(getattr(e, "message", "") or e)
+    body = orjson.dumps({"error": {"message": message, "type": "upstream_error", "param": None, "code": name}})
+    if status == 429 or status >= 500:
+        return RetryableUpstreamError("429" if status == 429 else "5xx", f"HTTP {status}", status=status, body=body)
+    return UpstreamHTTPError(status, body)
+
+
+class _LiteLLMStream:
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    async def events(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield b"data: " + orjson.dumps(chunk.model_dump(exclude_none=True)) + b"\n\n"
+        except Exception as e:  # litellm raises provider-specific errors mid-stream
+            raise BadGateway(f"The upstream stream broke off: {type(e).__name__}") from None
+        yield b"data: [DONE]\n\n"
+
+    def close(self) -> None:
+        closer = getattr(self._stream, "aclose", None) or getattr(self._stream, "close", None)
+        if closer is not None:
+            try:
+                res = closer()
+                if hasattr(res, "close"):
+                    res.close()
+            except Exception:  # closing a broken stream must not mask the original outcome
+                pass
+
+
+class LiteLLMUpstream:
+    """One configured model on a provider litellm translates for."""
+
+    def __init__(self, name: str, cfg: ModelConfig):
+        self.name = name
+        self.cfg = cfg
+        self._litellm = _import_litellm()
+        self._model = f"{cfg.provider}/{cfg.upstream_model or name}"
+        self._params: dict[str, Any] = {"num_retries": 0, "timeout": cfg.timeout_s}
+        if cfg.api_key:
+            self._params["api_key"] = cfg.api_key
+        if cfg.api_base:
+            self._params["api_base"] = cfg.api_base
+        if cfg.headers:
+            self._params["extra_headers"] = dict(cfg.headers)
+
+    async def _call(self, endpoint: str, body: dict[str, Any], **extra: Any) -> Any:
+        kwargs = {**body, **self._params, **extra, "model": self._model}
+        fn = {
+            "chat": self._litellm.acompletion,
+            "completions": self._litellm.atext_completion,
+            "embeddings": self._litellm.aembedding,
+        }[endpoint]
+        try:
+            return await fn(**kwargs)
+        except Exception as e:
+            raise _translate_error(e) from None
+
+    async def send(self, endpoint: str, body: dict[str, Any]) -> UpstreamReply:
+        resp = await self._call(endpoint, body)
+        data = resp.model_dump(exclude_none=True)
+        return UpstreamReply(data, orjson.dumps(data))
+
+    async def open_stream(self, endpoint: str, body: dict[str, Any], include_usage: bool) -> _LiteLLMStream:
+        opts = {**(body.get("stream_options") or {}), "include_usage": True}
+        return _LiteLLMStream(await self._call(endpoint, body, stream=True, stream_options=opts))

@@ -1,0 +1,160 @@
+"""Pass-through to any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama, TEI, ...).
+
+The fast path: one pooled aiohttp session, orjson, the response bytes relayed as received. Streams
+are relayed event by event as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.config.models import ModelConfig
+from proxy.errors import BadGateway, UpstreamHTTPError
+from proxy.upstream.retries import RetryableUpstreamError, parse_retry_after
+
+OPENAI_API_BASE = "https://api.openai.com/v1"
+_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    data: dict[str, Any]
+    raw: bytes
+
+
+class StreamHandle:
+    """An open upstream SSE stream. Iterate `events()`; always `close()`."""
+
+    def __init__(self, response: aiohttp.ClientResponse):
+        self._response = response
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Complete SSE events (each ending in a blank line), relayed as soon as each is whole."""
+        buf = b""
+        try:
+            async for chunk in self._response.content.iter_any():
+                buf += chunk
+                if b"\n\n" not in buf and b"\r\n\r\n" not in buf:
+                    continue
+                if b"\r\n" in buf:
+                    buf = buf.replace(b"\r\n", b"\n")
+                *complete, buf = buf.split(b"\n\n")
+                for event in complete:
+                    if event:
+                        yield event + b"\n\n"
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+            raise BadGateway(f"The upstream stream broke off: {type(e).__name__}") from None
+        except TimeoutError:
+            raise BadGateway("The upstream stream stalled past the model's timeout.") from None
+        if buf.strip():
+            yield buf + b"\n\n"
+
+    def close(self) -> None:
+        # Closing (not releasing) drops the connection, which is how an upstream learns to stop generating.
+        self._response.close()
+
+
+def _error_kind(status: int) -> str:
+    return "429" if status == 429 else "5xx"
+
+
+def _looks_like_openai_error(body: bytes) -> bool:
+    if body.lstrip()[:1] != b"{":
+        return False
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "error" in data
+
+
+class OpenAICompatUpstream:
+    """One configured model served by an OpenAI-compatible HTTP API."""
+
+    def __init__(self, name: str, cfg: ModelConfig, session: aiohttp.ClientSession, connect_timeout_s: float):
+        self.name = name
+        self.cfg = cfg
+        self._session = session
+        self._base = cfg.api_base or OPENAI_API_BASE
+        self._upstream_model = cfg.upstream_model or name
+        self._headers = {"Content-Type": "application/json", **cfg.headers}
+        if cfg.api_key:
+            self._headers["Authorization"] = f"Bearer {cfg.api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=connect_timeout_s)
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=cfg.timeout_s
+        )
+
+    def _payload(self, body: dict[str, Any], stream: bool, include_usage: bool) -> bytes:
+        out = {**body, "model": self._upstream_model}
+        if stream and self.cfg.stream_usage and not include_usage:
+            out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return orjson.dumps(out)
+
+    async def _post(self, endpoint: str, payload: bytes, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        try:
+            return await self._session.post(
+                self._base + _PATHS[endpoint], data=payload, headers=self._headers, timeout=timeout
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            raise RetryableUpstreamError("connect", type(e).__name__) from None
+        except TimeoutError:
+            raise RetryableUpstreamError("timeout", "no response before the timeout") from None
+
+    @staticmethod
+    def _raise_for_status(resp: aiohttp.ClientResponse, body: bytes) -> None:
+        status = resp.status
+        if status < 400:
+            return
+        if status == 429 or status >= 500:
+            raise RetryableUpstreamError(
+                _error_kind(status),
+                f"HTTP {status}",
+                status=status,
+                body=body,
+                retry_after=parse_retry_after(resp.headers.get("retry-after")),
+            )
+        if _looks_like_openai_error(body):
+            raise UpstreamHTTPError(status, body)
+        raise BadGateway(f"The upstream answered HTTP {status} with a body that is not an OpenAI error.")
+
+    async def send(self, endpoint: str, body: dict[str, Any]) -> UpstreamReply:
+        resp = await self._post(endpoint, self._payload(body, False, False), self._timeout)
+        try:
+            raw = await resp.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+            raise RetryableUpstreamError("connect", f"connection lost while reading: {type(e).__name__}") from None
+        except TimeoutError:
+            raise RetryableUpstreamError("timeout", "the response did not complete before the timeout") from None
+        finally:
+            resp.release()
+        self._raise_for_status(resp, raw)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise BadGateway("The upstream answered with a body that is not JSON.") from None
+        if not isinstance(data, dict):
+            raise BadGateway("The upstream answered with JSON that is not an object.")
+        return UpstreamReply(data, raw)
+
+    async def open_stream(self, endpoint: str, body: dict[str, Any], include_usage: bool) -> StreamHandle:
+        resp = await self._post(endpoint, self._payload(body, True, include_usage), self._stream_timeout)
+        if resp.status >= 400:
+            try:
+                raw = await asyncio.wait_for(resp.read(), timeout=self.cfg.timeout_s)
+            except (aiohttp.ClientError, TimeoutError):
+                raw = b""
+            finally:
+                resp.release()
+            self._raise_for_status(resp, raw)
+        ctype = resp.headers.get("content-type", "")
+        if "text/event-stream" not in ctype:
+            resp.close()
+            raise BadGateway(f"The upstream answered a stream request with content-type '{ctype or 'none'}'.")
+        return StreamHandle(resp)
