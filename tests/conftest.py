@@ -1,0 +1,232 @@
+"""Shared fixtures: real servers on loopback (the proxy and the mock upstream as subprocesses), a real
+Redis with a per-run key prefix, and the official openai SDK as the client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("LLM_PROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+MASTER_KEY = "sk-master-test"
+TEAM_KEYS = {"alpha": "sk-alpha-test", "beta": "sk-beta-test"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)  # polling a port that is not open yet; there is no event to wait on
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_process(args: list[str], port: int, health_path: str, tmp: Path, env: dict[str, str] | None = None) -> Server:
+    log_path = tmp / f"server-{port}.log"
+    # A proxy uses Redis only when a test says so, whatever the calling shell has set.
+    full_env = {k: v for k, v in os.environ.items() if k != "LLM_PROXY_REDIS_URL"}
+    full_env.update(env or {})
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+    server = Server(proc, port, log_path)
+    try:
+        wait_until_serving(server.url + health_path, proc)
+    except Exception:
+        server.stop()
+        raise RuntimeError(f"could not start {args}:\n{server.log()}") from None
+    return server
+
+
+class MockUpstream(Server):
+    def reset(self) -> None:
+        httpx.post(self.url + "/mock/reset").raise_for_status()
+        self.configure(reply_tokens=32, usage=True, latency_ms=0, chunk_delay_ms=0)
+
+    def configure(self, **cfg) -> None:
+        httpx.post(self.url + "/mock/config", json=cfg).raise_for_status()
+
+    def fault(self, **fault) -> None:
+        httpx.post(self.url + "/mock/faults", json=fault).raise_for_status()
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/mock/stats").json()
+
+    def calls(self, path: str = "/v1/chat/completions") -> int:
+        return self.stats()["calls"].get(path, 0)
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def mock_upstream(session_tmp: Path) -> Iterator[MockUpstream]:
+    port = free_port()
+    server = start_process(["mock-upstream", "--port", str(port)], port, "/v1/models", session_tmp)
+    mock = MockUpstream(server.proc, server.port, server.log_path)
+    yield mock
+    mock.stop()
+
+
+@pytest.fixture
+def mock(mock_upstream: MockUpstream) -> MockUpstream:
+    mock_upstream.reset()
+    return mock_upstream
+
+
+def policy_yaml(mock_url: str, extra: str = "") -> str:
+    """A policy for tests: cheap/expensive models on the mock upstream, two teams."""
+    return textwrap.dedent(
+        f"""\
+        version: 1
+        server:
+          max_body_bytes: 65536
+        retries:
+          max_attempts: 3
+          max_total_s: 10
+          initial_backoff_s: 0.01
+          max_backoff_s: 0.05
+          max_retry_after_s: 2
+        models:
+          big:
+            api_base: {mock_url}/v1
+            upstream_model: mock-big
+            price: {{input_per_mtok: 2.5, output_per_mtok: 10}}
+            max_input_tokens: 2000
+          small:
+            api_base: {mock_url}/v1
+            upstream_model: mock-small
+            price: {{input_per_mtok: 0.15, output_per_mtok: 0.6}}
+          flaky:
+            api_base: {mock_url}/v1
+            upstream_model: mock-flaky
+            price: {{input_per_mtok: 1, output_per_mtok: 2}}
+            fallbacks: [small]
+            timeout_s: 1
+          nousage:
+            api_base: {mock_url}/v1
+            upstream_model: mock-nousage
+            price: {{input_per_mtok: 1, output_per_mtok: 2}}
+            stream_usage: false
+          embed:
+            api_base: {mock_url}/v1
+            upstream_model: mock-embed
+            mode: embedding
+            price: {{input_per_mtok: 0.02}}
+          claude:
+            provider: anthropic
+            api_base: {mock_url}
+            api_key: test-anthropic-key
+            upstream_model: claude-3-5-haiku-20241022
+            price: {{input_per_mtok: 0.8, output_per_mtok: 4}}
+        teams:
+          alpha:
+            keys: [{TEAM_KEYS["alpha"]}]
+            models: ["*"]
+          beta:
+            keys: [sha256:{__import__("hashlib").sha256(TEAM_KEYS["beta"].encode()).hexdigest()}]
+            models: [small, embed]
+        """
+    ) + textwrap.dedent(extra)
+
+
+def start_proxy(tmp: Path, policy: str, redis_url: str | None = None, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    config = tmp / f"policy-{port}.yaml"
+    config.write_text(policy)
+    full_env = {"LLM_PROXY_MASTER_KEY": MASTER_KEY, **(env or {})}
+    if redis_url:
+        full_env["LLM_PROXY_REDIS_URL"] = redis_url
+    return start_process(
+        ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
+        port,
+        "/healthz",
+        tmp,
+        full_env,
+    )
+
+
+@pytest.fixture(scope="session")
+def proxy(session_tmp: Path, mock_upstream: MockUpstream) -> Iterator[Server]:
+    server = start_proxy(session_tmp, policy_yaml(mock_upstream.url))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> Iterator[str]:
+    prefix = f"llmptest{uuid.uuid4().hex[:8]}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}:*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_proxy(session_tmp: Path, mock_upstream: MockUpstream, redis_prefix: str) -> Iterator[Server]:
+    policy = policy_yaml(mock_upstream.url, f"store:\n  key_prefix: {redis_prefix}\n")
+    server = start_proxy(session_tmp, policy, redis_url=REDIS_URL)
+    yield server
+    server.stop()
+
+
+def client_for(server: Server, team: str = "alpha", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEAM_KEYS[team], max_retries=0, **kw)
+
+
+def admin_spend(server: Server) -> dict:
+    r = httpx.get(server.url + "/admin/spend", headers={"Authorization": f"Bearer {MASTER_KEY}"})
+    r.raise_for_status()
+    return r.json()
+
+
+def team_spend(server: Server, team: str) -> dict:
+    return admin_spend(server)["teams"].get(team, {"spend_usd": 0.0, "by_model": {}})

@@ -1,0 +1,46 @@
+"""A client that disconnects mid-stream: the upstream request is cancelled, streamed tokens are accounted."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.conftest import TEAM_KEYS, team_spend
+
+
+def _poll(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)  # polling another process's counters; there is no event to wait on
+    raise AssertionError("condition not met in time")
+
+
+def test_client_disconnect_cancels_upstream_and_accounts_streamed_tokens(proxy, mock):
+    mock.configure(chunk_delay_ms=50, reply_tokens=200)
+    before = team_spend(proxy, "alpha")["by_model"].get("small", {}).get("output_tokens", 0)
+    received = 0
+    with httpx.stream(
+        "POST",
+        proxy.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {TEAM_KEYS['alpha']}"},
+        json={"model": "small", "messages": [{"role": "user", "content": "long please"}], "stream": True},
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                received += 1
+            if received == 5:
+                break
+    _poll(lambda: mock.stats()["calls"].get("stream_cancelled", 0) >= 1)
+    spent = _poll(lambda: team_spend(proxy, "alpha")["by_model"].get("small", {}).get("output_tokens", 0) - before)
+    assert 5 <= spent < 200
+    # The proxy keeps serving.
+    r = httpx.post(
+        proxy.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {TEAM_KEYS['alpha']}"},
+        json={"model": "small", "messages": [{"role": "user", "content": "still there?"}]},
+    )
+    assert r.status_code == 200
