@@ -60,8 +60,12 @@ async def _run(name: str, url: str, seconds: float, concurrency: int = 16) -> tu
 
 async def main_async(seconds: float) -> None:
     port = _free_port()
-    mock = subprocess.Popen([sys.executable, "-m", "proxy.cli", "mock-upstream", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "mock-upstream", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         await _wait(f"http://127.0.0.1:{port}/v1/models")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
