@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy.admin_auth import require_master_key
 from proxy.config import PolicyFile, load_policy_file
+from proxy.config.reload import Reloader
 from proxy.errors import ProxyError
 from proxy.gateway import Gateway
 from proxy.runtime import Runtime
@@ -41,11 +43,15 @@ class ProxyState:
         self.master_key = master_key
         self.store: Store = build_store(redis_url, policy.store)
         self.session: aiohttp.ClientSession | None = None
+        self.reloader: Reloader | None = None
         self.started_at = time.time()
         self._policy = policy
         self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "")
 
     async def start(self) -> None:
+        start_store = getattr(self.store, "start", None)
+        if start_store is not None:
+            start_store()
         connector = aiohttp.TCPConnector(
             limit=self._policy.server.max_connections, ttl_dns_cache=300, keepalive_timeout=30
         )
@@ -61,10 +67,34 @@ class ProxyState:
                 self.config_path,
             )
 
+        if self.config_path:
+            self.reloader = Reloader(self.config_path, self.apply_policy)
+            self.reloader.start(watch=self._policy.server.watch_config)
+
+    def apply_policy(self, policy: PolicyFile) -> None:
+        """Build a complete runtime for `policy`, then swap it in (one assignment)."""
+        runtime = Runtime(policy, self.store, self.session, self.config_path or "")
+        self._policy = policy
+        self.runtime = runtime
+
     async def stop(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
         if self.session is not None:
             await self.session.close()
         await self.store.close()
+
+
+def redacted_config(policy: PolicyFile) -> dict[str, Any]:
+    """The running config with every secret replaced (model api keys, virtual key hashes)."""
+    data = policy.model_dump(mode="json")
+    for model in data["models"].values():
+        if model.get("api_key"):
+            model["api_key"] = "***"
+        model["headers"] = dict.fromkeys(model.get("headers") or {}, "***")
+    for team in data["teams"].values():
+        team["keys"] = [f"*** ({len(team['keys'])} keys)"] if team["keys"] else []
+    return data
 
 
 def _error_response(e: ProxyError) -> JSONResponse:
@@ -117,6 +147,25 @@ def build_ops_app(state: ProxyState) -> FastAPI:
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request) -> Response:
+        require_master_key(request.headers, state.master_key)
+        if state.reloader is None:
+            raise ProxyError("This proxy was started without a policy file path; nothing to reload.")
+        errors = await state.reloader.reload("admin request")
+        if errors:
+            err = ProxyError("The new policy file is invalid; the running config is kept.", code="invalid_config")
+            err.status, err.type = 400, "invalid_request_error"
+            body = orjson.loads(err.body())
+            body["error"]["details"] = errors
+            return Response(orjson.dumps(body), status_code=400, media_type="application/json")
+        return JSONResponse({"reloaded": True, "generation": state.reloader.generation})
+
+    @app.get("/admin/config")
+    async def admin_config(request: Request) -> Response:
+        require_master_key(request.headers, state.master_key)
+        return Response(orjson.dumps(redacted_config(state.runtime.policy)), media_type="application/json")
 
     @app.get("/admin/spend")
     async def admin_spend(request: Request, days: int = 7) -> dict[str, Any]:

@@ -97,6 +97,29 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class BudgetExceeded(RateLimited):
+    code = "budget_exceeded"
+    type = "insufficient_quota"
+
+
+class PolicyRejected(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "policy_rejected"
+
+    def __init__(self, message: str, status: int, **kw):
+        super().__init__(message, **kw)
+        self.status = status
+
+
+class StoreDown(ProxyError):
+    """The shared store is unreachable and the policy says fail_closed."""
+
+    status = 503
+    type = "api_error"
+    code = "store_unavailable"
+
+
 class BadGateway(ProxyError):
     """The upstream answered with something that is not a valid OpenAI response."""
 

@@ -100,6 +100,8 @@ def _proxy_headers(ctx: RequestContext, with_cost: bool) -> list[tuple[bytes, by
     if with_cost:
         h.append((b"x-llm-proxy-cost-usd", f"{ctx.cost:.9f}".encode()))
         h.append((b"x-llm-proxy-saved-usd", f"{ctx.saved:.9f}".encode()))
+    if ctx.extra_headers:
+        h += ctx.extra_headers
     return h
 
 
@@ -150,7 +152,7 @@ class Gateway:
         runtime = self.state.runtime
         ctx = RequestContext(request_id=secrets.token_hex(12), endpoint="models", headers=_headers(scope))
         try:
-            await runtime.pipeline.steps[0].on_request(ctx)  # authentication only
+            await runtime.authenticate.on_request(ctx)
         except ProxyError as e:
             await send_error(send, e)
             return
@@ -194,6 +196,7 @@ class Gateway:
             await runtime.pipeline.run_settle(ctx)
 
     async def _forward(self, ctx: RequestContext, runtime: Runtime, send: Send) -> None:
+        ctx.dispatched = True
         reply = await runtime.dispatcher.send(ctx)
         data = reply.data
         if not _apply_usage(ctx, data.get("usage")):
@@ -209,6 +212,7 @@ class Gateway:
         await _send_json(send, 200, reply.raw, _proxy_headers(ctx, True))
 
     async def _stream(self, ctx: RequestContext, runtime: Runtime, receive: Receive, send: Send) -> None:
+        ctx.dispatched = True
         handle = await runtime.dispatcher.open_stream(ctx)
         # From here on the response belongs to this stream: no retry, no fallback, no JSON error.
         account = StreamAccount(ctx.include_usage)

@@ -7,7 +7,7 @@ docs/metrics.md lists them all; tests/test_metrics_catalog.py keeps both equal.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, disable_created_metrics
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 disable_created_metrics()
 
@@ -74,4 +74,30 @@ OVERHEAD = Histogram(
     "Wall time the proxy itself added to a request (total minus upstream time), by route.",
     ["route"],
     buckets=_OVERHEAD_BUCKETS,
+)
+POLICY_APPLIED = Counter(
+    "llm_proxy_policy_applied",
+    "Requests a policy acted on, by policy name and action.",
+    ["policy", "action"],
+)
+RATE_LIMITED = Counter(
+    "llm_proxy_rate_limited",
+    "Requests refused by a rate limit or a budget, by team and reason (rpm, tpm, budget).",
+    ["team", "reason"],
+)
+BUDGET_REMAINING = Gauge(
+    "llm_proxy_budget_remaining_usd",
+    "USD left in the team's budget for the current period (last value this replica saw).",
+    ["team"],
+    multiprocess_mode="mostrecent",
+)
+CONFIG_RELOADS = Counter(
+    "llm_proxy_config_reloads",
+    "Policy file reloads, by result (success, error).",
+    ["result"],
+)
+STORE_JOURNAL = Gauge(
+    "llm_proxy_store_journal_entries",
+    "Spend records waiting in the local journal for the shared store to come back.",
+    multiprocess_mode="livesum",
 )

@@ -39,6 +39,8 @@ class RequestContext:
     stream: bool = False
     include_usage: bool = False  # the client asked for stream usage
     prompt_tokens: int = 0
+    prompt_count: int = 1  # prompts in a completions/embeddings batch
+    known_prompt_tokens: int | None = None  # replay of a log without prompt text
     max_output_tokens: int = 0
     policies: list[str] = field(default_factory=list)
     # estimates before the call
@@ -57,12 +59,49 @@ class RequestContext:
     status: int = 200
     error: ProxyError | None = None
     cancelled: bool = False
+    dispatched: bool = False  # the request went (or was about to go) upstream
+    dry_run: bool = False  # explain/replay: decide, change no state, call nothing
+    # state owned by steps, read back in their own on_settle
+    budget_scopes: list[Any] = field(default_factory=list)
+    reserved_nano: int = 0
+    limit_windows: list[Any] = field(default_factory=list)
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    saved_by_policy: dict[str, float] = field(default_factory=dict)
+    _user_text: str | None = None
+
+    def user_text(self) -> str:
+        """The text of the request's user messages (or prompt/input), computed once."""
+        if self._user_text is None:
+            self._user_text = _user_text(self.body)
+        return self._user_text
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
     def overhead(self) -> float:
         return max(0.0, self.elapsed() - self.upstream_seconds)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _user_text(body: dict[str, Any]) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return "\n".join(
+            _content_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"
+        )
+    value = body.get("prompt", body.get("input"))
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(v for v in value if isinstance(v, str))
+    return ""
 
 
 class Step(Protocol):

@@ -9,8 +9,12 @@ from proxy.config.models import PolicyFile
 from proxy.pipeline import Pipeline
 from proxy.pricing import PriceBook
 from proxy.steps.accounting import RecordUsage
+from proxy.steps.actions import ActionDeps
 from proxy.steps.auth import Authenticate, KeyRing
+from proxy.steps.budget import EnforceBudget
+from proxy.steps.limits import EnforceRateLimits
 from proxy.steps.model_access import ResolveModel, allowed_models
+from proxy.steps.policies import ApplyPolicies, TaskClassifier
 from proxy.steps.tokens import CountTokens
 from proxy.steps.validate import ValidateRequest
 from proxy.store.base import Store
@@ -25,12 +29,19 @@ class Runtime:
         self.keyring = KeyRing(policy.teams)
         self.allowed = allowed_models(policy)
         self.tokens = CountTokens(policy, self.prices)
+        self.budget = EnforceBudget(policy, store, self.tokens.reprice, self.allowed)
+        self.tasks = TaskClassifier(policy.tasks)
+        deps = ActionDeps(prices=self.prices, allowed=self.allowed, extras={})
+        self.authenticate = Authenticate(self.keyring)
         self.pipeline = Pipeline(
             [
-                Authenticate(self.keyring),
+                self.authenticate,
                 ValidateRequest(),
                 ResolveModel(policy, self.allowed),
                 self.tokens,
+                EnforceRateLimits(policy, store),
+                ApplyPolicies(policy, deps, self.tasks, self.budget.used_fraction, self.tokens.reprice),
+                self.budget,
                 RecordUsage(policy, self.prices, store),
             ]
         )

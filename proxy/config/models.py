@@ -6,9 +6,11 @@ Every model forbids unknown keys so a typo in the policy file is an error, not a
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from proxy.config.policies import PolicyConfig, TaskConfig
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -71,9 +73,35 @@ class ModelConfig(_Strict):
         return v.rstrip("/") if v else v
 
 
+class BudgetConfig(_Strict):
+    """Spend ceiling in USD per period; enforced by reserving the worst case before each call."""
+
+    usd: Annotated[float, Field(ge=0)]
+    period: Literal["day", "week", "month", "none"] = "month"
+    on_exceed: Literal["reject", "downgrade"] = "reject"
+    downgrade_to: str | None = None
+
+    @model_validator(mode="after")
+    def _downgrade_has_target(self) -> BudgetConfig:
+        if self.on_exceed == "downgrade" and not self.downgrade_to:
+            raise ValueError("on_exceed: downgrade needs downgrade_to: MODEL")
+        return self
+
+
+class LimitsConfig(_Strict):
+    """Requests and tokens per minute (sliding window), shared by every replica through the store."""
+
+    rpm: Annotated[int, Field(ge=1)] | None = None
+    tpm: Annotated[int, Field(ge=1)] | None = None
+
+
 class TeamConfig(_Strict):
     keys: list[str] = []
     models: list[str] = ["*"]
+    budget: BudgetConfig | None = None
+    key_budget: BudgetConfig | None = None  # the same ceiling for each of the team's keys separately
+    limits: LimitsConfig | None = None
+    key_limits: LimitsConfig | None = None  # per key
 
     @field_validator("keys")
     @classmethod
@@ -92,6 +120,12 @@ class ServerConfig(_Strict):
     max_connections: Annotated[int, Field(ge=1)] = 1000
     # Used when a request sets no max_tokens and the model's max output is unknown.
     default_max_output_tokens: Annotated[int, Field(ge=1)] = 4096
+    watch_config: bool = True  # reload the policy file when it changes on disk
+
+
+class LogConfig(_Strict):
+    requests: str | None = None  # JSONL path of the request log (replayable traffic); none when unset
+    include_prompts: bool = False  # write messages/prompt text too (off: token counts only)
 
 
 class StoreConfig(_Strict):
@@ -106,8 +140,9 @@ class PolicyFile(_Strict):
     retries: RetryConfig = RetryConfig()
     models: dict[str, ModelConfig]
     teams: dict[str, TeamConfig] = {}
-    tasks: dict[str, Any] = {}
-    policies: list[dict[str, Any]] = []
+    tasks: dict[str, TaskConfig] = {}
+    policies: list[PolicyConfig] = []
+    log: LogConfig = LogConfig()
 
     def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field checks pydantic cannot express per field: (path, message) pairs."""
@@ -127,4 +162,27 @@ class PolicyFile(_Strict):
                 if k in owner:
                     errors.append((("teams", name, "keys", i), f"key also belongs to team '{owner[k]}'"))
                 owner[k] = name
+        errors += self._policy_errors()
+        return errors
+
+    def _policy_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        for name, team in self.teams.items():
+            for field in ("budget", "key_budget"):
+                budget = getattr(team, field)
+                if budget and budget.downgrade_to and budget.downgrade_to not in self.models:
+                    errors.append((("teams", name, field, "downgrade_to"), f"unknown model '{budget.downgrade_to}'"))
+        seen: set[str] = set()
+        for i, p in enumerate(self.policies):
+            where = ("policies", i)
+            if p.name in seen:
+                errors.append(((*where, "name"), f"duplicate policy name '{p.name}'"))
+            seen.add(p.name)
+            for j, team in enumerate(p.when.teams or ()):
+                if team not in self.teams:
+                    errors.append(((*where, "when", "teams", j), f"unknown team '{team}'"))
+            if p.when.task is not None and p.when.task not in self.tasks:
+                errors.append(((*where, "when", "task"), f"unknown task '{p.when.task}' (define it under tasks:)"))
+            if p.route is not None and p.route.to not in self.models:
+                errors.append(((*where, "route", "to"), f"unknown model '{p.route.to}'"))
         return errors

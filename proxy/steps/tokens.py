@@ -33,6 +33,8 @@ class CountTokens:
             value = body[param]
             n = counter.prompt(value)
             prompts = len(value) if isinstance(value, list) and value and not isinstance(value[0], int) else 1
+        if ctx.known_prompt_tokens is not None:
+            n = ctx.known_prompt_tokens
         limit = price.max_input_tokens
         if limit and n > limit * prompts:
             raise ContextLengthExceeded(
@@ -41,6 +43,14 @@ class CountTokens:
                 param=param,
             )
         ctx.prompt_tokens = n
+        ctx.prompt_count = prompts
+        self.reprice(ctx)
+        ctx.counterfactual_estimate = ctx.cost_estimate
+
+    def reprice(self, ctx: RequestContext) -> None:
+        """Worst-case output and cost estimate for the request as it stands (after policies changed it)."""
+        body = ctx.body
+        price = self._prices.price(ctx.model)
         if ctx.endpoint == Endpoint.EMBEDDINGS:
             ctx.max_output_tokens = 0
         else:
@@ -50,6 +60,5 @@ class CountTokens:
                 or price.max_output_tokens
                 or self._default_max_output
             )
-            ctx.max_output_tokens = per_choice * (body.get("n") or 1) * prompts
-        ctx.cost_estimate = price.cost(n, ctx.max_output_tokens)
-        ctx.counterfactual_estimate = ctx.cost_estimate
+            ctx.max_output_tokens = per_choice * (body.get("n") or 1) * ctx.prompt_count
+        ctx.cost_estimate = price.cost(ctx.prompt_tokens, ctx.max_output_tokens)

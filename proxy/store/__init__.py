@@ -11,8 +11,9 @@ def build_store(redis_url: str | None, config: StoreConfig) -> Store:
     if not redis_url:
         return MemoryStore()
     from proxy.store.redis import RedisStore
+    from proxy.store.resilient import FailurePolicyStore
 
-    return RedisStore(redis_url, config)
+    return FailurePolicyStore(RedisStore(redis_url, config), config.on_failure)
 
 
 __all__ = ["MemoryStore", "Store", "StoreUnavailable", "Usage", "build_store"]

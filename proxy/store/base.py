@@ -63,12 +63,77 @@ class StoreUnavailable(Exception):
     """The backing store cannot be reached."""
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetScope:
+    """One budget a request draws on: a team's, or one key's, for one period."""
+
+    team: str  # every key of a team shares its hash tag, so one script touches one slot
+    name: str  # "team" or "key:<fingerprint>"
+    period: str  # "day:2026-11-29", "week:2026-W48", "month:2026-11" or "none"
+    limit_nano: int
+    ttl_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    ok: bool
+    used_nano: tuple[int, ...]  # spent + reserved per scope (including this reservation when ok)
+    failed: int | None = None  # index of the scope that could not fit it
+
+
+@dataclass(frozen=True, slots=True)
+class LimitWindow:
+    """One rate limit a request counts against: `cost` units of at most `limit` per minute."""
+
+    team: str
+    name: str  # e.g. "team:rpm", "key:<fingerprint>:tpm"
+    limit: int
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitResult:
+    ok: bool
+    used: tuple[float, ...]  # sliding-window estimate per limit (after this request when ok)
+    failed: int | None = None
+    retry_after_s: float = 0.0
+
+
+WINDOW_S = 60
+
+
+def window_position(now: float) -> tuple[int, float]:
+    """(index of the current one-minute window, fraction of it elapsed)."""
+    index, offset = divmod(now, WINDOW_S)
+    return int(index), offset / WINDOW_S
+
+
+def retry_after(prev: float, curr: float, frac: float, limit: int, cost: int) -> float:
+    """Seconds until the sliding-window estimate leaves room for `cost`."""
+    if curr + cost > limit or prev <= 0:
+        return (1 - frac) * WINDOW_S + (0.0 if curr + cost <= limit else 1.0)
+    # prev*(1-f') + curr + cost <= limit  ⇒  f' >= 1 - (limit - curr - cost)/prev
+    needed = 1 - (limit - curr - cost) / prev
+    return max(0.0, (needed - frac) * WINDOW_S)
+
+
 class Store(Protocol):
     name: str
 
     async def record_usage(self, usage: Usage, day: str) -> None: ...
 
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]: ...
+
+    async def reserve_budget(self, scopes: list[BudgetScope], amount_nano: int) -> Reservation: ...
+
+    async def settle_budget(self, scopes: list[BudgetScope], reserved_nano: int, actual_nano: int) -> None: ...
+
+    async def budget_usage(self, scopes: list[BudgetScope]) -> list[tuple[int, int]]: ...
+
+    async def hit_limits(self, windows: list[LimitWindow], now: float) -> LimitResult: ...
+
+    async def add_to_limits(self, windows: list[LimitWindow], now: float) -> None:
+        """Add (or with negative costs, take back) units in the current window without checking."""
 
     async def healthy(self) -> bool: ...
 

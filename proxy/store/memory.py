@@ -1,10 +1,23 @@
-"""The embedded in-process store: the default when no Redis URL is configured (one replica)."""
+"""The embedded in-process store: the default when no Redis URL is configured (one replica).
+
+Each method runs without an await inside, so on one event loop it is as atomic as a Lua script.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from proxy.store.base import SpendLine, TeamSpend, Usage
+from proxy.store.base import (
+    BudgetScope,
+    LimitResult,
+    LimitWindow,
+    Reservation,
+    SpendLine,
+    TeamSpend,
+    Usage,
+    retry_after,
+    window_position,
+)
 
 
 class MemoryStore:
@@ -15,6 +28,8 @@ class MemoryStore:
         self._daily: dict[str, dict[str, dict[str, SpendLine]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(SpendLine))
         )
+        self._budgets: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])  # spent, reserved
+        self._windows: dict[tuple[str, str, int], float] = defaultdict(float)
 
     async def record_usage(self, usage: Usage, day: str) -> None:
         self._total[usage.team][usage.model].add(usage)
@@ -29,6 +44,56 @@ class MemoryStore:
                 ts.by_day = {d: dict(self._daily[team][d]) for d in days if d in self._daily[team]}
             out[team] = ts
         return out
+
+    @staticmethod
+    def _key(scope: BudgetScope) -> tuple[str, str, str]:
+        return (scope.team, scope.name, scope.period)
+
+    async def reserve_budget(self, scopes: list[BudgetScope], amount_nano: int) -> Reservation:
+        used = []
+        for i, scope in enumerate(scopes):
+            spent, reserved = self._budgets[self._key(scope)]
+            if spent + reserved + amount_nano > scope.limit_nano:
+                return Reservation(False, (*tuple(used), spent + reserved), i)
+            used.append(spent + reserved + amount_nano)
+        for scope in scopes:
+            self._budgets[self._key(scope)][1] += amount_nano
+        return Reservation(True, tuple(used))
+
+    async def settle_budget(self, scopes: list[BudgetScope], reserved_nano: int, actual_nano: int) -> None:
+        for scope in scopes:
+            entry = self._budgets[self._key(scope)]
+            entry[1] = max(0, entry[1] - reserved_nano)
+            entry[0] += actual_nano
+
+    async def budget_usage(self, scopes: list[BudgetScope]) -> list[tuple[int, int]]:
+        return [tuple(self._budgets.get(self._key(s), (0, 0))) for s in scopes]  # type: ignore[misc]
+
+    async def hit_limits(self, windows: list[LimitWindow], now: float) -> LimitResult:
+        index, frac = window_position(now)
+        used = []
+        for i, w in enumerate(windows):
+            prev = self._windows.get((w.team, w.name, index - 1), 0.0)
+            curr = self._windows.get((w.team, w.name, index), 0.0)
+            estimate = prev * (1 - frac) + curr
+            if estimate + w.cost > w.limit:
+                return LimitResult(False, (*used, estimate), i, retry_after(prev, curr, frac, w.limit, w.cost))
+            used.append(estimate + w.cost)
+        for w in windows:
+            self._windows[(w.team, w.name, index)] += w.cost
+        self._forget_old_windows(index)
+        return LimitResult(True, tuple(used))
+
+    async def add_to_limits(self, windows: list[LimitWindow], now: float) -> None:
+        index, _ = window_position(now)
+        for w in windows:
+            key = (w.team, w.name, index)
+            self._windows[key] = max(0.0, self._windows[key] + w.cost)
+
+    def _forget_old_windows(self, index: int) -> None:
+        if len(self._windows) > 4096:
+            for key in [k for k in self._windows if k[2] < index - 1]:
+                del self._windows[key]
 
     async def healthy(self) -> bool:
         return True

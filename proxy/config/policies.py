@@ -1,0 +1,127 @@
+"""Pydantic models of `tasks:` and `policies:`: a `when:` matcher and exactly one action per policy.
+
+Adding an action: a config class here, a field on PolicyConfig, and a step module in proxy/steps/
+registered in proxy/steps/actions.py.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Strict):
+    """A named request class: by regex patterns over the user's text, or by similarity to examples."""
+
+    patterns: list[str] = []
+    examples: list[str] = []
+    min_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.8
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for i, p in enumerate(patterns):
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"pattern {i} does not compile: {e}") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _has_a_rule(self) -> TaskConfig:
+        if not self.patterns and not self.examples:
+            raise ValueError("a task needs `patterns` or `examples`")
+        return self
+
+
+class TokenRange(_Strict):
+    min: Annotated[int, Field(ge=0)] | None = None
+    max: Annotated[int, Field(ge=0)] | None = None
+
+
+class WhenConfig(_Strict):
+    """All given conditions must hold (AND); an empty `when` matches every request."""
+
+    teams: list[str] | None = None
+    models: list[str] | None = None  # globs over the model as it stands when the policy is evaluated
+    endpoints: list[Literal["chat", "completions", "embeddings"]] | None = None
+    task: str | None = None
+    prompt_tokens: TokenRange | None = None
+    tools: bool | None = None
+    response_format: bool | None = None
+    stream: bool | None = None
+    headers: dict[str, str] | None = None  # request header equals (names case-insensitive)
+    budget_used_above: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class RejectAction(_Strict):
+    message: str = "This request is not allowed by policy."
+    status: Literal[400, 403, 422, 429] = 403
+
+
+class FieldRule(_Strict):
+    """For one request field: a value to use when absent, and/or bounds to clamp to."""
+
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    value: Any = None  # force this value
+
+
+class SetAction(_Strict):
+    fields: dict[str, FieldRule]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_inline(cls, data: Any) -> Any:
+        # `set: {max_tokens: {max: 512}}` is sugar for `set: {fields: {max_tokens: {max: 512}}}`.
+        if isinstance(data, dict) and "fields" not in data:
+            return {"fields": data}
+        return data
+
+    @field_validator("fields")
+    @classmethod
+    def _no_routing_fields(cls, fields: dict[str, FieldRule]) -> dict[str, FieldRule]:
+        if "model" in fields:
+            raise ValueError("use a `route` action to change the model")
+        return fields
+
+
+class RouteAction(_Strict):
+    to: str
+    # Route only when the requested model costs at least this many times the target for this request.
+    min_cost_multiple: Annotated[float, Field(gt=0)] | None = None
+    # The output length assumed when weighing prices (capped by the request's own max_tokens).
+    expected_output_tokens: Annotated[int, Field(ge=0)] = 256
+    # If the cheap model fails after its retries and fallbacks, try the model the client asked for.
+    fallback_to_requested: bool = False
+
+
+class PolicyConfig(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    when: WhenConfig = WhenConfig()
+    reject: RejectAction | None = None
+    set: SetAction | None = None
+    route: RouteAction | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_action(self) -> PolicyConfig:
+        actions = [name for name in self.action_names() if getattr(self, name) is not None]
+        if len(actions) != 1:
+            found = ", ".join(actions) or "none"
+            raise ValueError(f"a policy needs exactly one action of {', '.join(self.action_names())} (found {found})")
+        return self
+
+    @classmethod
+    def action_names(cls) -> list[str]:
+        return [n for n in cls.model_fields if n not in ("name", "when")]
+
+    @property
+    def action(self) -> str:
+        return next(n for n in self.action_names() if getattr(self, n) is not None)

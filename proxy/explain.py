@@ -1,0 +1,152 @@
+"""Explain and replay: the proxy's decision for a request without calling any upstream or changing
+any state; replay projects spend and savings over recorded traffic so a policy change can be judged
+before it ships."""
+
+from __future__ import annotations
+
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from proxy.errors import ProxyError
+from proxy.pipeline import Endpoint, RequestContext
+from proxy.runtime import Runtime
+
+DEFAULT_EXPECTED_OUTPUT = 256
+
+
+def endpoint_of(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        return Endpoint.CHAT
+    if "input" in body:
+        return Endpoint.EMBEDDINGS
+    return Endpoint.COMPLETIONS if "prompt" in body else Endpoint.CHAT
+
+
+async def explain(
+    runtime: Runtime,
+    body: dict[str, Any],
+    *,
+    headers: dict[str, str] | None = None,
+    team: str | None = None,
+    prompt_tokens: int | None = None,
+    output_tokens: int | None = None,
+) -> dict[str, Any]:
+    """The decision for one request body, as JSON-able data."""
+    ctx = RequestContext(
+        request_id=secrets.token_hex(12), endpoint=endpoint_of(body), headers=headers or {}, dry_run=True
+    )
+    ctx.raw = orjson.dumps(body)
+    ctx.team = team
+    ctx.known_prompt_tokens = prompt_tokens
+    out: dict[str, Any] = {"decision": "upstream"}
+    try:
+        await runtime.pipeline.run_request(ctx)
+    except ProxyError as e:
+        out["decision"] = "rejected"
+        out["error"] = {"status": e.status, "code": e.code, "message": e.message}
+    if ctx.answer is not None:
+        out["decision"] = "answered"
+        out["route"] = ctx.route
+    expected = output_tokens
+    if expected is None:
+        expected = 0 if ctx.endpoint == Endpoint.EMBEDDINGS else min(ctx.max_output_tokens, DEFAULT_EXPECTED_OUTPUT)
+    projected = 0.0
+    counterfactual = 0.0
+    if ctx.model and ctx.model in runtime.policy.models and out["decision"] != "rejected":
+        projected = runtime.prices.cost(ctx.model, ctx.prompt_tokens, 0 if ctx.answer else expected)
+    if ctx.model_requested in runtime.policy.models:
+        counterfactual = runtime.prices.cost(ctx.model_requested, ctx.prompt_tokens, expected)
+    out.update(
+        team=ctx.team,
+        model_requested=ctx.model_requested,
+        model=ctx.model,
+        policies=ctx.policies,
+        prompt_tokens=ctx.prompt_tokens,
+        max_output_tokens=ctx.max_output_tokens,
+        expected_output_tokens=expected,
+        cost_estimate_usd=ctx.cost_estimate,  # the worst case a budget reserves
+        projected_cost_usd=projected,
+        counterfactual_usd=counterfactual if out["decision"] != "rejected" else 0.0,
+        saved_usd=max(0.0, counterfactual - projected) if out["decision"] != "rejected" else 0.0,
+    )
+    return out
+
+
+def _bucket() -> dict[str, float]:
+    return {"requests": 0, "spend_usd": 0.0, "counterfactual_usd": 0.0, "saved_usd": 0.0}
+
+
+async def replay(runtime: Runtime, lines: Iterable[str], default_team: str | None = None) -> dict[str, Any]:
+    """Project spend and savings over JSONL traffic: one OpenAI request body per line, with optional
+    `team` or `key`, `prompt_tokens` (when the log kept no prompt text) and `usage`."""
+    totals = _bucket()
+    totals["rejected"] = 0
+    by_policy: dict[str, dict[str, float]] = defaultdict(_bucket)
+    by_model: dict[str, dict[str, float]] = defaultdict(_bucket)
+    by_team: dict[str, dict[str, float]] = defaultdict(_bucket)
+    errors: list[dict[str, Any]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = orjson.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (orjson.JSONDecodeError, ValueError) as e:
+            errors.append({"line": n, "error": f"invalid JSON: {e}"})
+            continue
+        body = record.get("body") if isinstance(record.get("body"), dict) else dict(record)
+        team = record.get("team") or default_team
+        key = record.get("key")
+        usage = record.get("usage") if isinstance(record.get("usage"), dict) else {}
+        for meta in ("team", "key", "usage", "prompt_tokens", "body", "ts", "request_id", "status"):
+            body.pop(meta, None) if body is record or meta in ("team", "key") else None
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        out = await explain(
+            runtime,
+            body,
+            headers=headers,
+            team=None if key else team,
+            prompt_tokens=record.get("prompt_tokens"),
+            output_tokens=usage.get("completion_tokens"),
+        )
+        if out["decision"] == "rejected":
+            totals["rejected"] += 1
+            if out["error"]["status"] in (401, 404, 400, 413):
+                errors.append({"line": n, "error": out["error"]["message"]})
+            continue
+        rows = [totals, by_model[out["model"]], by_team[out["team"] or "-"]]
+        rows += [by_policy[p] for p in out["policies"]]
+        for row in rows:
+            row["requests"] += 1
+            row["spend_usd"] += out["projected_cost_usd"]
+            row["counterfactual_usd"] += out["counterfactual_usd"]
+            row["saved_usd"] += out["saved_usd"]
+    return {
+        "totals": totals,
+        "by_policy": dict(by_policy),
+        "by_model": dict(by_model),
+        "by_team": dict(by_team),
+        "errors": errors[:100],
+    }
+
+
+def replay_table(report: dict[str, Any]) -> str:
+    lines = []
+    t = report["totals"]
+    lines.append(
+        f"requests {t['requests']} (+{t['rejected']} rejected)  spend ${t['spend_usd']:.6f}  "
+        f"without policies ${t['counterfactual_usd']:.6f}  saved ${t['saved_usd']:.6f}"
+    )
+    for section in ("by_policy", "by_model", "by_team"):
+        lines.append("")
+        lines.append(f"{section.replace('_', ' '):<24} {'requests':>9} {'spend $':>12} {'saved $':>12}")
+        for name, row in sorted(report[section].items()):
+            lines.append(f"{name:<24} {row['requests']:>9} {row['spend_usd']:>12.6f} {row['saved_usd']:>12.6f}")
+    for e in report["errors"]:
+        lines.append(f"line {e['line']}: {e['error']}")
+    return "\n".join(lines)

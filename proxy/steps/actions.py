@@ -1,0 +1,28 @@
+"""The registry of policy actions: the YAML key of an action → the step class that applies it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.config.policies import PolicyConfig
+from proxy.pricing import PriceBook
+from proxy.steps.reject import Reject
+from proxy.steps.route import Route
+from proxy.steps.set_fields import SetFields
+
+ACTIONS: dict[str, type] = {"reject": Reject, "set": SetFields, "route": Route}
+
+
+@dataclass(frozen=True)
+class ActionDeps:
+    """What an action may need from the runtime; built once per policy file."""
+
+    prices: PriceBook
+    allowed: dict[str, frozenset[str]]
+    extras: dict[str, Any]
+
+
+def build_action(policy: PolicyConfig, deps: ActionDeps) -> Any:
+    kind = policy.action
+    return ACTIONS[kind](getattr(policy, kind), policy.name, deps)

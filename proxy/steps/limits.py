@@ -1,0 +1,97 @@
+"""Rate limits per team and per key: requests and tokens per minute, sliding window, shared via the store.
+
+Prompt tokens count when the request arrives; completion tokens are added when it settles. A request
+that never reaches the upstream (rejected by a later step) is taken back out of the windows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from proxy import metrics
+from proxy.config.models import LimitsConfig, PolicyFile
+from proxy.errors import RateLimited
+from proxy.pipeline import RequestContext
+from proxy.store.base import WINDOW_S, LimitWindow, Store
+
+
+def _windows(team: str, scope: str, cfg: LimitsConfig | None, prompt_tokens: int) -> list[LimitWindow]:
+    if cfg is None:
+        return []
+    out = []
+    if cfg.rpm:
+        out.append(LimitWindow(team, f"{scope}:rpm", cfg.rpm, 1))
+    if cfg.tpm:
+        out.append(LimitWindow(team, f"{scope}:tpm", cfg.tpm, prompt_tokens))
+    return out
+
+
+def _header_kind(w: LimitWindow) -> str:
+    return "requests" if w.name.endswith(":rpm") else "tokens"
+
+
+class EnforceRateLimits:
+    def __init__(self, policy: PolicyFile, store: Store):
+        self._teams = policy.teams
+        self._store = store
+
+    def windows(self, ctx: RequestContext) -> list[LimitWindow]:
+        cfg = self._teams.get(ctx.team)
+        if cfg is None or (cfg.limits is None and cfg.key_limits is None):
+            return []
+        return _windows(ctx.team, "team", cfg.limits, ctx.prompt_tokens) + _windows(
+            ctx.team, f"key:{ctx.key_id}", cfg.key_limits, ctx.prompt_tokens
+        )
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        if ctx.dry_run:
+            return
+        windows = self.windows(ctx)
+        if not windows:
+            return
+        result = await self._store.hit_limits(windows, time.time())
+        if result is None:  # store down, fail_open
+            return
+        if not result.ok:
+            w = windows[result.failed]
+            wait = max(1, math.ceil(result.retry_after_s))
+            kind = _header_kind(w)
+            scope = "your team" if w.name.startswith("team:") else "this key"
+            metrics.RATE_LIMITED.labels(ctx.team, w.name.rsplit(":", 1)[1]).inc()
+            raise RateLimited(
+                f"Rate limit reached for {scope}: {w.limit} {kind} per minute. Retry in {wait}s.",
+                headers={
+                    "retry-after": str(wait),
+                    f"x-ratelimit-limit-{kind}": str(w.limit),
+                    f"x-ratelimit-remaining-{kind}": str(max(0, int(w.limit - result.used[-1]))),
+                    f"x-ratelimit-reset-{kind}": f"{wait}s",
+                },
+            )
+        ctx.limit_windows = windows
+        seen = set()
+        for w, used in zip(windows, result.used, strict=True):
+            kind = _header_kind(w)
+            if kind in seen:  # the first (team) window of each kind is the one reported
+                continue
+            seen.add(kind)
+            ctx.extra_headers += [
+                (f"x-ratelimit-limit-{kind}".encode(), str(w.limit).encode()),
+                (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, int(w.limit - used))).encode()),
+                (f"x-ratelimit-reset-{kind}".encode(), f"{WINDOW_S}s".encode()),
+            ]
+
+    async def on_settle(self, ctx: RequestContext) -> None:
+        if not ctx.limit_windows:
+            return
+        if not ctx.dispatched:
+            undo = [LimitWindow(w.team, w.name, w.limit, -w.cost) for w in ctx.limit_windows]
+            await self._store.add_to_limits(undo, time.time())
+        elif ctx.output_tokens:
+            tpm = [
+                LimitWindow(w.team, w.name, w.limit, ctx.output_tokens)
+                for w in ctx.limit_windows
+                if w.name.endswith(":tpm")
+            ]
+            if tpm:
+                await self._store.add_to_limits(tpm, time.time())

@@ -1,0 +1,109 @@
+"""The policy engine: `policies:` evaluated in order; each whose `when:` matches applies its action.
+
+Matchers are compiled once per policy file. A policy that acts is recorded on the request
+(`x-llm-proxy-policies`, `llm_proxy_policy_applied_total`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from fnmatch import fnmatchcase
+from typing import Any
+
+from proxy import metrics
+from proxy.config.models import PolicyFile
+from proxy.config.policies import TaskConfig, WhenConfig
+from proxy.pipeline import RequestContext
+from proxy.steps.actions import ActionDeps, build_action
+
+ExampleMatcher = Callable[[RequestContext, str], Awaitable[bool]]
+
+
+class TaskClassifier:
+    """Named request classes: regex patterns over the user's text; examples through an embedder."""
+
+    def __init__(self, tasks: dict[str, TaskConfig], by_examples: ExampleMatcher | None = None):
+        self._patterns = {name: [re.compile(p) for p in t.patterns] for name, t in tasks.items()}
+        self._has_examples = {name for name, t in tasks.items() if t.examples}
+        self._by_examples = by_examples
+
+    async def matches(self, ctx: RequestContext, task: str) -> bool:
+        text = ctx.user_text()
+        if any(p.search(text) for p in self._patterns.get(task, ())):
+            return True
+        if task in self._has_examples and self._by_examples is not None:
+            return await self._by_examples(ctx, task)
+        return False
+
+
+class _Matcher:
+    def __init__(self, when: WhenConfig, tasks: TaskClassifier, budget_fraction: Callable[[RequestContext], Any]):
+        self._when = when
+        self._tasks = tasks
+        self._budget_fraction = budget_fraction
+        self._headers = {k.lower(): v for k, v in (when.headers or {}).items()}
+        self._teams = frozenset(when.teams) if when.teams is not None else None
+        self._endpoints = frozenset(when.endpoints) if when.endpoints is not None else None
+
+    async def matches(self, ctx: RequestContext) -> bool:
+        w = self._when
+        if self._teams is not None and ctx.team not in self._teams:
+            return False
+        if self._endpoints is not None and ctx.endpoint not in self._endpoints:
+            return False
+        if w.models is not None and not any(fnmatchcase(ctx.model, g) for g in w.models):
+            return False
+        if w.stream is not None and ctx.stream != w.stream:
+            return False
+        if w.tools is not None and bool(ctx.body.get("tools") or ctx.body.get("functions")) != w.tools:
+            return False
+        if w.response_format is not None and (ctx.body.get("response_format") is not None) != w.response_format:
+            return False
+        if w.prompt_tokens is not None:
+            lo, hi = w.prompt_tokens.min, w.prompt_tokens.max
+            if (lo is not None and ctx.prompt_tokens < lo) or (hi is not None and ctx.prompt_tokens > hi):
+                return False
+        for name, value in self._headers.items():
+            if ctx.headers.get(name) != value:
+                return False
+        if w.task is not None and not await self._tasks.matches(ctx, w.task):
+            return False
+        return not (w.budget_used_above is not None and await self._budget_fraction(ctx) <= w.budget_used_above)
+
+
+class ApplyPolicies:
+    def __init__(
+        self,
+        policy: PolicyFile,
+        deps: ActionDeps,
+        tasks: TaskClassifier,
+        budget_fraction: Callable[[RequestContext], Awaitable[float]],
+        reprice: Callable[[RequestContext], None],
+    ):
+        self._rules = [
+            (p.name, p.action, _Matcher(p.when, tasks, budget_fraction), build_action(p, deps)) for p in policy.policies
+        ]
+        self._reprice = reprice
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        if not self._rules:
+            return
+        model, max_tokens = ctx.model, (ctx.body.get("max_tokens"), ctx.body.get("max_completion_tokens"))
+        try:
+            for name, action_kind, matcher, action in self._rules:
+                if not await matcher.matches(ctx):
+                    continue
+                try:
+                    applied = await action.apply(ctx)
+                finally:
+                    if name in ctx.policies:  # an action that raises has recorded itself
+                        metrics.POLICY_APPLIED.labels(name, action_kind).inc()
+                if applied:
+                    ctx.policies.append(name)
+                    metrics.POLICY_APPLIED.labels(name, action_kind).inc()
+                if ctx.answer is not None:
+                    return
+        finally:
+            if ctx.model != model or max_tokens != (ctx.body.get("max_tokens"), ctx.body.get("max_completion_tokens")):
+                self._reprice(ctx)

@@ -1,0 +1,136 @@
+"""The store failure policy: what happens when the shared store (Redis) cannot be reached.
+
+`fail_open` keeps serving: budgets and rate limits are not enforced while the store is down, and
+every spend record (usage totals and budget settlements) goes to a local journal that is flushed,
+in order, as soon as the store answers again, so no spend is lost. `fail_closed` refuses requests
+with 503 until the store is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+from proxy import metrics
+from proxy.errors import StoreDown
+from proxy.store.base import (
+    BudgetScope,
+    LimitResult,
+    LimitWindow,
+    Reservation,
+    Store,
+    StoreUnavailable,
+    TeamSpend,
+    Usage,
+)
+
+log = logging.getLogger("llm_proxy.store")
+
+_FIRST_RETRY_S = 0.25
+_MAX_RETRY_S = 5.0
+
+
+class FailurePolicyStore:
+    def __init__(self, inner: Store, on_failure: str):
+        self.inner = inner
+        self.name = inner.name
+        self.fail_open = on_failure == "fail_open"
+        self.journal: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._pending = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_forever())
+
+    def _down(self, what: str, e: Exception) -> None:
+        if not self.fail_open:
+            raise StoreDown(f"The shared store is unavailable ({what}); try again shortly.") from e
+
+    def _journal(self, op: str, args: tuple[Any, ...], e: Exception) -> None:
+        if not self.journal:
+            log.warning("store unavailable (%s): journalling spend locally until it is back", e)
+        self.journal.append((op, args))
+        metrics.STORE_JOURNAL.set(len(self.journal))
+        self._pending.set()
+
+    async def record_usage(self, usage: Usage, day: str) -> None:
+        if self.journal:  # keep order: nothing may overtake what is already waiting
+            self._journal("record_usage", (usage, day), StoreUnavailable("journal not yet flushed"))
+            return
+        try:
+            await self.inner.record_usage(usage, day)
+        except StoreUnavailable as e:
+            self._journal("record_usage", (usage, day), e)
+
+    async def settle_budget(self, scopes: list[BudgetScope], reserved_nano: int, actual_nano: int) -> None:
+        if self.journal:
+            self._journal("settle_budget", (scopes, reserved_nano, actual_nano), StoreUnavailable("journal"))
+            return
+        try:
+            await self.inner.settle_budget(scopes, reserved_nano, actual_nano)
+        except StoreUnavailable as e:
+            self._journal("settle_budget", (scopes, reserved_nano, actual_nano), e)
+
+    async def reserve_budget(self, scopes: list[BudgetScope], amount_nano: int) -> Reservation | None:
+        """None when the store is down and the policy is fail_open: the request goes unchecked."""
+        try:
+            return await self.inner.reserve_budget(scopes, amount_nano)
+        except StoreUnavailable as e:
+            self._down("budget", e)
+            return None
+
+    async def budget_usage(self, scopes: list[BudgetScope]) -> list[tuple[int, int]]:
+        return await self.inner.budget_usage(scopes)
+
+    async def hit_limits(self, windows: list[LimitWindow], now: float) -> LimitResult | None:
+        try:
+            return await self.inner.hit_limits(windows, now)
+        except StoreUnavailable as e:
+            self._down("rate limits", e)
+            return None
+
+    async def add_to_limits(self, windows: list[LimitWindow], now: float) -> None:
+        try:
+            await self.inner.add_to_limits(windows, now)
+        except StoreUnavailable:
+            pass  # a rate-limit counter missed while the store is down is not money
+
+    async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
+        return await self.inner.spend(teams, days)
+
+    async def healthy(self) -> bool:
+        return await self.inner.healthy()
+
+    async def flush(self) -> bool:
+        """Replay the journal in order; True when it is empty."""
+        while self.journal:
+            op, args = self.journal[0]
+            try:
+                await getattr(self.inner, op)(*args)
+            except StoreUnavailable:
+                return False
+            self.journal.popleft()
+            metrics.STORE_JOURNAL.set(len(self.journal))
+        log.info("store is back: journal flushed")
+        return True
+
+    async def _flush_forever(self) -> None:
+        delay = _FIRST_RETRY_S
+        while True:
+            await self._pending.wait()
+            if await self.flush():
+                self._pending.clear()
+                delay = _FIRST_RETRY_S
+            else:
+                await asyncio.sleep(delay)  # the store is down: back off before the next try
+                delay = min(delay * 2, _MAX_RETRY_S)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self.journal and not await self.flush():
+            log.error("shutting down with %d spend records not written to the store", len(self.journal))
+        await self.inner.close()
