@@ -24,9 +24,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proxy.admin_auth import require_master_key
 from proxy.config import PolicyFile, load_policy_file
 from proxy.config.reload import Reloader
-from proxy.errors import ProxyError
+from proxy.errors import InvalidRequest, ProxyError, Unauthorized
+from proxy.explain import explain
 from proxy.gateway import Gateway
 from proxy.runtime import Runtime
+from proxy.steps.request_log import RequestLogWriter
 from proxy.store import Store, build_store
 from proxy.store.base import utc_day
 
@@ -44,6 +46,7 @@ class ProxyState:
         self.store: Store = build_store(redis_url, policy.store)
         self.session: aiohttp.ClientSession | None = None
         self.reloader: Reloader | None = None
+        self.request_log: RequestLogWriter | None = None
         self.started_at = time.time()
         self._policy = policy
         self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "")
@@ -58,7 +61,7 @@ class ProxyState:
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=True, skip_auto_headers=["User-Agent"]
         )
-        self.runtime = Runtime(self._policy, self.store, self.session, self.config_path or "")
+        self.apply_policy(self._policy)
         if self.runtime.keyring.plaintext_keys:
             log.warning(
                 "SECURITY: %d virtual key(s) in %s are stored in plaintext; store them as sha256:<hex> "
@@ -66,18 +69,29 @@ class ProxyState:
                 self.runtime.keyring.plaintext_keys,
                 self.config_path,
             )
-
         if self.config_path:
             self.reloader = Reloader(self.config_path, self.apply_policy)
             self.reloader.start(watch=self._policy.server.watch_config)
 
+    def _log_writer(self, policy: PolicyFile) -> RequestLogWriter | None:
+        path = policy.log.requests
+        if path is None:
+            return None
+        if self.request_log is None or self.request_log.path != path:
+            if self.request_log is not None:
+                self.request_log.flush()
+            self.request_log = RequestLogWriter(path)
+        return self.request_log
+
     def apply_policy(self, policy: PolicyFile) -> None:
         """Build a complete runtime for `policy`, then swap it in (one assignment)."""
-        runtime = Runtime(policy, self.store, self.session, self.config_path or "")
+        runtime = Runtime(policy, self.store, self.session, self.config_path or "", self._log_writer(policy))
         self._policy = policy
         self.runtime = runtime
 
     async def stop(self) -> None:
+        if self.request_log is not None:
+            self.request_log.flush()
         if self.reloader is not None:
             await self.reloader.stop()
         if self.session is not None:
@@ -161,6 +175,22 @@ def build_ops_app(state: ProxyState) -> FastAPI:
             body["error"]["details"] = errors
             return Response(orjson.dumps(body), status_code=400, media_type="application/json")
         return JSONResponse({"reloaded": True, "generation": state.reloader.generation})
+
+    @app.post("/v1/proxy/explain")
+    async def proxy_explain(request: Request) -> Response:
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise InvalidRequest(f"The request body is not valid JSON: {e.args[0]}") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        # Authenticate as the real endpoints do: explain tells a team only about its own requests.
+        out = await explain(state.runtime, body, headers=headers)
+        if out["decision"] == "rejected" and out["error"]["status"] == 401:
+            raise Unauthorized(out["error"]["message"])
+        return Response(orjson.dumps(out), media_type="application/json")
 
     @app.get("/admin/config")
     async def admin_config(request: Request) -> Response:

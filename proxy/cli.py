@@ -1,4 +1,4 @@
-"""The `llm-numbers-proxy` command: serve | check | hash-key | mock-upstream."""
+"""The `llm-numbers-proxy` command: serve | check | explain | replay | hash-key | mock-upstream."""
 
 from __future__ import annotations
 
@@ -53,6 +53,73 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime(config: str):
+    from proxy.runtime import Runtime
+    from proxy.store.memory import MemoryStore
+
+    return Runtime(load_policy_file(config), MemoryStore(), None, config)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import orjson
+
+    from proxy.explain import explain
+
+    try:
+        runtime = _runtime(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    try:
+        body = orjson.loads(sys.stdin.buffer.read())
+    except orjson.JSONDecodeError as e:
+        print(f"stdin is not a JSON request body: {e}", file=sys.stderr)
+        return 1
+    if not isinstance(body, dict):
+        print("stdin must hold one JSON object (an OpenAI request body)", file=sys.stderr)
+        return 1
+    if args.team is not None and args.team not in runtime.policy.teams:
+        print(f"unknown team '{args.team}'", file=sys.stderr)
+        return 1
+    headers = {"authorization": f"Bearer {args.key}"} if args.key else {}
+    team = args.team if not args.key else None
+    if not args.key and team is None and len(runtime.policy.teams) == 1:
+        team = next(iter(runtime.policy.teams))
+    out = asyncio.run(explain(runtime, body, headers=headers, team=team))
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    return 0 if out["decision"] != "rejected" else 2
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import orjson
+
+    from proxy.explain import replay, replay_table
+
+    try:
+        runtime = _runtime(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    team = args.team
+    if team is None and len(runtime.policy.teams) == 1:
+        team = next(iter(runtime.policy.teams))
+    try:
+        with open(args.traffic, encoding="utf-8") as f:
+            report = asyncio.run(replay(runtime, f, default_team=team))
+    except OSError as e:
+        print(f"cannot read {args.traffic}: {e.strerror}", file=sys.stderr)
+        return 1
+    if args.format == "table":
+        print(replay_table(report))
+    else:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def cmd_hash_key(args: argparse.Namespace) -> int:
     from proxy.steps.auth import hash_key
 
@@ -89,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a policy file; every error as file:line: field: message")
     c.add_argument("path")
     c.set_defaults(fn=cmd_check)
+
+    e = sub.add_parser("explain", help="print the decision for one request body read on stdin (no upstream call)")
+    e.add_argument("--config", default=_default_config())
+    e.add_argument("--key", help="a virtual key: explain as its team")
+    e.add_argument("--team", help="explain as this team (instead of a key)")
+    e.set_defaults(fn=cmd_explain)
+
+    r = sub.add_parser("replay", help="project spend and savings of a policy over recorded traffic (JSONL)")
+    r.add_argument("traffic")
+    r.add_argument("--config", default=_default_config())
+    r.add_argument("--team", help="team for lines that name neither a team nor a key")
+    r.add_argument("--format", choices=["json", "table"], default="json")
+    r.set_defaults(fn=cmd_replay)
 
     h = sub.add_parser("hash-key", help="print the sha256:<hex> form of a virtual key for the policy file")
     h.add_argument("key")

@@ -16,6 +16,8 @@ from proxy.pipeline import Endpoint, RequestContext
 from proxy.runtime import Runtime
 
 DEFAULT_EXPECTED_OUTPUT = 256
+# Fields of a traffic line that describe the request rather than being part of its body.
+_REPLAY_FIELDS = frozenset({"team", "key", "usage", "prompt_tokens", "endpoint", "ts", "request_id", "status"})
 
 
 def endpoint_of(body: dict[str, Any]) -> str:
@@ -51,9 +53,12 @@ async def explain(
     if ctx.answer is not None:
         out["decision"] = "answered"
         out["route"] = ctx.route
-    expected = output_tokens
-    if expected is None:
-        expected = 0 if ctx.endpoint == Endpoint.EMBEDDINGS else min(ctx.max_output_tokens, DEFAULT_EXPECTED_OUTPUT)
+    if ctx.endpoint == Endpoint.EMBEDDINGS:
+        expected = 0
+    elif output_tokens is not None:
+        expected = min(output_tokens, ctx.max_output_tokens or output_tokens)
+    else:
+        expected = min(ctx.max_output_tokens, DEFAULT_EXPECTED_OUTPUT)
     projected = 0.0
     counterfactual = 0.0
     if ctx.model and ctx.model in runtime.policy.models and out["decision"] != "rejected":
@@ -73,6 +78,9 @@ async def explain(
         counterfactual_usd=counterfactual if out["decision"] != "rejected" else 0.0,
         saved_usd=max(0.0, counterfactual - projected) if out["decision"] != "rejected" else 0.0,
     )
+    # The saving belongs to the policies that change what a request costs (route, retrieve, ...).
+    savers = list(ctx.saved_by_policy) or []
+    out["saved_by_policy"] = {p: out["saved_usd"] / len(savers) for p in savers}
     return out
 
 
@@ -99,12 +107,19 @@ async def replay(runtime: Runtime, lines: Iterable[str], default_team: str | Non
         except (orjson.JSONDecodeError, ValueError) as e:
             errors.append({"line": n, "error": f"invalid JSON: {e}"})
             continue
-        body = record.get("body") if isinstance(record.get("body"), dict) else dict(record)
+        if isinstance(record.get("body"), dict):  # the proxy's own request log
+            body = dict(record["body"])
+        else:
+            body = {k: v for k, v in record.items() if k not in _REPLAY_FIELDS}
+        if record.get("prompt_tokens") is not None:
+            # A log without prompt text: the recorded count stands in for the text.
+            body.setdefault(
+                "messages" if record.get("endpoint", "chat") == "chat" else "prompt",
+                [{"role": "user", "content": ""}] if record.get("endpoint", "chat") == "chat" else "",
+            )
         team = record.get("team") or default_team
         key = record.get("key")
         usage = record.get("usage") if isinstance(record.get("usage"), dict) else {}
-        for meta in ("team", "key", "usage", "prompt_tokens", "body", "ts", "request_id", "status"):
-            body.pop(meta, None) if body is record or meta in ("team", "key") else None
         headers = {"authorization": f"Bearer {key}"} if key else {}
         out = await explain(
             runtime,
@@ -119,13 +134,16 @@ async def replay(runtime: Runtime, lines: Iterable[str], default_team: str | Non
             if out["error"]["status"] in (401, 404, 400, 413):
                 errors.append({"line": n, "error": out["error"]["message"]})
             continue
-        rows = [totals, by_model[out["model"]], by_team[out["team"] or "-"]]
-        rows += [by_policy[p] for p in out["policies"]]
-        for row in rows:
+        for row in (totals, by_model[out["model"]], by_team[out["team"] or "-"]):
             row["requests"] += 1
             row["spend_usd"] += out["projected_cost_usd"]
             row["counterfactual_usd"] += out["counterfactual_usd"]
             row["saved_usd"] += out["saved_usd"]
+        for policy in out["policies"]:
+            by_policy[policy]["requests"] += 1
+            by_policy[policy]["spend_usd"] += out["projected_cost_usd"]
+            by_policy[policy]["counterfactual_usd"] += out["counterfactual_usd"]
+            by_policy[policy]["saved_usd"] += out["saved_by_policy"].get(policy, 0.0)
     return {
         "totals": totals,
         "by_policy": dict(by_policy),

@@ -101,3 +101,32 @@ STORE_JOURNAL = Gauge(
     "Spend records waiting in the local journal for the shared store to come back.",
     multiprocess_mode="livesum",
 )
+BATCH_SIZE = Histogram(
+    "llm_proxy_batch_size",
+    "Rows (prompts or inputs) per upstream call the micro-batcher made, by model.",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+)
+BATCH_QUEUE_WAIT = Histogram(
+    "llm_proxy_batch_queue_wait_seconds",
+    "Time a request waited in the micro-batcher's queue before its call left (0 when sent at once), by model.",
+    ["model"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BATCH_QUEUE_DEPTH = Gauge(
+    "llm_proxy_batch_queue_depth",
+    "Requests waiting in the micro-batcher's queue, by model.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+BATCHES_IN_FLIGHT = Gauge(
+    "llm_proxy_batches_in_flight",
+    "Micro-batcher calls in flight to the upstream, by model.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+BATCH_ITEM_ERRORS = Counter(
+    "llm_proxy_batch_item_errors",
+    "Requests of a batch that failed on their own while the rest of their batch succeeded, by model.",
+    ["model"],
+)

@@ -15,6 +15,7 @@ from proxy.steps.budget import EnforceBudget
 from proxy.steps.limits import EnforceRateLimits
 from proxy.steps.model_access import ResolveModel, allowed_models
 from proxy.steps.policies import ApplyPolicies, TaskClassifier
+from proxy.steps.request_log import LogRequests, RequestLogWriter
 from proxy.steps.tokens import CountTokens
 from proxy.steps.validate import ValidateRequest
 from proxy.store.base import Store
@@ -22,7 +23,14 @@ from proxy.upstream.dispatch import Dispatcher
 
 
 class Runtime:
-    def __init__(self, policy: PolicyFile, store: Store, session: aiohttp.ClientSession | None, source: str = ""):
+    def __init__(
+        self,
+        policy: PolicyFile,
+        store: Store,
+        session: aiohttp.ClientSession | None,
+        source: str = "",
+        log_writer: RequestLogWriter | None = None,
+    ):
         self.policy = policy
         self.source = source
         self.prices = PriceBook(policy.models)
@@ -44,6 +52,7 @@ class Runtime:
                 self.budget,
                 RecordUsage(policy, self.prices, store),
             ]
+            + ([LogRequests(policy.log, log_writer)] if log_writer is not None else [])
         )
         self.dispatcher = Dispatcher(policy, session) if session is not None else None
 

@@ -133,6 +133,21 @@ class StoreConfig(_Strict):
     on_failure: Literal["fail_open", "fail_closed"] = "fail_open"
 
 
+def _batching_errors(name: str, model: ModelConfig) -> list[tuple[tuple[str | int, ...], str]]:
+    batching = model.batching
+    if batching is None:
+        return []
+    where = ("models", name, "batching")
+    if model.provider != "openai":
+        # litellm translates one request at a time; only an OpenAI-compatible upstream takes merged calls.
+        return [(where, f"provider '{model.provider}' cannot batch: batching needs provider: openai")]
+    if (batching.mode == "embeddings") != (model.mode == "embedding"):
+        need = "mode: embedding" if batching.mode == "embeddings" else "mode: chat or completion"
+        msg = f"batching mode '{batching.mode}' does not fit the model's mode '{model.mode}' ({need})"
+        return [((*where, "mode"), msg)]
+    return []
+
+
 class PolicyFile(_Strict):
     version: Literal[1] = 1
     server: ServerConfig = ServerConfig()
@@ -153,6 +168,7 @@ class PolicyFile(_Strict):
                     errors.append((("models", name, "fallbacks", i), f"unknown model '{fb}'"))
                 elif fb == name:
                     errors.append((("models", name, "fallbacks", i), "a model cannot fall back to itself"))
+            errors += _batching_errors(name, model)
         owner: dict[str, str] = {}
         for name, team in self.teams.items():
             for i, m in enumerate(team.models):

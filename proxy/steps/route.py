@@ -10,6 +10,7 @@ from proxy.pipeline import RequestContext
 class Route:
     def __init__(self, cfg: RouteAction, name: str, deps):
         self._to = cfg.to
+        self._name = name
         self._min_multiple = cfg.min_cost_multiple
         self._expected_output = cfg.expected_output_tokens
         self._prices = deps.prices
@@ -24,4 +25,5 @@ class Route:
             if multiple < self._min_multiple:
                 return False
         ctx.model = self._to
+        ctx.saved_by_policy[self._name] = 0.0  # settled from real usage once the answer is in
         return True

@@ -16,6 +16,7 @@ from proxy import metrics
 from proxy.config.models import ModelConfig, PolicyFile, RetryConfig
 from proxy.errors import BadGateway, ProxyError
 from proxy.pipeline import RequestContext
+from proxy.upstream.batcher import BatchedReply, MicroBatcher
 from proxy.upstream.openai_compat import OpenAICompatUpstream, UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError, call_with_retries
 
@@ -41,7 +42,8 @@ class Upstream(Protocol):
 
 def build_upstream(name: str, cfg: ModelConfig, session: aiohttp.ClientSession, connect_timeout_s: float) -> Upstream:
     if cfg.provider in PASS_THROUGH_PROVIDERS:
-        return OpenAICompatUpstream(name, cfg, session, connect_timeout_s)
+        upstream = OpenAICompatUpstream(name, cfg, session, connect_timeout_s)
+        return MicroBatcher(upstream) if cfg.batching is not None else upstream
     from proxy.upstream.litellm_adapter import LiteLLMUpstream
 
     return LiteLLMUpstream(name, cfg)
@@ -92,7 +94,10 @@ class Dispatcher:
         raise last
 
     async def send(self, ctx: RequestContext) -> UpstreamReply:
-        return await self._with_fallbacks(ctx, lambda u: u.send(ctx.endpoint, ctx.body))
+        reply = await self._with_fallbacks(ctx, lambda u: u.send(ctx.endpoint, ctx.body))
+        if isinstance(reply, BatchedReply):
+            ctx.route = "batch"
+        return reply
 
     async def open_stream(self, ctx: RequestContext) -> Stream:
         return await self._with_fallbacks(ctx, lambda u: u.open_stream(ctx.endpoint, ctx.body, ctx.include_usage))

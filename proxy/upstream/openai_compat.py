@@ -97,11 +97,9 @@ class OpenAICompatUpstream:
             out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return orjson.dumps(out)
 
-    async def _post(self, endpoint: str, payload: bytes, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+    async def _post(self, path: str, payload: bytes, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
         try:
-            return await self._session.post(
-                self._base + _PATHS[endpoint], data=payload, headers=self._headers, timeout=timeout
-            )
+            return await self._session.post(self._base + path, data=payload, headers=self._headers, timeout=timeout)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
             raise RetryableUpstreamError("connect", type(e).__name__) from None
         except TimeoutError:
@@ -125,7 +123,12 @@ class OpenAICompatUpstream:
         raise BadGateway(f"The upstream answered HTTP {status} with a body that is not an OpenAI error.")
 
     async def send(self, endpoint: str, body: dict[str, Any]) -> UpstreamReply:
-        resp = await self._post(endpoint, self._payload(body, False, False), self._timeout)
+        return await self.post_json(_PATHS[endpoint], body)
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> UpstreamReply:
+        """POST one JSON body to `api_base + path` and parse the JSON object it answers (the
+        micro-batcher's batch endpoint uses this too)."""
+        resp = await self._post(path, self._payload(body, False, False), self._timeout)
         try:
             raw = await resp.read()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
@@ -144,7 +147,7 @@ class OpenAICompatUpstream:
         return UpstreamReply(data, raw)
 
     async def open_stream(self, endpoint: str, body: dict[str, Any], include_usage: bool) -> StreamHandle:
-        resp = await self._post(endpoint, self._payload(body, True, include_usage), self._stream_timeout)
+        resp = await self._post(_PATHS[endpoint], self._payload(body, True, include_usage), self._stream_timeout)
         if resp.status >= 400:
             try:
                 raw = await asyncio.wait_for(resp.read(), timeout=self.cfg.timeout_s)

@@ -1,0 +1,81 @@
+"""The request log (`log: {requests: PATH}`): one JSON line per request, replayable with
+`llm-numbers-proxy replay`. Prompt text (messages, prompt, input) is left out unless
+`include_prompts: true`; the prompt's token count is kept so replay can still price it.
+Lines are buffered and written by a background task, never on the request's path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from proxy.config.models import LogConfig
+from proxy.pipeline import RequestContext
+
+log = logging.getLogger("llm_proxy.request_log")
+
+_PROMPT_FIELDS = ("messages", "prompt", "input", "tools", "functions")
+_FLUSH_EVERY_S = 0.5
+
+
+class RequestLogWriter:
+    """Appends buffered lines to the log file; shared across reloads while the path stays the same."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lines: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def append(self, line: bytes) -> None:
+        self._lines.append(line)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(_FLUSH_EVERY_S)  # batch the lines of half a second into one write
+        self._task = None
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        data, self._lines = b"".join(self._lines), []
+        try:
+            with open(self.path, "ab") as f:
+                f.write(data)
+        except OSError as e:
+            log.error("cannot write the request log %s: %s", self.path, e.strerror)
+
+
+class LogRequests:
+    def __init__(self, cfg: LogConfig, writer: RequestLogWriter):
+        self._include_prompts = cfg.include_prompts
+        self._writer = writer
+
+    async def on_settle(self, ctx: RequestContext) -> None:
+        if ctx.dry_run or not ctx.body:
+            return
+        body: dict[str, Any] = ctx.body
+        if not self._include_prompts:
+            body = {k: v for k, v in body.items() if k not in _PROMPT_FIELDS}
+        record = {
+            "ts": round(time.time(), 3),
+            "request_id": ctx.request_id,
+            "team": ctx.team,
+            "endpoint": ctx.endpoint,
+            "status": ctx.status,
+            "model_chosen": ctx.answered_by or ctx.model,
+            "route": ctx.route,
+            "policies": ctx.policies,
+            "prompt_tokens": ctx.prompt_tokens,
+            "usage": {"prompt_tokens": ctx.input_tokens, "completion_tokens": ctx.output_tokens},
+            "cost_usd": ctx.cost,
+            "saved_usd": ctx.saved,
+            "body": {**body, "model": ctx.model_requested},
+        }
+        if self._include_prompts:
+            del record["prompt_tokens"]  # the text is there: replay counts it under its own policy
+        self._writer.append(orjson.dumps(record) + b"\n")
