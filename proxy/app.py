@@ -54,7 +54,7 @@ class ProxyState:
     async def start(self) -> None:
         start_store = getattr(self.store, "start", None)
         if start_store is not None:
-            start_store()
+            await start_store()
         connector = aiohttp.TCPConnector(
             limit=self._policy.server.max_connections, ttl_dns_cache=300, keepalive_timeout=30
         )

@@ -1,4 +1,4 @@
-"""The `llm-numbers-proxy` command: serve | check | explain | replay | hash-key | mock-upstream."""
+"""The `llm-numbers-proxy` command: serve | check | explain | replay | hash-key | mock-upstream | reference-backend."""
 
 from __future__ import annotations
 
@@ -141,6 +141,12 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference_backend(args: argparse.Namespace) -> int:
+    from proxy.reference_backend import run  # torch and transformers load only here
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-numbers-proxy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,11 +188,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--chunk-delay-ms", type=float, default=0.0)
     m.add_argument("--no-usage", action="store_true", help="never report usage (the proxy must count)")
     m.set_defaults(fn=cmd_mock_upstream)
+
+    b = sub.add_parser("reference-backend", help="a naive self-hosted model server (transformers), for batching")
+    b.add_argument("--host", default="127.0.0.1")
+    b.add_argument("--port", type=int, default=8000)
+    lm = b.add_mutually_exclusive_group()
+    lm.add_argument("--model", metavar="PATH", help="a local causal LM folder (transformers format)")
+    lm.add_argument("--tiny", action="store_true", help="a tiny random-weight Llama built in code (tests, bench)")
+    b.add_argument("--served-model-name", help="model name in replies (default: tiny-llama or the folder name)")
+    b.add_argument("--seed", type=int, default=0, help="weight seed of --tiny")
+    b.add_argument("--embedding-model", metavar="PATH", help="a sentence-transformers folder (default: MiniLM)")
+    b.add_argument("--no-embeddings", action="store_true", help="serve no embedding model")
+    b.add_argument("--cache-dir", help="where the packaged MiniLM is extracted (default: ~/.cache/llm-numbers-proxy)")
+    b.add_argument("--torch-threads", type=int, default=1)
+    b.add_argument("--usage", choices=["per_item", "aggregate"], default="per_item", help="per input or per call")
+    b.add_argument("--max-tokens-limit", type=int, default=1024)
+    b.add_argument("--test-controls", action="store_true", help="enable POST /control (hold calls, switch usage)")
+    b.set_defaults(fn=cmd_reference_backend)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

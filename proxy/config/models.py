@@ -148,6 +148,63 @@ def _batching_errors(name: str, model: ModelConfig) -> list[tuple[tuple[str | in
     return []
 
 
+CollectionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
+class CollectionConfig(_Strict):
+    """A retrieval collection: a curated knowledge base (`kb`) or a semantic cache (`cache`)."""
+
+    kind: Literal["kb", "cache"]
+    embedder: str = "local"  # `local` (in-process) or a `models:` entry with mode: embedding
+    ttl_s: Annotated[float, Field(gt=0)] | None = None  # default entry lifetime (cache: one day; kb: none)
+    max_entries: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000  # beyond it the oldest are evicted
+    shared: bool = False  # cache: serve an entry to every team, not only the team whose request filled it
+
+    @property
+    def entry_ttl_s(self) -> float | None:
+        return self.ttl_s if self.ttl_s is not None or self.kind == "kb" else 86400.0
+
+
+class RetrievalConfig(_Strict):
+    """Settings of the embedders behind `collections:` and task examples."""
+
+    local_model: str | None = None  # a sentence-transformers folder; default: the packaged all-MiniLM-L6-v2
+    local_price: PriceConfig | None = None  # a notional price of in-process embeddings (free by default)
+    embed_timeout_s: Annotated[float, Field(gt=0)] = 5.0  # slower than this, retrieval is skipped for the request
+
+
+def _embedder_error(policy: PolicyFile, embedder: str) -> str | None:
+    if embedder == "local":
+        return None
+    model = policy.models.get(embedder)
+    if model is None:
+        return f"unknown embedder '{embedder}' (use `local` or a model under models: with mode: embedding)"
+    if model.mode != "embedding":
+        return f"model '{embedder}' is not an embedding model (set mode: embedding)"
+    return None
+
+
+def _retrieval_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], str]]:
+    errors: list[tuple[tuple[str | int, ...], str]] = []
+    for name, coll in policy.collections.items():
+        if (msg := _embedder_error(policy, coll.embedder)) is not None:
+            errors.append((("collections", name, "embedder"), msg))
+    for name, task in policy.tasks.items():
+        if task.examples and (msg := _embedder_error(policy, task.embedder)) is not None:
+            errors.append((("tasks", name, "embedder"), msg))
+    for i, p in enumerate(policy.policies):
+        if p.retrieve is None:
+            continue
+        coll = policy.collections.get(p.retrieve.collection)
+        if coll is None:
+            msg = f"unknown collection '{p.retrieve.collection}' (define it under collections:)"
+            errors.append((("policies", i, "retrieve", "collection"), msg))
+        elif p.retrieve.cache and coll.kind != "cache":
+            msg = f"collection '{p.retrieve.collection}' is a {coll.kind}: only a `kind: cache` collection is filled"
+            errors.append((("policies", i, "retrieve", "cache"), msg))
+    return errors
+
+
 class PolicyFile(_Strict):
     version: Literal[1] = 1
     server: ServerConfig = ServerConfig()
@@ -158,6 +215,8 @@ class PolicyFile(_Strict):
     tasks: dict[str, TaskConfig] = {}
     policies: list[PolicyConfig] = []
     log: LogConfig = LogConfig()
+    collections: dict[CollectionName, CollectionConfig] = {}
+    retrieval: RetrievalConfig = RetrievalConfig()
 
     def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field checks pydantic cannot express per field: (path, message) pairs."""
@@ -179,6 +238,7 @@ class PolicyFile(_Strict):
                     errors.append((("teams", name, "keys", i), f"key also belongs to team '{owner[k]}'"))
                 owner[k] = name
         errors += self._policy_errors()
+        errors += _retrieval_errors(self)
         return errors
 
     def _policy_errors(self) -> list[tuple[tuple[str | int, ...], str]]:

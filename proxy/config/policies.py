@@ -22,6 +22,7 @@ class TaskConfig(_Strict):
     patterns: list[str] = []
     examples: list[str] = []
     min_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.8
+    embedder: str = "local"  # `local` (in-process) or a `models:` entry with mode: embedding
 
     @field_validator("patterns")
     @classmethod
@@ -103,12 +104,34 @@ class RouteAction(_Strict):
     fallback_to_requested: bool = False
 
 
+class RetrieveAction(_Strict):
+    """Answer from a `collections:` entry (knowledge base or semantic cache) instead of generating."""
+
+    collection: str
+    # Cosine similarity of the best entry; the default is calibrated for all-MiniLM-L6-v2 on STS-B
+    # (bench/RESULTS.md): recalibrate with `llm-numbers-proxy kb calibrate` for another embedder.
+    min_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.96
+    # The best entry must beat the best entry with a different answer by this much.
+    min_margin: Annotated[float, Field(ge=0, le=2)] = 0.02
+    # Answer from retrieval only when generating would cost at least this many times the lookup.
+    min_cost_multiple: Annotated[float, Field(gt=0)] | None = None
+    # Numbers, quoted strings, code identifiers and proper names must agree between query and entry.
+    decisive_tokens: bool = True
+    # `match`: the system prompt is part of the conversation an entry must share; `ignore`: it is not.
+    system_prompt: Literal["match", "ignore"] = "match"
+    # Store upstream answers to the requests this policy matches (a `kind: cache` collection).
+    cache: bool = False
+    # The answer length assumed for min_cost_multiple before an entry is found.
+    expected_output_tokens: Annotated[int, Field(ge=0)] = 256
+
+
 class PolicyConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
     when: WhenConfig = WhenConfig()
     reject: RejectAction | None = None
     set: SetAction | None = None
     route: RouteAction | None = None
+    retrieve: RetrieveAction | None = None
 
     @model_validator(mode="after")
     def _exactly_one_action(self) -> PolicyConfig:

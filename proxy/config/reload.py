@@ -66,9 +66,14 @@ class Reloader:
         # Watch the directory: editors and Kubernetes ConfigMaps replace the file (or a symlink to it).
         directory = self.path.resolve().parent
         names = {self.path.name, "..data"}
-        async for changes in awatch(directory, debounce=200, step=50, recursive=False):
-            if any(Path(p).name in names for _, p in changes):
-                await self.reload("file changed")
+        async for _ in awatch(
+            directory,
+            debounce=200,
+            step=50,
+            recursive=False,
+            watch_filter=lambda _change, path: Path(path).name in names,
+        ):
+            await self.reload("file changed")
 
     async def stop(self) -> None:
         for task in self._tasks:

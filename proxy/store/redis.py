@@ -137,6 +137,14 @@ class RedisStore:
         self._settle = self.client.register_script(_SETTLE)
         self._limits = self.client.register_script(_LIMITS)
 
+    async def prepare(self) -> None:
+        """Load the Lua scripts on every primary up front, so no request takes the NOSCRIPT path."""
+        try:
+            for script in (self._record, self._reserve, self._settle, self._limits):
+                await self.client.script_load(script.script)
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(str(e)) from e
+
     def team_key(self, team: str, suffix: str) -> str:
         return f"{self._prefix}:{{t:{team}}}:{suffix}"
 

@@ -41,9 +41,13 @@ class FailurePolicyStore:
         self._pending = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_forever())
+        try:
+            await self.inner.prepare()
+        except StoreUnavailable as e:
+            log.warning("store unavailable at start (%s): %s", "serving" if self.fail_open else "refusing", e)
 
     def _down(self, what: str, e: Exception) -> None:
         if not self.fail_open:

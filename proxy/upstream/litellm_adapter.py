@@ -7,6 +7,7 @@ and ~100 MB, which a proxy serving only OpenAI-compatible upstreams should never
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import AsyncIterator
 from functools import cache
 from typing import Any
@@ -21,6 +22,8 @@ from proxy.upstream.retries import RetryableUpstreamError
 
 @cache
 def _import_litellm() -> Any:
+    # The packaged price map only: never fetch one over the network at import.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     litellm = importlib.import_module("litellm")
     litellm.telemetry = False
     litellm.drop_params = True
