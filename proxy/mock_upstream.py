@@ -4,6 +4,10 @@ Deterministic replies (chat, streaming, completions, embeddings, models, and Ant
 API for the litellm path), a configurable latency and reply length, and fault injection through
 `POST /mock/faults`: status codes with or without Retry-After, HTML error pages, malformed JSON,
 connection resets and stalls. `GET /mock/stats` tells what it received.
+
+For the micro-batcher: the batch endpoint (`POST /v1/batch/chat/completions`, docs/batching.md), faults
+that make a list reply not fit its request (`results`: fewer, duplicate_index, malformed_entry), and
+`hold` faults that keep a request waiting until `POST /mock/release` (so tests can fill a queue).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Fault:
     path: str | None = None  # only requests to this path (e.g. /v1/chat/completions)
     model: str | None = None  # only requests for this upstream model
     after_chunks: int | None = None  # for streams: break the stream after this many chunks
+    hold: bool = False  # wait for POST /mock/release before answering
+    results: str | None = None  # list replies: fewer | duplicate_index | malformed_entry
 
     def matches(self, path: str, model: str | None) -> bool:
         return (self.path is None or self.path == path) and (self.model is None or self.model == model)
@@ -57,6 +63,8 @@ class MockState:
     last_bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
     completion_tokens_served: int = 0
     prompt_tokens_served: int = 0
+    held: int = 0
+    gate: asyncio.Event | None = None
 
 
 def _reply_text(seed: str, n_words: int) -> str:
@@ -76,6 +84,17 @@ def _prompt_text(body: dict[str, Any]) -> str:
         return "\n".join(parts)
     p = body.get("prompt", body.get("input", ""))
     return p if isinstance(p, str) else " ".join(map(str, p))
+
+
+def _misfit(entries: list[Any], how: str | None) -> list[Any]:
+    """A list reply (data, choices, responses) that no longer fits its request, as a fault asks."""
+    if how == "fewer":
+        return entries[:-1]
+    if how == "duplicate_index" and len(entries) > 1:
+        return [*entries[:-1], {**entries[-1], "index": entries[0].get("index", 0)}]
+    if how == "malformed_entry" and entries:
+        return [{"unexpected": True}, *entries[1:]]
+    return entries
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -129,10 +148,27 @@ class MockUpstream:
         self.state.calls[request.path] += 1
         self.state.last_bodies.append(body)
         fault = self._take_fault(request.path, body.get("model"))
+        if fault is not None and fault.hold:
+            await self._hold()
         if self.state.latency_s:
             await asyncio.sleep(self.state.latency_s)
         early = await self._apply_fault(request, fault) if fault else None
         return body, fault, early
+
+    async def _hold(self) -> None:
+        if self.state.gate is None:
+            self.state.gate = asyncio.Event()
+        gate = self.state.gate
+        self.state.held += 1
+        try:
+            await gate.wait()
+        finally:
+            self.state.held -= 1
+
+    def _release(self) -> None:
+        if self.state.gate is not None:
+            self.state.gate.set()
+            self.state.gate = None
 
     def _usage(self, prompt: int, completion: int) -> dict[str, int]:
         self.state.prompt_tokens_served += prompt
@@ -155,6 +191,9 @@ class MockUpstream:
         created = int(time.time())
         if body.get("stream"):
             return await self._stream_chat(request, body, text, model, prompt_tokens, created, fault)
+        return _json(self._chat_reply(body, text, model, prompt_tokens, created))
+
+    def _chat_reply(self, body: dict[str, Any], text: str, model: str, prompt_tokens: int, created: int) -> dict:
         completion_tokens = self._counter.text(text)
         n = body.get("n") or 1
         reply = {
@@ -169,7 +208,20 @@ class MockUpstream:
         }
         if self.state.usage:
             reply["usage"] = self._usage(prompt_tokens, completion_tokens * n)
-        return _json(reply)
+        return reply
+
+    async def batch_chat(self, request: web.Request) -> web.StreamResponse:
+        """The batch endpoint: {"requests": [chat bodies]} → {"responses": [{"status_code", "body"}]}."""
+        body, fault, early = await self._begin(request)
+        if early is not None:
+            return early
+        responses = []
+        for req in body["requests"]:
+            text = _reply_text(_prompt_text(req), self._n_words(req))
+            prompt_tokens = self._counter.chat_prompt(req["messages"])
+            reply = self._chat_reply(req, text, req.get("model", "mock"), prompt_tokens, int(time.time()))
+            responses.append({"status_code": 200, "body": reply})
+        return _json({"responses": _misfit(responses, fault.results if fault else None)})
 
     async def _stream_chat(
         self,
@@ -233,7 +285,7 @@ class MockUpstream:
         return resp
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body, _, early = await self._begin(request)
+        body, fault, early = await self._begin(request)
         if early is not None:
             return early
         prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
@@ -251,14 +303,14 @@ class MockUpstream:
             "object": "text_completion",
             "created": int(time.time()),
             "model": body.get("model", "mock"),
-            "choices": choices,
+            "choices": _misfit(choices, fault.results if fault else None),
         }
         if self.state.usage:
             reply["usage"] = self._usage(prompt_tokens, completion_tokens)
         return _json(reply)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        body, _, early = await self._begin(request)
+        body, fault, early = await self._begin(request)
         if early is not None:
             return early
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
@@ -273,7 +325,11 @@ class MockUpstream:
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
             data.append({"object": "embedding", "index": i, "embedding": [v / norm for v in vec]})
             tokens += self._counter.text(text)
-        reply = {"object": "list", "data": data, "model": body.get("model", "mock")}
+        reply = {
+            "object": "list",
+            "data": _misfit(data, fault.results if fault else None),
+            "model": body.get("model", "mock"),
+        }
         if self.state.usage:
             reply["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
             self.state.prompt_tokens_served += tokens
@@ -317,10 +373,17 @@ class MockUpstream:
                 "prompt_tokens_served": self.state.prompt_tokens_served,
                 "completion_tokens_served": self.state.completion_tokens_served,
                 "faults_pending": len(self.state.faults),
+                "held": self.state.held,
             }
         )
 
+    async def release(self, request: web.Request) -> web.Response:
+        held = self.state.held
+        self._release()
+        return _json({"released": held})
+
     async def reset(self, request: web.Request) -> web.Response:
+        self._release()
         self.state.faults.clear()
         self.state.calls.clear()
         self.state.last_bodies.clear()
@@ -347,10 +410,12 @@ def build_mock_app(state: MockState | None = None) -> web.Application:
         app.router.add_post(f"{prefix}/completions", mock.completions)
         app.router.add_post(f"{prefix}/embeddings", mock.embeddings)
         app.router.add_post(f"{prefix}/messages", mock.anthropic_messages)
+        app.router.add_post(f"{prefix}/batch/chat/completions", mock.batch_chat)
         app.router.add_get(f"{prefix}/models", mock.models)
     app.router.add_post("/mock/faults", mock.add_faults)
     app.router.add_get("/mock/stats", mock.stats)
     app.router.add_post("/mock/reset", mock.reset)
+    app.router.add_post("/mock/release", mock.release)
     app.router.add_post("/mock/config", mock.configure)
     app["mock"] = mock
     return app
