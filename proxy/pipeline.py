@@ -9,6 +9,7 @@ Steps read and write the context; they never call each other.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -67,6 +68,11 @@ class RequestContext:
     limit_windows: list[Any] = field(default_factory=list)
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     saved_by_policy: dict[str, float] = field(default_factory=dict)
+    # retrieval: the request's embeddings (shared by every step that embeds), the lookups made, and
+    # the upstream's answer (parsed JSON, or the relayed SSE events of a stream) for the semantic cache
+    embeddings: Any = None
+    retrieval: Any = None
+    reply: Any = None
     _user_text: str | None = None
 
     def user_text(self) -> str:
@@ -126,5 +132,9 @@ class Pipeline:
             await hook(ctx)
 
     async def run_settle(self, ctx: RequestContext) -> None:
-        for hook in self._settle_hooks:
-            await hook(ctx)
+        # Settle hooks are independent (each releases or records what its own step did), so they run
+        # together: their store writes then share one round trip.
+        if len(self._settle_hooks) == 1:
+            await self._settle_hooks[0](ctx)
+        elif self._settle_hooks:
+            await asyncio.gather(*(hook(ctx) for hook in self._settle_hooks))
