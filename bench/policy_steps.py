@@ -70,7 +70,7 @@ async def main_async(seconds: float, write: bool) -> None:
     try:
         await _wait(mock_url + "/v1/models")
         runs = {}
-        for rnd in range(2):  # two alternating rounds: the machine is noisy
+        for _ in range(2):  # two alternating rounds: the machine is noisy
             for name, steps, url in (("baseline", False, None), ("memory", True, None), ("redis", True, REDIS_URL)):
                 r = await _measure(mock_url, _policy(mock_url, steps, prefix), url, seconds)
                 runs.setdefault(name, []).append(r)
