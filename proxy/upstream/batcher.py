@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from proxy.streaming import counted_reply_tokens
 from proxy.tokens import TokenCounter, counter_for
 from proxy.upstream.openai_compat import OpenAICompatUpstream, StreamHandle, UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError
+
+log = logging.getLogger("llm_proxy.batcher")
 
 BATCH_CHAT_PATH = "/batch/chat/completions"
 
@@ -124,11 +127,12 @@ def _by_index(entries: Any, total: int, what: str) -> list[dict[str, Any]]:
 class MicroBatcher:
     """One model's upstream with micro-batching in front of its non-stream calls.
 
-    Scheduling: a request that finds the queue empty and a call slot free is sent at once when load is
-    low (the last call carried one request), so low load pays no added latency. Otherwise it queues;
-    once a slot is free, the oldest batch leaves when it is full or `max_wait_ms` after the later of
-    its first request and the slot freeing (room for the requests a finished call's clients send next).
-    At most `max_concurrent_batches` calls are in flight; at most `max_queue` requests wait (then 429).
+    Scheduling: at most `max_concurrent_batches` calls are in flight and `max_queue` requests wait
+    (then 429). Once a slot is free, the oldest batch leaves when it is full, when as many requests
+    wait as the last call carried, or `max_wait_ms` after the later of its first request and the slot
+    freeing (room for the next requests of the clients a finished call just answered). At low load the
+    last call carried one request, so a request that finds a free slot leaves at once: sent as it is,
+    without queueing, when the queue is empty.
     """
 
     def __init__(self, inner: OpenAICompatUpstream):
@@ -247,7 +251,8 @@ class MicroBatcher:
             if group is None:
                 group = min(self._groups.values(), key=lambda g: g.items[0].enqueued)
                 deadline = max(group.items[0].enqueued, self._window_opened) + self._max_wait
-                if now < deadline:
+                # As many waiting as the last call carried: its clients are back, nobody else is due.
+                if self._queued < self._last_call_requests and now < deadline:
                     self._timer = loop.call_at(deadline, self._pump)
                     return
             self._window_opened = None
@@ -315,9 +320,11 @@ class MicroBatcher:
                 outcomes = await self._call_batch_endpoint(items)
             else:
                 outcomes = await self._call_merged(items)
+        except Exception:  # a bug or a closed session: this batch's clients get a 502, the batcher goes on
+            log.exception("batched call for model %s failed unexpectedly", self.name)
         finally:
             self._call_ended(started)
-            if outcomes is None:  # cancelled (shutdown): nobody may wait forever
+            if outcomes is None:  # failed above, or cancelled (shutdown): nobody may wait forever
                 outcomes = [BadGateway("The batched upstream call was abandoned.") for _ in items]
             for item, outcome in zip(items, outcomes, strict=True):
                 if not item.future.done():
