@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -27,10 +27,15 @@ from proxy.config.reload import Reloader
 from proxy.errors import InvalidRequest, ProxyError, Unauthorized
 from proxy.explain import explain
 from proxy.gateway import Gateway
+from proxy.retrieval.admin import add_kb_routes
 from proxy.runtime import Runtime
+from proxy.savings_report import savings_report
 from proxy.steps.request_log import RequestLogWriter
 from proxy.store import Store, build_store
 from proxy.store.base import utc_day
+
+if TYPE_CHECKING:
+    from proxy.retrieval.service import Retrieval
 
 log = logging.getLogger("llm_proxy")
 
@@ -49,6 +54,7 @@ class ProxyState:
         self.request_log: RequestLogWriter | None = None
         self.started_at = time.time()
         self._policy = policy
+        self.retrieval: Retrieval | None = None  # built when a policy file first uses collections
         self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "")
 
     async def start(self) -> None:
@@ -62,6 +68,8 @@ class ProxyState:
             connector=connector, auto_decompress=True, skip_auto_headers=["User-Agent"]
         )
         self.apply_policy(self._policy)
+        if self.runtime.retrieval is not None:
+            await self.runtime.retrieval.warm()
         if self.runtime.keyring.plaintext_keys:
             log.warning(
                 "SECURITY: %d virtual key(s) in %s are stored in plaintext; store them as sha256:<hex> "
@@ -85,11 +93,27 @@ class ProxyState:
 
     def apply_policy(self, policy: PolicyFile) -> None:
         """Build a complete runtime for `policy`, then swap it in (one assignment)."""
-        runtime = Runtime(policy, self.store, self.session, self.config_path or "", self._log_writer(policy))
+        runtime = Runtime(
+            policy,
+            self.store,
+            self.session,
+            self.config_path or "",
+            self._log_writer(policy),
+            retrieval=self._retrieval_for(policy),
+        )
         self._policy = policy
         self.runtime = runtime
 
+    def _retrieval_for(self, policy: PolicyFile) -> Retrieval | None:
+        if self.retrieval is None and (policy.collections or any(t.examples for t in policy.tasks.values())):
+            from proxy.retrieval.service import Retrieval
+
+            self.retrieval = Retrieval(self.store, policy.store.key_prefix)
+        return self.retrieval
+
     async def stop(self) -> None:
+        if self.retrieval is not None:
+            await self.retrieval.close()
         if self.request_log is not None:
             self.request_log.flush()
         if self.reloader is not None:
@@ -156,6 +180,8 @@ def build_ops_app(state: ProxyState) -> FastAPI:
             "store": {"backend": state.store.name, "healthy": store_ok},
             "models": len(state.runtime.policy.models),
         }
+        if state.retrieval is not None:
+            body["collections"] = state.retrieval.status()
         return JSONResponse(body, status_code=200 if store_ok else 503)
 
     @app.get("/metrics")
@@ -197,6 +223,11 @@ def build_ops_app(state: ProxyState) -> FastAPI:
         require_master_key(request.headers, state.master_key)
         return Response(orjson.dumps(redacted_config(state.runtime.policy)), media_type="application/json")
 
+    @app.get("/admin/savings")
+    async def admin_savings(request: Request, days: int = 7) -> dict[str, Any]:
+        require_master_key(request.headers, state.master_key)
+        return await savings_report(state.runtime.policy, state.store, max(1, min(days, 90)))
+
     @app.get("/admin/spend")
     async def admin_spend(request: Request, days: int = 7) -> dict[str, Any]:
         require_master_key(request.headers, state.master_key)
@@ -217,6 +248,7 @@ def build_ops_app(state: ProxyState) -> FastAPI:
             }
         return {"store": state.store.name, "teams": out}
 
+    add_kb_routes(app, state)
     return app
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from proxy.config import ConfigError, load_policy_file
+from proxy.retrieval.commands import add_kb_parser
 
 
 def _default_config() -> str:
@@ -135,6 +136,8 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         reply_tokens=args.reply_tokens,
         chunk_delay_s=args.chunk_delay_ms / 1000,
         usage=not args.no_usage,
+        concise_ratio=args.concise_ratio,
+        length_jitter=args.length_jitter,
     )
     print(f"mock upstream on http://{args.host}:{args.port}/v1", flush=True)
     run_mock_upstream(args.host, args.port, state)
@@ -187,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reply-tokens", type=int, default=32, help="words per reply")
     m.add_argument("--chunk-delay-ms", type=float, default=0.0)
     m.add_argument("--no-usage", action="store_true", help="never report usage (the proxy must count)")
+    m.add_argument("--concise-ratio", type=float, default=0.5, help="reply length when asked to be brief")
+    m.add_argument("--length-jitter", type=float, default=0.0, help="vary reply length by prompt, ±fraction")
     m.set_defaults(fn=cmd_mock_upstream)
 
     b = sub.add_parser("reference-backend", help="a naive self-hosted model server (transformers), for batching")
@@ -205,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens-limit", type=int, default=1024)
     b.add_argument("--test-controls", action="store_true", help="enable POST /control (hold calls, switch usage)")
     b.set_defaults(fn=cmd_reference_backend)
+
+    add_kb_parser(sub)
     return p
 
 

@@ -79,7 +79,7 @@ async def explain(
         saved_usd=max(0.0, counterfactual - projected) if out["decision"] != "rejected" else 0.0,
     )
     # The saving belongs to the policies that change what a request costs (route, retrieve, ...).
-    savers = list(ctx.saved_by_policy) or []
+    savers = list(dict.fromkeys([*ctx.routed_by, *ctx.saved_by_policy]))
     out["saved_by_policy"] = {p: out["saved_usd"] / len(savers) for p in savers}
     return out
 

@@ -24,7 +24,7 @@ from proxy.errors import (
     UnsupportedMediaType,
 )
 from proxy.pipeline import Endpoint, RequestContext
-from proxy.streaming import StreamAccount, counted_reply_tokens
+from proxy.streaming import StreamAccount, completion_as_events, counted_reply_tokens
 
 if TYPE_CHECKING:
     from proxy.app import ProxyState
@@ -110,6 +110,11 @@ async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
+async def _send_sse(send: Send, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def send_error(send: Send, error: ProxyError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
     headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
     await _send_json(send, error.status, error.body(), headers + (extra or []))
@@ -173,7 +178,11 @@ class Gateway:
             await runtime.pipeline.run_request(ctx)
             if ctx.answer is not None:
                 await runtime.pipeline.run_response(ctx)
-                await _send_json(send, 200, orjson.dumps(ctx.answer), _proxy_headers(ctx, True))
+                if ctx.stream and ctx.answer.get("object") == "chat.completion":
+                    events = completion_as_events(ctx.answer, ctx.include_usage)
+                    await _send_sse(send, events, _proxy_headers(ctx, True))
+                else:
+                    await _send_json(send, 200, orjson.dumps(ctx.answer), _proxy_headers(ctx, True))
             elif ctx.stream:
                 await self._stream(ctx, runtime, receive, send)
             else:
@@ -208,6 +217,7 @@ class Gateway:
             ctx.input_tokens = ctx.prompt_tokens
             if ctx.endpoint != Endpoint.EMBEDDINGS:
                 ctx.output_tokens = counted_reply_tokens(data, runtime.tokens.counter(ctx.answered_by))
+        ctx.reply = data
         await runtime.pipeline.run_response(ctx)
         await _send_json(send, 200, reply.raw, _proxy_headers(ctx, True))
 
@@ -261,4 +271,5 @@ class Gateway:
             if not _apply_usage(ctx, account.usage):
                 ctx.input_tokens = ctx.prompt_tokens
                 ctx.output_tokens = account.counted_output_tokens(runtime.tokens.counter(ctx.answered_by))
+            ctx.reply = account.relayed
             await runtime.pipeline.run_response(ctx)

@@ -96,6 +96,8 @@ CONFIG_RELOADS = Counter(
     "Policy file reloads, by result (success, error).",
     ["result"],
 )
+for _result in ("success", "error"):  # exported at 0 from the start, so a first reload shows as an increase
+    CONFIG_RELOADS.labels(_result)
 STORE_JOURNAL = Gauge(
     "llm_proxy_store_journal_entries",
     "Spend records waiting in the local journal for the shared store to come back.",
@@ -129,4 +131,50 @@ BATCH_ITEM_ERRORS = Counter(
     "llm_proxy_batch_item_errors",
     "Requests of a batch that failed on their own while the rest of their batch succeeded, by model.",
     ["model"],
+)
+SAVED = Counter(
+    "llm_proxy_saved_usd",
+    "USD saved against the counterfactual (no policy), by team, requested model and the policy that saved it.",
+    ["team", "model", "policy"],
+)
+CONCISE_OUTPUT_TOKENS = Histogram(
+    "llm_proxy_concise_output_tokens",
+    "Output tokens per request of a conciseness policy, by policy, model that answered and arm (treated/holdout).",
+    ["policy", "model", "arm"],
+    buckets=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+)
+RETRIEVAL_LOOKUPS = Counter(
+    "llm_proxy_retrieval_lookups",
+    "Retrieval lookups by collection, policy and result (hit, exact_hit, miss, low_similarity, low_margin, "
+    "token_mismatch, not_worth_it, not_ready, embedder_down, unsupported).",
+    ["collection", "policy", "result"],
+)
+RETRIEVAL_SIMILARITY = Histogram(
+    "llm_proxy_retrieval_similarity",
+    "Similarity of the best entry found per lookup, by collection.",
+    ["collection"],
+    buckets=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0),
+)
+RETRIEVAL_ENTRIES = Gauge(
+    "llm_proxy_retrieval_entries",
+    "Entries in this replica's index of a collection.",
+    ["collection"],
+    multiprocess_mode="mostrecent",
+)
+RETRIEVAL_CACHE_FILLS = Counter(
+    "llm_proxy_retrieval_cache_fills",
+    "Upstream answers offered to a semantic cache, by collection and result (stored, not_cacheable, skipped, error).",
+    ["collection", "result"],
+)
+EMBEDDER_ERRORS = Counter(
+    "llm_proxy_embedder_errors",
+    "Failed embeddings, by embedder and kind (timeout, upstream, bad_response, unavailable, loading, error); "
+    "the request skips retrieval and goes upstream.",
+    ["embedder", "kind"],
+)
+EMBEDDING_DURATION = Histogram(
+    "llm_proxy_embedding_duration_seconds",
+    "Time to embed one request or batch, by embedder.",
+    ["embedder"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )

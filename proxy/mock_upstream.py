@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -58,6 +59,10 @@ class MockState:
     chunk_delay_s: float = 0.0
     usage: bool = True
     embedding_dim: int = 16
+    # The verbosity model: a brevity instruction anywhere in the prompt ("be concise", "be brief",
+    # "briefly", ...) scales the reply to this fraction; jitter varies lengths by prompt (±fraction).
+    concise_ratio: float = 0.5
+    length_jitter: float = 0.0
     faults: deque[Fault] = field(default_factory=deque)
     calls: Counter[str] = field(default_factory=Counter)
     last_bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
@@ -65,6 +70,9 @@ class MockState:
     prompt_tokens_served: int = 0
     held: int = 0
     gate: asyncio.Event | None = None
+
+
+_BREVITY = re.compile(r"(?i)\b(be (concise|brief)|concisely|briefly|keep it short)\b")
 
 
 def _reply_text(seed: str, n_words: int) -> str:
@@ -177,8 +185,15 @@ class MockUpstream:
 
     def _n_words(self, body: dict[str, Any]) -> int:
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
-        n = self.state.reply_tokens
-        return min(n, limit) if isinstance(limit, int) and limit > 0 else n
+        n = float(self.state.reply_tokens)
+        prompt = _prompt_text(body)
+        if self.state.length_jitter:
+            h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=4).digest(), "big") / 2**32
+            n *= 1 + self.state.length_jitter * (2 * h - 1)
+        if _BREVITY.search(prompt):
+            n *= self.state.concise_ratio
+        words = max(1, round(n))
+        return min(words, limit) if isinstance(limit, int) and limit > 0 else words
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body, fault, early = await self._begin(request)
@@ -392,7 +407,7 @@ class MockUpstream:
 
     async def configure(self, request: web.Request) -> web.Response:
         cfg = await request.json(loads=orjson.loads)
-        for key in ("reply_tokens", "usage", "embedding_dim"):
+        for key in ("reply_tokens", "usage", "embedding_dim", "concise_ratio", "length_jitter"):
             if key in cfg:
                 setattr(self.state, key, cfg[key])
         if "latency_ms" in cfg:

@@ -68,6 +68,9 @@ class RequestContext:
     limit_windows: list[Any] = field(default_factory=list)
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     saved_by_policy: dict[str, float] = field(default_factory=dict)
+    routed_by: list[str] = field(default_factory=list)  # policies that changed the model
+    fallback_to_requested: bool = False  # if the routed model fails, try the one the client asked for
+    experiments: dict[str, str] = field(default_factory=dict)  # policy -> arm (treated / holdout)
     # retrieval: the request's embeddings (shared by every step that embeds), the lookups made, and
     # the upstream's answer (parsed JSON, or the relayed SSE events of a stream) for the semantic cache
     embeddings: Any = None

@@ -3,6 +3,8 @@ the runtime it started with until it ends."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import aiohttp
 
 from proxy.config.models import PolicyFile
@@ -16,10 +18,14 @@ from proxy.steps.limits import EnforceRateLimits
 from proxy.steps.model_access import ResolveModel, allowed_models
 from proxy.steps.policies import ApplyPolicies, TaskClassifier
 from proxy.steps.request_log import LogRequests, RequestLogWriter
+from proxy.steps.retrieve import SettleRetrieval
 from proxy.steps.tokens import CountTokens
 from proxy.steps.validate import ValidateRequest
 from proxy.store.base import Store
 from proxy.upstream.dispatch import Dispatcher
+
+if TYPE_CHECKING:
+    from proxy.retrieval.service import Retrieval
 
 
 class Runtime:
@@ -30,6 +36,7 @@ class Runtime:
         session: aiohttp.ClientSession | None,
         source: str = "",
         log_writer: RequestLogWriter | None = None,
+        retrieval: Retrieval | None = None,
     ):
         self.policy = policy
         self.source = source
@@ -38,8 +45,20 @@ class Runtime:
         self.allowed = allowed_models(policy)
         self.tokens = CountTokens(policy, self.prices)
         self.budget = EnforceBudget(policy, store, self.tokens.reprice, self.allowed)
-        self.tasks = TaskClassifier(policy.tasks)
-        deps = ActionDeps(prices=self.prices, allowed=self.allowed, extras={})
+        # Retrieval (collections, tasks by examples) is bound only when the policy file uses it, so the
+        # base proxy never imports numpy or an embedding model.
+        self.retrieval = None
+        if retrieval is not None and (policy.collections or any(t.examples for t in policy.tasks.values())):
+            self.retrieval = retrieval.bind(policy, self._send, self.prices)
+        self.tasks = TaskClassifier(policy.tasks, self.retrieval.tasks.matches if self.retrieval else None)
+        deps = ActionDeps(
+            prices=self.prices,
+            allowed=self.allowed,
+            extras={"retrieval": self.retrieval},
+            store=store,
+            tokens=self.tokens,
+            budget_fraction=self.budget.used_fraction,
+        )
         self.authenticate = Authenticate(self.keyring)
         self.pipeline = Pipeline(
             [
@@ -52,9 +71,14 @@ class Runtime:
                 self.budget,
                 RecordUsage(policy, self.prices, store),
             ]
+            + ([SettleRetrieval(store, self.budget)] if self.retrieval is not None else [])
             + ([LogRequests(policy.log, log_writer)] if log_writer is not None else [])
         )
         self.dispatcher = Dispatcher(policy, session) if session is not None else None
+
+    async def _send(self, ctx: Any) -> Any:
+        """An upstream call on behalf of a step (an embedding), with this runtime's retries and fallbacks."""
+        return await self.dispatcher.send(ctx)
 
     def models_for(self, team: str) -> list[str]:
         return sorted(self.allowed.get(team, ()))

@@ -46,6 +46,11 @@ class StreamAccount:
         self._relayed.append(event)
         return True
 
+    @property
+    def relayed(self) -> list[bytes]:
+        """The events relayed to the client so far (the semantic cache reads the answer from them)."""
+        return self._relayed
+
     def counted_output_tokens(self, counter: TokenCounter) -> int:
         parts: list[str] = []
         for event in self._relayed:
@@ -88,3 +93,25 @@ def counted_reply_tokens(data: dict[str, Any], counter: TokenCounter) -> int:
         if isinstance(choice, dict):
             parts.extend(_choice_texts(choice))
     return counter.text("".join(parts))
+
+
+def completion_as_events(answer: dict[str, Any], include_usage: bool) -> bytes:
+    """A chat.completion the proxy answered itself (e.g. from retrieval), as the SSE stream a client
+    that asked for `stream: true` expects: a role chunk, the content, the finish, usage if asked, [DONE]."""
+    base = {k: answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in answer}
+    base["object"] = "chat.completion.chunk"
+    events = []
+    for choice in answer.get("choices") or ():
+        message = choice.get("message") or {}
+        index = choice.get("index", 0)
+        for delta, finish in (
+            ({"role": "assistant", "content": ""}, None),
+            ({"content": message.get("content") or ""}, None),
+            ({}, choice.get("finish_reason") or "stop"),
+        ):
+            chunk = {**base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    if include_usage and isinstance(answer.get("usage"), dict):
+        events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": answer["usage"]}) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return b"".join(events)

@@ -547,55 +547,104 @@ def test_a_backend_that_never_answers_times_out_every_waiting_request(bproxy, mo
 # The batcher on its own, against a real HTTP server on loopback ------------------------------------
 
 
-async def test_a_cancelled_request_leaves_the_queue_and_is_never_sent():
+class LoopbackMock:
+    """The mock upstream served in this process on loopback, and a batcher in front of it."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str):
+        self.session, self.base = session, base
+
+    def batcher(self, **batching: Any) -> MicroBatcher:
+        cfg = ModelConfig(
+            api_base=self.base + "/v1",
+            upstream_model="u",
+            mode="embedding",
+            batching={"mode": "embeddings", **batching},
+        )
+        return MicroBatcher(OpenAICompatUpstream("unit-emb", cfg, self.session, 5.0))
+
+    async def post(self, path: str, body: Any = None) -> None:
+        async with self.session.post(self.base + path, json=body) as r:
+            r.raise_for_status()
+
+    async def stats(self) -> dict:
+        async with self.session.get(self.base + "/mock/stats") as r:
+            return await r.json()
+
+    async def hold_blocker(self, batcher: MicroBatcher) -> asyncio.Task:
+        await self.post("/mock/faults", {"hold": True, "count": 1})
+        blocker = asyncio.create_task(batcher.send("embeddings", {"model": "unit-emb", "input": "blocker"}))
+
+        async def held() -> bool:
+            return (await self.stats())["held"] == 1
+
+        await _until(held)
+        return blocker
+
+
+@pytest.fixture
+async def loopback() -> Any:
     runner = web.AppRunner(build_mock_app())
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
         async with aiohttp.ClientSession() as session:
-            cfg = ModelConfig(
-                api_base=base + "/v1", upstream_model="u", mode="embedding", batching={"mode": "embeddings"}
-            )
-            batcher = MicroBatcher(OpenAICompatUpstream("unit-emb", cfg, session, 5.0))
-            await session.post(base + "/mock/faults", json={"hold": True, "count": 1})
-
-            async def mock_stats() -> dict:
-                async with session.get(base + "/mock/stats") as r:
-                    return await r.json()
-
-            async def blocker_held() -> bool:
-                return (await mock_stats())["held"] == 1
-
-            async def all_queued() -> bool:
-                return batcher._queued == 3
-
-            blocker = asyncio.create_task(batcher.send("embeddings", {"model": "unit-emb", "input": "blocker"}))
-            await _until(blocker_held)
-            tasks = [
-                asyncio.create_task(batcher.send("embeddings", {"model": "unit-emb", "input": f"q{i}"}))
-                for i in range(3)
-            ]
-            await _until(all_queued)
-            tasks[1].cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await tasks[1]
-            assert batcher._queued == 2
-            await session.post(base + "/mock/release")
-            replies = await asyncio.gather(blocker, tasks[0], tasks[2])
-            assert all(len(r.data["data"]) == 1 for r in replies)
-            stats = await mock_stats()
-            assert stats["calls"]["/v1/embeddings"] == 2
-            assert stats["last_bodies"][-1]["input"] == ["q0", "q2"]  # q1 was never sent
+            yield LoopbackMock(session, f"http://127.0.0.1:{runner.addresses[0][1]}")
     finally:
         await runner.cleanup()
+
+
+def _send(batcher: MicroBatcher, text: str) -> asyncio.Task:
+    return asyncio.create_task(batcher.send("embeddings", {"model": "unit-emb", "input": text}))
 
 
 async def _until(check: Callable[[], Any]) -> None:
     async with asyncio.timeout(WAIT_S):
         while not await check():
             await asyncio.sleep(0.01)  # polling the mock's counters and the queue
+
+
+async def test_a_cancelled_request_leaves_the_queue_and_is_never_sent(loopback):
+    batcher = loopback.batcher()
+    blocker = await loopback.hold_blocker(batcher)
+    tasks = [_send(batcher, f"q{i}") for i in range(3)]
+
+    async def all_queued() -> bool:
+        return batcher._queued == 3
+
+    await _until(all_queued)
+    tasks[1].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[1]
+    assert batcher._queued == 2
+    await loopback.post("/mock/release")
+    replies = await asyncio.gather(blocker, tasks[0], tasks[2])
+    assert all(len(r.data["data"]) == 1 for r in replies)
+    stats = await loopback.stats()
+    assert stats["calls"]["/v1/embeddings"] == 2
+    assert stats["last_bodies"][-1]["input"] == ["q0", "q2"]  # q1 was never sent
+
+
+async def test_a_batch_leaves_as_soon_as_the_last_calls_clients_are_back(loopback):
+    # A one-minute window that must never be waited out: three requests answered together come back
+    # as three, and that is the signal to leave.
+    batcher = loopback.batcher(max_wait_ms=60_000)
+    blocker = await loopback.hold_blocker(batcher)
+    first = [_send(batcher, f"first {i}") for i in range(3)]
+
+    async def all_queued() -> bool:
+        return batcher._queued == 3
+
+    await _until(all_queued)
+    await loopback.post("/mock/release")
+    async with asyncio.timeout(WAIT_S / 2):
+        await asyncio.gather(blocker, *first)
+        await asyncio.gather(*(_send(batcher, f"second {i}") for i in range(3)))
+    stats = await loopback.stats()
+    assert stats["calls"]["/v1/embeddings"] == 3
+    assert [b["input"] for b in stats["last_bodies"]][-2:] == [
+        ["first 0", "first 1", "first 2"],
+        ["second 0", "second 1", "second 2"],
+    ]
 
 
 # Bad policy files ----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ policies:
     when: {task: summarize}
     route: {to: small, min_cost_multiple: 10}
   - name: too-pricey-multiple
-    when: {headers: {x-try-expensive-rule: "1"}}
+    when: {teams: [alpha], headers: {x-try-expensive-rule: "1"}}
     route: {to: flaky, min_cost_multiple: 100}
   - name: long-prompts-to-small
     when: {prompt_tokens: {min: 500}, tools: false, stream: false}

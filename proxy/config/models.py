@@ -6,11 +6,12 @@ Every model forbids unknown keys so a typo in the policy file is an error, not a
 from __future__ import annotations
 
 import re
+from fnmatch import fnmatchcase
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from proxy.config.policies import PolicyConfig, TaskConfig
+from proxy.config.policies import PolicyConfig, RouteAction, TaskConfig
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -241,6 +242,29 @@ class PolicyFile(_Strict):
         errors += _retrieval_errors(self)
         return errors
 
+    def _route_errors(
+        self, where: tuple[str | int, ...], route: RouteAction, teams: list[str] | None
+    ) -> list[tuple[tuple[str | int, ...], str]]:
+        from proxy.pricing import PriceBook  # the price book reads litellm's map: only when routes exist
+
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        fields = [("to",)] if route.to else []
+        fields += [("on_budget_pressure", i, "to") for i in range(len(route.on_budget_pressure))]
+        prices = PriceBook(self.models)
+        for field, target in zip(fields, route.targets(), strict=True):
+            path = (*where, "route", *field)
+            if target not in self.models:
+                errors.append((path, f"unknown model '{target}'"))
+                continue
+            if route.min_cost_multiple is not None and not prices.is_known(target):
+                errors.append((path, f"the price of '{target}' is unknown: set models.{target}.price"))
+            for team, cfg in self.teams.items():
+                if teams is not None and team not in teams:
+                    continue
+                if not any(fnmatchcase(target, g) for g in cfg.models):
+                    errors.append((path, f"team '{team}' may not use '{target}' (add it to teams.{team}.models)"))
+        return errors
+
     def _policy_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
         errors: list[tuple[tuple[str | int, ...], str]] = []
         for name, team in self.teams.items():
@@ -259,6 +283,6 @@ class PolicyFile(_Strict):
                     errors.append(((*where, "when", "teams", j), f"unknown team '{team}'"))
             if p.when.task is not None and p.when.task not in self.tasks:
                 errors.append(((*where, "when", "task"), f"unknown task '{p.when.task}' (define it under tasks:)"))
-            if p.route is not None and p.route.to not in self.models:
-                errors.append(((*where, "route", "to"), f"unknown model '{p.route.to}'"))
+            if p.route is not None:
+                errors += self._route_errors(where, p.route, p.when.teams)
         return errors

@@ -94,14 +94,51 @@ class SetAction(_Strict):
         return fields
 
 
-class RouteAction(_Strict):
+class PressureStep(_Strict):
+    """Downgrade to `to` once the team has used more than `above` of its budget."""
+
+    above: Annotated[float, Field(ge=0, le=1)]
     to: str
+
+
+class RouteAction(_Strict):
+    to: str | None = None
     # Route only when the requested model costs at least this many times the target for this request.
     min_cost_multiple: Annotated[float, Field(gt=0)] | None = None
+    # A downgrade chain by budget pressure: the step with the highest `above` that is exceeded wins
+    # (over `to`), e.g. [{above: 0.8, to: gpt-4o-mini}, {above: 0.95, to: local-llm}].
+    on_budget_pressure: list[PressureStep] = []
     # The output length assumed when weighing prices (capped by the request's own max_tokens).
     expected_output_tokens: Annotated[int, Field(ge=0)] = 256
     # If the cheap model fails after its retries and fallbacks, try the model the client asked for.
     fallback_to_requested: bool = False
+
+    @model_validator(mode="after")
+    def _has_a_target(self) -> RouteAction:
+        if self.to is None and not self.on_budget_pressure:
+            raise ValueError("a route needs `to` or `on_budget_pressure`")
+        return self
+
+    def targets(self) -> list[str]:
+        return ([self.to] if self.to else []) + [s.to for s in self.on_budget_pressure]
+
+
+class ConciseAction(_Strict):
+    """Ask for shorter answers, and measure what that saves with a hold-out arm left untouched."""
+
+    instruction: Annotated[str, Field(min_length=1)] = "Be concise."
+    # system: a new system message first; append_system: appended to the first system message (a new
+    # one when there is none); user: appended to the last user message.
+    placement: Literal["system", "append_system", "user"] = "system"
+    # Fraction of requests left untouched (chosen by a hash of the request id) to observe the saving.
+    holdout: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # default max_tokens for treated requests
+    skip_json: bool = True  # leave requests with a response_format alone
+    skip_tools: bool = True  # leave requests with tools alone
+    # A client may opt out by sending this header with any non-empty value (none: no opt-out).
+    opt_out_header: str | None = "x-llm-proxy-no-concise"
+    # Samples each arm needs before the realised saving is used for saved-USD figures.
+    min_samples: Annotated[int, Field(ge=2)] = 30
 
 
 class RetrieveAction(_Strict):
@@ -132,6 +169,7 @@ class PolicyConfig(_Strict):
     set: SetAction | None = None
     route: RouteAction | None = None
     retrieve: RetrieveAction | None = None
+    concise: ConciseAction | None = None
 
     @model_validator(mode="after")
     def _exactly_one_action(self) -> PolicyConfig:

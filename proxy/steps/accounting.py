@@ -26,12 +26,20 @@ class RecordUsage:
         self._store = store
 
     async def on_response(self, ctx: RequestContext) -> None:
+        """Real cost from usage; the saving of each policy against the counterfactual (no policy).
+
+        Routing saves the price difference on the tokens really used; other policies (conciseness,
+        retrieval) have put their own saving in `saved_by_policy` already. The counterfactual is
+        cost + saved, so both reconcile with usage exactly.
+        """
         model = ctx.answered_by or ctx.model
         ctx.cost = self._prices.cost(model, ctx.input_tokens, ctx.output_tokens)
         requested = ctx.model_requested
-        if requested in self._models:
-            counterfactual = self._prices.cost(requested, ctx.input_tokens, ctx.output_tokens)
-            ctx.saved = max(0.0, counterfactual - ctx.cost) if ctx.policies else 0.0
+        if ctx.routed_by and requested in self._models and requested != model and ctx.route != "retrieval":
+            saving = max(0.0, self._prices.cost(requested, ctx.input_tokens, ctx.output_tokens) - ctx.cost)
+            for policy in ctx.routed_by:
+                ctx.saved_by_policy[policy] = saving / len(ctx.routed_by)
+        ctx.saved = sum(ctx.saved_by_policy.values())
 
     async def on_settle(self, ctx: RequestContext) -> None:
         team = ctx.team or "unauthenticated"
@@ -39,7 +47,7 @@ class RecordUsage:
         metrics.REQUESTS.labels(team, requested, ctx.route, _STATUS_CLASS.get(ctx.status // 100, "5xx")).inc()
         metrics.OPERATION_DURATION.labels(requested, ctx.route).observe(ctx.elapsed())
         metrics.OVERHEAD.labels(ctx.route).observe(ctx.overhead())
-        if ctx.team is None or not (ctx.input_tokens or ctx.output_tokens):
+        if ctx.team is None or not (ctx.input_tokens or ctx.output_tokens or ctx.saved):
             return
         model = ctx.answered_by or ctx.model
         metrics.TOKENS.labels(team, model, "input").inc(ctx.input_tokens)
@@ -48,7 +56,18 @@ class RecordUsage:
         if ctx.output_tokens:
             metrics.TOKEN_USAGE.labels(model, "output").observe(ctx.output_tokens)
         metrics.SPEND.labels(team, model).inc(ctx.cost)
-        usage = Usage(team, model, to_nano(ctx.cost), ctx.input_tokens, ctx.output_tokens)
+        for policy, saved in ctx.saved_by_policy.items():
+            if saved > 0:
+                metrics.SAVED.labels(team, requested, policy).inc(saved)
+        usage = Usage(
+            team,
+            model,
+            to_nano(ctx.cost),
+            ctx.input_tokens,
+            ctx.output_tokens,
+            to_nano(ctx.saved),
+            tuple((p, to_nano(v)) for p, v in ctx.saved_by_policy.items()),
+        )
         try:
             await self._store.record_usage(usage, utc_day())
         except StoreUnavailable as e:

@@ -86,6 +86,7 @@ class EnforceBudget:
             if cfg.on_exceed == "downgrade" and self._can_downgrade(ctx, cfg):
                 ctx.model = cfg.downgrade_to
                 ctx.policies.append("budget-downgrade")
+                ctx.routed_by.append("budget-downgrade")
                 self._reprice(ctx)
                 amount = to_nano(ctx.cost_estimate)
                 result = await self._store.reserve_budget(plain, amount)

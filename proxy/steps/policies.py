@@ -85,6 +85,21 @@ class ApplyPolicies:
             (p.name, p.action, _Matcher(p.when, tasks, budget_fraction), build_action(p, deps)) for p in policy.policies
         ]
         self._reprice = reprice
+        # Actions that follow a request to its end (measure, cache, settle) have their own hooks.
+        self._response_hooks = {name: a.on_response for name, _, _, a in self._rules if hasattr(a, "on_response")}
+        self._settle_hooks = {name: a.on_settle for name, _, _, a in self._rules if hasattr(a, "on_settle")}
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        for name in ctx.policies:
+            hook = self._response_hooks.get(name)
+            if hook is not None:
+                await hook(ctx)
+
+    async def on_settle(self, ctx: RequestContext) -> None:
+        for name in ctx.policies:
+            hook = self._settle_hooks.get(name)
+            if hook is not None:
+                await hook(ctx)
 
     async def on_request(self, ctx: RequestContext) -> None:
         if not self._rules:

@@ -1,29 +1,47 @@
-"""The `route` action: send the request to another model, optionally only when the requested model
-costs at least `min_cost_multiple` times the target for this very request (from the price book)."""
+"""The `route` action: send the request to a cheaper model when the price book says it is worth it.
+
+`min_cost_multiple: N` routes only when the requested model costs at least N times the target for
+this very request (its prompt tokens and expected output, priced from the price book: the founding
+"GPT-4 ≈ 50× GPT-3.5" is read off the prices, never hard-coded). `on_budget_pressure` picks the
+target by how much of the team's budget is used. The saving is settled from real usage later.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from proxy.config.policies import RouteAction
 from proxy.pipeline import RequestContext
 
 
 class Route:
-    def __init__(self, cfg: RouteAction, name: str, deps):
-        self._to = cfg.to
+    def __init__(self, cfg: RouteAction, name: str, deps: Any):
+        self._cfg = cfg
         self._name = name
-        self._min_multiple = cfg.min_cost_multiple
-        self._expected_output = cfg.expected_output_tokens
         self._prices = deps.prices
         self._allowed = deps.allowed
+        self._budget_fraction = deps.budget_fraction
+        self._pressure = sorted(cfg.on_budget_pressure, key=lambda s: s.above, reverse=True)
+
+    async def _target(self, ctx: RequestContext) -> str | None:
+        if self._pressure:
+            used = await self._budget_fraction(ctx)
+            for step in self._pressure:
+                if used > step.above:
+                    return step.to
+        return self._cfg.to
 
     async def apply(self, ctx: RequestContext) -> bool:
-        if ctx.model == self._to or self._to not in self._allowed.get(ctx.team, ()):
+        target = await self._target(ctx)
+        if target is None or ctx.model == target or target not in self._allowed.get(ctx.team, ()):
             return False
-        if self._min_multiple is not None:
-            expected_output = min(ctx.max_output_tokens, self._expected_output)
-            multiple = self._prices.cost_multiple(ctx.model, self._to, ctx.prompt_tokens, expected_output)
-            if multiple < self._min_multiple:
+        if self._cfg.min_cost_multiple is not None:
+            expected_output = min(ctx.max_output_tokens, self._cfg.expected_output_tokens)
+            multiple = self._prices.cost_multiple(ctx.model, target, ctx.prompt_tokens, expected_output)
+            if multiple < self._cfg.min_cost_multiple:
                 return False
-        ctx.model = self._to
-        ctx.saved_by_policy[self._name] = 0.0  # settled from real usage once the answer is in
+        ctx.model = target
+        ctx.routed_by.append(self._name)
+        if self._cfg.fallback_to_requested:
+            ctx.fallback_to_requested = True
         return True

@@ -29,6 +29,8 @@ class Usage:
     cost_nano: int
     input_tokens: int
     output_tokens: int
+    saved_nano: int = 0
+    saved_by_policy: tuple[tuple[str, int], ...] = ()  # (policy, nano-USD) for each policy that acted
 
 
 @dataclass
@@ -37,12 +39,14 @@ class SpendLine:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_nano: int = 0
+    saved_nano: int = 0
 
     def add(self, u: Usage) -> None:
         self.requests += 1
         self.input_tokens += u.input_tokens
         self.output_tokens += u.output_tokens
         self.cost_nano += u.cost_nano
+        self.saved_nano += u.saved_nano
 
     def as_dict(self) -> dict:
         return {
@@ -50,13 +54,25 @@ class SpendLine:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "spend_usd": self.cost_nano / NANO,
+            "saved_usd": self.saved_nano / NANO,
         }
+
+
+@dataclass
+class PolicyLine:
+    requests: int = 0
+    saved_nano: int = 0
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "saved_usd": self.saved_nano / NANO}
 
 
 @dataclass
 class TeamSpend:
     total: dict[str, SpendLine] = field(default_factory=dict)  # by model
     by_day: dict[str, dict[str, SpendLine]] = field(default_factory=dict)  # day -> model -> line
+    policies: dict[str, PolicyLine] = field(default_factory=dict)  # all-time, by policy
+    policies_by_day: dict[str, dict[str, PolicyLine]] = field(default_factory=dict)
 
 
 class StoreUnavailable(Exception):
@@ -134,6 +150,12 @@ class Store(Protocol):
 
     async def add_to_limits(self, windows: list[LimitWindow], now: float) -> None:
         """Add (or with negative costs, take back) units in the current window without checking."""
+
+    async def record_arm(self, policy: str, model: str, arm: str, tokens: int) -> None:
+        """One output-token sample for a hold-out experiment (arm: treated or holdout)."""
+
+    async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """(model, arm) -> (n, sum, sum of squares) of output tokens."""
 
     async def healthy(self) -> bool: ...
 

@@ -11,6 +11,7 @@ from proxy.store.base import (
     BudgetScope,
     LimitResult,
     LimitWindow,
+    PolicyLine,
     Reservation,
     SpendLine,
     TeamSpend,
@@ -28,12 +29,30 @@ class MemoryStore:
         self._daily: dict[str, dict[str, dict[str, SpendLine]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(SpendLine))
         )
+        self._policies: dict[str, dict[str, PolicyLine]] = defaultdict(lambda: defaultdict(PolicyLine))
+        self._policies_daily: dict[str, dict[str, dict[str, PolicyLine]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(PolicyLine))
+        )
+        self._arms: dict[str, dict[tuple[str, str], list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
         self._budgets: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])  # spent, reserved
         self._windows: dict[tuple[str, str, int], float] = defaultdict(float)
 
     async def record_usage(self, usage: Usage, day: str) -> None:
         self._total[usage.team][usage.model].add(usage)
         self._daily[usage.team][day][usage.model].add(usage)
+        for policy, nano in usage.saved_by_policy:
+            for line in (self._policies[usage.team][policy], self._policies_daily[usage.team][day][policy]):
+                line.requests += 1
+                line.saved_nano += nano
+
+    async def record_arm(self, policy: str, model: str, arm: str, tokens: int) -> None:
+        stats = self._arms[policy][(model, arm)]
+        stats[0] += 1
+        stats[1] += tokens
+        stats[2] += tokens * tokens
+
+    async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
+        return {k: (v[0], v[1], v[2]) for k, v in self._arms.get(policy, {}).items()}
 
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
         out: dict[str, TeamSpend] = {}
@@ -42,6 +61,10 @@ class MemoryStore:
             if team in self._total:
                 ts.total = dict(self._total[team])
                 ts.by_day = {d: dict(self._daily[team][d]) for d in days if d in self._daily[team]}
+                ts.policies = dict(self._policies[team])
+                ts.policies_by_day = {
+                    d: dict(self._policies_daily[team][d]) for d in days if d in self._policies_daily[team]
+                }
             out[team] = ts
         return out
 

@@ -20,6 +20,7 @@ from proxy.store.base import (
     BudgetScope,
     LimitResult,
     LimitWindow,
+    PolicyLine,
     Reservation,
     SpendLine,
     StoreUnavailable,
@@ -33,14 +34,32 @@ _DAY_TTL_S = 400 * 86400
 _WINDOW_TTL_S = 180
 
 # Add one request's usage to the team's all-time and per-day totals. ARGV: model, in, out, nano-USD, TTL.
+# KEYS: spend total, spend today, savings total, savings today.
+# ARGV: model, in, out, nano-USD, TTL, saved nano-USD, then (policy, saved nano-USD) pairs.
 _RECORD = """
 for i = 1, 2 do
   redis.call('HINCRBY', KEYS[i], ARGV[1] .. '|requests', 1)
   redis.call('HINCRBY', KEYS[i], ARGV[1] .. '|in', ARGV[2])
   redis.call('HINCRBY', KEYS[i], ARGV[1] .. '|out', ARGV[3])
   redis.call('HINCRBY', KEYS[i], ARGV[1] .. '|nano', ARGV[4])
+  if ARGV[6] ~= '0' then redis.call('HINCRBY', KEYS[i], ARGV[1] .. '|saved', ARGV[6]) end
+end
+for j = 7, #ARGV, 2 do
+  for i = 3, 4 do
+    redis.call('HINCRBY', KEYS[i], ARGV[j] .. '|requests', 1)
+    redis.call('HINCRBY', KEYS[i], ARGV[j] .. '|nano', ARGV[j + 1])
+  end
 end
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+if #ARGV > 6 then redis.call('EXPIRE', KEYS[4], ARGV[5]) end
+return 1
+"""
+
+# One output-token sample of a hold-out arm. KEYS: the policy's hash. ARGV: model|arm, tokens.
+_ARM = """
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. '|n', 1)
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. '|sum', ARGV[2])
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. '|sumsq', tonumber(ARGV[2]) * tonumber(ARGV[2]))
 return 1
 """
 
@@ -131,6 +150,20 @@ def _line(h: dict[bytes, bytes]) -> dict[str, SpendLine]:
             line.output_tokens = n
         elif f == "nano":
             line.cost_nano = n
+        elif f == "saved":
+            line.saved_nano = n
+    return out
+
+
+def _policy_lines(h: dict[bytes, bytes]) -> dict[str, PolicyLine]:
+    out: dict[str, PolicyLine] = {}
+    for k, v in h.items():
+        policy, _, f = k.decode().rpartition("|")
+        line = out.setdefault(policy, PolicyLine())
+        if f == "requests":
+            line.requests = int(v)
+        elif f == "nano":
+            line.saved_nano = int(v)
     return out
 
 
@@ -197,8 +230,8 @@ class RedisStore:
             )
         else:
             self.client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        scripts = [self.client.register_script(src) for src in (_RECORD, _RESERVE, _SETTLE, _LIMITS, _ADD)]
-        self._record, self._reserve, self._settle, self._limits, self._add = scripts
+        scripts = [self.client.register_script(src) for src in (_RECORD, _RESERVE, _SETTLE, _LIMITS, _ADD, _ARM)]
+        self._record, self._reserve, self._settle, self._limits, self._add, self._arm = scripts
         # Cluster pipelines split by slot anyway; auto-pipelining is for a single Redis.
         self._pipeline = None if url.startswith("redis+cluster://") else _AutoPipeline(self.client, scripts)
 
@@ -213,7 +246,7 @@ class RedisStore:
     async def prepare(self) -> None:
         """Load the Lua scripts on every primary up front, so no request takes the NOSCRIPT path."""
         try:
-            for script in (self._record, self._reserve, self._settle, self._limits, self._add):
+            for script in (self._record, self._reserve, self._settle, self._limits, self._add, self._arm):
                 await self.client.script_load(script.script)
         except (RedisError, OSError) as e:
             raise StoreUnavailable(str(e)) from e
@@ -222,8 +255,15 @@ class RedisStore:
         return f"{self._prefix}:{{t:{team}}}:{suffix}"
 
     async def record_usage(self, usage: Usage, day: str) -> None:
-        keys = [self.team_key(usage.team, "spend:total"), self.team_key(usage.team, f"spend:{day}")]
-        args = [usage.model, usage.input_tokens, usage.output_tokens, usage.cost_nano, _DAY_TTL_S]
+        keys = [
+            self.team_key(usage.team, "spend:total"),
+            self.team_key(usage.team, f"spend:{day}"),
+            self.team_key(usage.team, "savings:total"),
+            self.team_key(usage.team, f"savings:{day}"),
+        ]
+        args = [usage.model, usage.input_tokens, usage.output_tokens, usage.cost_nano, _DAY_TTL_S, usage.saved_nano]
+        for policy, nano in usage.saved_by_policy:
+            args += [policy, nano]
         await self._run(self._record, keys, args)
 
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
@@ -231,21 +271,39 @@ class RedisStore:
             async with self.client.pipeline(transaction=False) as p:
                 for team in teams:
                     p.hgetall(self.team_key(team, "spend:total"))
+                    p.hgetall(self.team_key(team, "savings:total"))
                     for d in days:
                         p.hgetall(self.team_key(team, f"spend:{d}"))
+                        p.hgetall(self.team_key(team, f"savings:{d}"))
                 results = await p.execute()
         except (RedisError, OSError) as e:
             raise StoreUnavailable(str(e)) from e
         out: dict[str, TeamSpend] = {}
         it = iter(results)
         for team in teams:
-            ts = TeamSpend(total=_line(next(it)))
+            ts = TeamSpend(total=_line(next(it)), policies=_policy_lines(next(it)))
             for d in days:
-                day = _line(next(it))
+                day, day_policies = _line(next(it)), _policy_lines(next(it))
                 if day:
                     ts.by_day[d] = day
+                if day_policies:
+                    ts.policies_by_day[d] = day_policies
             out[team] = ts
         return out
+
+    async def record_arm(self, policy: str, model: str, arm: str, tokens: int) -> None:
+        await self._run(self._arm, [f"{self._prefix}:{{p:{policy}}}:holdout"], [f"{model}|{arm}", tokens])
+
+    async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
+        try:
+            raw = await self.client.hgetall(f"{self._prefix}:{{p:{policy}}}:holdout")
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(str(e)) from e
+        stats: dict[tuple[str, str], list[int]] = {}
+        for k, v in raw.items():
+            model, arm, f = k.decode().rsplit("|", 2)
+            stats.setdefault((model, arm), [0, 0, 0])[("n", "sum", "sumsq").index(f)] = int(v)
+        return {k: (v[0], v[1], v[2]) for k, v in stats.items()}
 
     def _budget_key(self, scope: BudgetScope) -> str:
         return self.team_key(scope.team, f"budget:{scope.name}:{scope.period}")

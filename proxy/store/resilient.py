@@ -102,6 +102,18 @@ class FailurePolicyStore:
         except StoreUnavailable:
             pass  # a rate-limit counter missed while the store is down is not money
 
+    async def record_arm(self, policy: str, model: str, arm: str, tokens: int) -> None:
+        if self.journal:
+            self._journal("record_arm", (policy, model, arm, tokens), StoreUnavailable("journal"))
+            return
+        try:
+            await self.inner.record_arm(policy, model, arm, tokens)
+        except StoreUnavailable as e:
+            self._journal("record_arm", (policy, model, arm, tokens), e)
+
+    async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
+        return await self.inner.arm_stats(policy)
+
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
         return await self.inner.spend(teams, days)
 

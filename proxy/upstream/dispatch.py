@@ -62,6 +62,9 @@ class Dispatcher:
 
     async def _with_fallbacks(self, ctx: RequestContext, call: Callable[[Upstream], Awaitable[T]]) -> T:
         chain = self._chain[ctx.model]
+        requested = ctx.model_requested
+        if ctx.fallback_to_requested and requested not in chain and requested in self._upstreams:
+            chain = [*chain, requested]
         last: ProxyError | None = None
         for i, name in enumerate(chain):
             upstream = self._upstreams[name]

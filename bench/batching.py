@@ -1,0 +1,318 @@
+"""Micro-batching throughput: clients through the proxy to the naive reference backend, batching off
+(requests forwarded concurrently; the backend runs them one at a time) versus on.
+
+Two workloads: completions from the tiny random-weight Llama (~21M parameters, 32 new tokens, one torch
+thread) and embeddings from MiniLM (one input per request). For each, closed-loop clients at concurrency
+1, 8, 25, 64; each run warms up until every client has had an answer, then measures a window of at least
+`--seconds` (longer when latencies are long, at most `--max-window`). Also the direct ceiling: the model
+called in-process with one batch of 25 versus 25 calls of one, so the ratio has context.
+
+Usage: .venv/bin/python -m bench.batching [--seconds 10] [--max-window 60] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-bench"
+CONCURRENCY = (1, 8, 25, 64)
+C1_ROUNDS = 4
+# Per model: a few percent of a call under load (a tiny-Llama call of 25 takes seconds, a MiniLM one
+# tens of milliseconds); a steady load leaves as soon as the last call's clients are back anyway.
+MAX_WAIT_MS = {"llm": 50, "emb": 10}
+NEW_TOKENS = 32
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _wait(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            try:
+                async with s.get(url) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)  # polling a port that is not open yet
+    raise TimeoutError(url)
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def _policy(backend_url: str) -> str:
+    ref = f"api_base: {backend_url}/v1"
+    batching = "batching: {max_batch_size: 64, max_wait_ms: %d, mode: %s}"
+    return textwrap.dedent(
+        f"""\
+        version: 1
+        models:
+          llm-off:
+            {ref}
+            upstream_model: tiny-llama
+            mode: completion
+            price: {{input_per_mtok: 0.05, output_per_mtok: 0.05}}
+          llm-on:
+            {ref}
+            upstream_model: tiny-llama
+            mode: completion
+            price: {{input_per_mtok: 0.05, output_per_mtok: 0.05}}
+            {batching % (MAX_WAIT_MS["llm"], "completions")}
+          emb-off:
+            {ref}
+            upstream_model: all-MiniLM-L6-v2
+            mode: embedding
+            price: {{input_per_mtok: 0.01}}
+          emb-on:
+            {ref}
+            upstream_model: all-MiniLM-L6-v2
+            mode: embedding
+            price: {{input_per_mtok: 0.01}}
+            {batching % (MAX_WAIT_MS["emb"], "embeddings")}
+        teams:
+          bench:
+            keys: [sha256:{hashlib.sha256(KEY.encode()).hexdigest()}]
+        """
+    )
+
+
+def _llm_body(model: str, i: int) -> bytes:
+    prompt = f"Request {i}: write a few words about the number {i * 7919 % 1000}."
+    return orjson.dumps({"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0})
+
+
+def _emb_body(model: str, i: int) -> bytes:
+    text = f"Sentence {i} about how batching many small requests into one call raises throughput."
+    return orjson.dumps({"model": model, "input": text})
+
+
+WORKLOADS = {"llm": ("/v1/completions", _llm_body), "emb": ("/v1/embeddings", _emb_body)}
+
+
+async def _metric(session: aiohttp.ClientSession, url: str, name: str, model: str) -> float:
+    async with session.get(url + "/metrics") as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def _run(proxy_url: str, workload: str, model: str, conc: int, seconds: float, max_window: float) -> dict:
+    """Closed-loop clients; warm up until each has an answer, then measure one window."""
+    path, body_for = WORKLOADS[workload]
+    done: list[tuple[float, float]] = []  # (finished at, latency)
+    answered = [0] * conc
+    stop = asyncio.Event()
+    counter = iter(range(10**9))
+    connector = aiohttp.TCPConnector(limit=conc)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def client(k: int) -> None:
+            while not stop.is_set():
+                body = body_for(model, next(counter))
+                t0 = time.perf_counter()
+                async with session.post(proxy_url + path, data=body, headers=AUTH) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
+                t1 = time.perf_counter()
+                done.append((t1, t1 - t0))
+                answered[k] += 1
+
+        tasks = [asyncio.create_task(client(k)) for k in range(conc)]
+        batches0 = await _metric(session, proxy_url, "llm_proxy_batch_size_count", model)
+        rows0 = await _metric(session, proxy_url, "llm_proxy_batch_size_sum", model)
+        wait0 = await _metric(session, proxy_url, "llm_proxy_batch_queue_wait_seconds_sum", model)
+        waits0 = await _metric(session, proxy_url, "llm_proxy_batch_queue_wait_seconds_count", model)
+        while not all(answered) and not any(t.done() for t in tasks):
+            await asyncio.sleep(0.05)
+        warm = max(lat for _, lat in done)
+        t_start = time.perf_counter()
+        window = min(max_window, max(seconds, 2 * warm))
+        await asyncio.sleep(window)
+        t_end = time.perf_counter()
+        stop.set()
+        batches = await _metric(session, proxy_url, "llm_proxy_batch_size_count", model) - batches0
+        rows = await _metric(session, proxy_url, "llm_proxy_batch_size_sum", model) - rows0
+        wait = await _metric(session, proxy_url, "llm_proxy_batch_queue_wait_seconds_sum", model) - wait0
+        waits = await _metric(session, proxy_url, "llm_proxy_batch_queue_wait_seconds_count", model) - waits0
+        await asyncio.gather(*tasks)
+    lat = [latency for finished, latency in done if t_start <= finished <= t_end]
+    return {"lat": lat, "window_s": t_end - t_start, "batches": batches, "rows": rows, "wait": wait, "waits": waits}
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Pooled over runs (concurrency 1 alternates off and on in short rounds, so drift hits both)."""
+    lat = sorted(x for r in runs for x in r["lat"])
+    window = sum(r["window_s"] for r in runs)
+    batches, rows = sum(r["batches"] for r in runs), sum(r["rows"] for r in runs)
+    waits, wait = sum(r["waits"] for r in runs), sum(r["wait"] for r in runs)
+    return {
+        "n": len(lat),
+        "rps": len(lat) / window,
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000,
+        "mean_batch": rows / batches if batches else 0.0,
+        "mean_wait_ms": wait / waits * 1000 if waits else 0.0,
+        "window_s": window,
+    }
+
+
+def _ceiling(batch: int = 25) -> dict[str, tuple[float, float]]:
+    """The models called in-process: one batch of `batch` versus `batch` calls of one (seconds)."""
+    import torch
+
+    from proxy.reference_backend import Embedder, Generator, minilm_path, tiny_causal_lm
+
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_causal_lm()
+    gen = Generator(model, tokenizer, "tiny-llama")
+    prompts = [gen.encode(orjson.loads(_llm_body("m", i))["prompt"]) for i in range(batch)]
+    gen.generate(prompts[:1], [NEW_TOKENS], 0.0, 1.0, None)  # warm up
+    t0 = time.perf_counter()
+    for p in prompts:
+        gen.generate([p], [NEW_TOKENS], 0.0, 1.0, None)
+    t1 = time.perf_counter()
+    gen.generate(prompts, [NEW_TOKENS] * batch, 0.0, 1.0, None)
+    t2 = time.perf_counter()
+    emb = Embedder(str(minilm_path()), "minilm")
+    texts = [orjson.loads(_emb_body("m", i))["input"] for i in range(batch)]
+    emb.embed(texts[:1])
+    t3 = time.perf_counter()
+    for t in texts:
+        emb.embed([t])
+    t4 = time.perf_counter()
+    emb.embed(texts)
+    t5 = time.perf_counter()
+    return {"llm": (t1 - t0, t2 - t1), "emb": (t4 - t3, t5 - t4)}
+
+
+async def main_async(seconds: float, max_window: float, write: bool) -> None:
+    print("direct ceiling (in-process, batch of 25 vs 25 × 1) ...", flush=True)
+    ceiling = _ceiling()
+    backend_port, proxy_port = _free_port(), _free_port()
+    backend_url, proxy_url = f"http://127.0.0.1:{backend_port}", f"http://127.0.0.1:{proxy_port}"
+    backend = _spawn(["reference-backend", "--tiny", "--torch-threads", "1", "--port", str(backend_port)])
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(_policy(backend_url))
+        config = f.name
+    proxy = _spawn(["serve", "--config", config, "--port", str(proxy_port), "--log-level", "warning"])
+    results: dict[str, list[dict[str, Any]]] = {"llm": [], "emb": []}
+    try:
+        await _wait(backend_url + "/healthz", backend)
+        await _wait(proxy_url + "/healthz", proxy)
+        for workload in ("emb", "llm"):
+            for conc in CONCURRENCY:
+                row: dict[str, Any] = {"concurrency": conc}
+                rounds = C1_ROUNDS if conc == 1 else 1
+                runs: dict[str, list[dict]] = {"off": [], "on": []}
+                for _ in range(rounds):
+                    for mode in ("off", "on"):
+                        model = f"{workload}-{mode}"
+                        runs[mode].append(await _run(proxy_url, workload, model, conc, seconds / rounds, max_window))
+                for mode in ("off", "on"):
+                    res = row[mode] = _summary(runs[mode])
+                    print(
+                        f"{workload} c={conc} batching {mode}: {res['rps']:.2f} req/s, p50 {res['p50_ms']:.1f} ms, "
+                        f"p99 {res['p99_ms']:.1f} ms, mean batch {res['mean_batch']:.1f} "
+                        f"({res['n']} requests in {res['window_s']:.1f} s)",
+                        flush=True,
+                    )
+                results[workload].append(row)
+    finally:
+        for p in (proxy, backend):
+            p.terminate()
+        for p in (proxy, backend):
+            p.wait(10)
+        os.unlink(config)
+
+    lines: list[str] = []
+    titles = {
+        "llm": f"Completions, tiny random-weight Llama (~21M parameters), {NEW_TOKENS} new tokens, one torch thread",
+        "emb": "Embeddings, all-MiniLM-L6-v2, one input per request, one torch thread",
+    }
+    for workload in ("llm", "emb"):
+        seq, batched = ceiling[workload]
+        lines += [
+            f"{titles[workload]}:",
+            "",
+            "| concurrency | off req/s | on req/s | throughput on/off | off p50 / p99 ms | on p50 / p99 ms "
+            "| mean batch (on) | mean queue wait (on) ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results[workload]:
+            off, on = r["off"], r["on"]
+            lines.append(
+                f"| {r['concurrency']} | {off['rps']:.2f} | {on['rps']:.2f} | {on['rps'] / off['rps']:.2f}x "
+                f"| {off['p50_ms']:.1f} / {off['p99_ms']:.1f} | {on['p50_ms']:.1f} / {on['p99_ms']:.1f} "
+                f"| {on['mean_batch']:.1f} | {on['mean_wait_ms']:.2f} |"
+            )
+        c1 = results[workload][0]
+        lines += [
+            "",
+            f"Added p50 at concurrency 1 (on − off): {c1['on']['p50_ms'] - c1['off']['p50_ms']:+.2f} ms "
+            f"(the batcher's own queue wait there: {c1['on']['mean_wait_ms']:.3f} ms).",
+            f"Direct ceiling, in-process: 25 calls of one {seq:.2f} s, one batch of 25 {batched:.2f} s: "
+            f"{seq / batched:.2f}x.",
+            "",
+        ]
+    table = "\n".join(lines)
+    print(table)
+    if write:
+        header = (
+            f"\n## Micro-batching — {time.strftime('%Y-%m-%d')} — {platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()} (`python -m bench.batching --seconds {seconds:g} "
+            f"--max-window {max_window:g}`)\n\n"
+            "Closed-loop clients through one proxy worker to `llm-numbers-proxy reference-backend --tiny` (one "
+            "call at a time, one forward batch per call); batching off forwards the requests concurrently, on "
+            f"uses `batching: {{max_batch_size: 64, max_wait_ms: {MAX_WAIT_MS['llm']} (completions) or "
+            f"{MAX_WAIT_MS['emb']} (embeddings)}}`. Load generator, proxy and backend share the machine's cores; "
+            "each run warms up until every client has an answer, then measures one window (concurrency 1: "
+            f"{C1_ROUNDS} alternating rounds of off and on, pooled).\n\n"
+        )
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(header + table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=10.0, help="shortest measurement window per run")
+    ap.add_argument("--max-window", type=float, default=60.0, help="longest measurement window per run")
+    ap.add_argument("--write", action="store_true", help="append the tables to bench/RESULTS.md")
+    args = ap.parse_args()
+    asyncio.run(main_async(args.seconds, args.max_window, args.write))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""`llm-numbers-proxy kb load | calibrate`: fill a collection from a JSONL/YAML file through a running
+proxy's admin API, and pick the similarity threshold (and margin) that meets a target precision."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+_CHUNK = 2000
+
+
+def _post(url: str, key: str, entries: list) -> dict:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps({"entries": entries}).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {e.code}"
+        raise RuntimeError(message) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(f"cannot reach the proxy at {url}: {getattr(e, 'reason', e)}") from None
+
+
+def cmd_kb_load(args: argparse.Namespace) -> int:
+    from proxy.retrieval.entries import EntryError, parse_entries, read_entries_file
+
+    key = args.key or os.environ.get("LLM_PROXY_MASTER_KEY")
+    if not key:
+        print("kb load needs the master key: --key or LLM_PROXY_MASTER_KEY", file=sys.stderr)
+        return 1
+    try:
+        objs, where = read_entries_file(args.file)
+        parse_entries(objs, where=where)  # every error before anything is sent
+    except EntryError as e:
+        for problem in str(e).split("; "):
+            print(problem, file=sys.stderr)
+        print("nothing was loaded", file=sys.stderr)
+        return 1
+    url = f"{args.url.rstrip('/')}/admin/kb/{args.collection}"
+    loaded = 0
+    for start in range(0, len(objs), _CHUNK):
+        try:
+            result = _post(url, key, objs[start : start + _CHUNK])
+        except RuntimeError as e:
+            print(f"{args.file}: {e}", file=sys.stderr)
+            if loaded:
+                print(f"{loaded} entries were loaded before the error; loading again is safe", file=sys.stderr)
+            return 1
+        loaded += result["upserted"]
+    print(f"{args.file}: {loaded} entries loaded into '{args.collection}' (version {result['version']})")
+    return 0
+
+
+def cmd_kb_calibrate(args: argparse.Namespace) -> int:
+    from proxy.retrieval.calibrate import PairsError, calibrate, read_pairs
+    from proxy.retrieval.embedders import EmbedderDown, LocalModel
+
+    try:
+        pairs = read_pairs(args.pairs, args.min_score)
+    except PairsError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.limit:
+        pairs = pairs[: args.limit]
+    model = LocalModel(args.model)
+    try:
+        model.load_blocking()
+    except EmbedderDown as e:
+        print(e, file=sys.stderr)
+        return 1
+    result, _, _ = calibrate(pairs, model.encode_blocking, args.target_precision)
+    report = result.as_dict()
+    if args.format == "json":
+        print(json.dumps(report, indent=2, default=float))
+        return 0
+    print(f"{result.pairs} pairs, {result.equivalent} equivalent; target precision {args.target_precision:.3f}")
+    for label, q in (("cosine threshold only", result.threshold_only), ("guarded matcher", result.guarded)):
+        if q.threshold is None:
+            print(f"{label:<22} no threshold reaches the target on these pairs")
+            continue
+        print(
+            f"{label:<22} min_similarity {q.threshold:.4f}  precision {q.precision:.3f}  recall {q.recall:.3f}  "
+            f"false hits {q.false_hit_rate:.4f}  ({q.hits} hits)"
+        )
+    c = result.cache
+    print(
+        f"min_margin {result.margin:.3f}: cache simulation {c.correct} correct, {c.wrong} wrong, "
+        f"{c.unlabelled} unlabelled, {c.misses} misses (precision {c.precision:.3f})"
+    )
+    if result.guarded.threshold is not None:
+        print(
+            f"recall cost: {1 - result.guarded.recall:.1%} of equivalent pairs go upstream at this setting\n"
+            f"policy: retrieve: {{min_similarity: {result.guarded.threshold:.4f}, min_margin: {result.margin}}}"
+        )
+    return 0
+
+
+def add_kb_parser(sub: argparse._SubParsersAction) -> None:
+    kb = sub.add_parser("kb", help="knowledge-base collections: load entries, calibrate thresholds")
+    kb_sub = kb.add_subparsers(dest="kb_command", required=True)
+
+    load = kb_sub.add_parser("load", help="upsert the entries of a JSONL or YAML file through a running proxy")
+    load.add_argument("file")
+    load.add_argument("--collection", required=True)
+    default_url = f"http://127.0.0.1:{os.environ.get('LLM_PROXY_PORT', '4000')}"
+    load.add_argument("--url", default=os.environ.get("LLM_PROXY_URL", default_url), help="the proxy's base URL")
+    load.add_argument("--key", help="the master key (default: $LLM_PROXY_MASTER_KEY)")
+    load.set_defaults(fn=cmd_kb_load)
+
+    cal = kb_sub.add_parser("calibrate", help="pick min_similarity/min_margin for a target precision")
+    cal.add_argument("--pairs", required=True, help="labelled pairs: CSV a,b,score | TSV score,a,b | JSONL")
+    cal.add_argument("--target-precision", type=float, default=0.97)
+    cal.add_argument("--min-score", type=float, default=4.0, help="a scored pair is equivalent at this score")
+    cal.add_argument("--model", help="a sentence-transformers folder (default: the packaged all-MiniLM-L6-v2)")
+    cal.add_argument("--limit", type=int, help="use only the first N pairs")
+    cal.add_argument("--format", choices=["table", "json"], default="table")
+    cal.set_defaults(fn=cmd_kb_calibrate)

@@ -1,0 +1,135 @@
+"""The `concise` action: ask for shorter answers ("Be concise." saves 40–90% of output tokens) and
+measure what it really saves with a hold-out arm.
+
+A deterministic fraction of requests (by a hash of the request id) is left untouched; output tokens
+of both arms are recorded per policy and model. Once both arms have `min_samples`, the realised
+saving (treated vs hold-out mean, with its confidence interval) prices the saved USD of treated
+requests: the output tokens they would have used, at the requested model's output price.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from proxy import metrics
+from proxy.config.policies import ConciseAction
+from proxy.pipeline import Endpoint, RequestContext
+from proxy.savings import ArmStats, SavingEstimate, realised_saving
+
+TREATED = "treated"
+HOLDOUT = "holdout"
+_STATS_TTL_S = 5.0
+_MESSAGE_FRAMING_TOKENS = 4
+
+
+def holdout_bucket(request_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the request id."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _contains(content: Any, text: str) -> bool:
+    if isinstance(content, str):
+        return text in content
+    if isinstance(content, list):
+        return any(isinstance(p, dict) and text in str(p.get("text", "")) for p in content)
+    return False
+
+
+def _appended(content: Any, text: str) -> Any:
+    if isinstance(content, list):
+        return [*content, {"type": "text", "text": text}]
+    if not content:
+        return text
+    return f"{content}\n\n{text}"
+
+
+class Concise:
+    def __init__(self, cfg: ConciseAction, name: str, deps: Any):
+        self.cfg = cfg
+        self.name = name
+        self._prices = deps.prices
+        self._store = deps.store
+        self._tokens = deps.tokens
+        self._opt_out = cfg.opt_out_header.lower() if cfg.opt_out_header else None
+        self._estimates: dict[str, tuple[float, SavingEstimate | None]] = {}
+
+    def _skip(self, ctx: RequestContext) -> bool:
+        body = ctx.body
+        if ctx.endpoint != Endpoint.CHAT:
+            return True
+        fmt = body.get("response_format")
+        if self.cfg.skip_json and isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+            return True
+        if self.cfg.skip_tools and (body.get("tools") or body.get("functions")):
+            return True
+        return bool(self._opt_out and ctx.headers.get(self._opt_out))
+
+    async def apply(self, ctx: RequestContext) -> bool:
+        if self._skip(ctx):
+            return False
+        if holdout_bucket(ctx.request_id) < self.cfg.holdout:
+            ctx.experiments[self.name] = HOLDOUT
+            ctx.extra_headers.append((b"x-llm-proxy-holdout", self.name.encode()))
+            return True
+        ctx.experiments[self.name] = TREATED
+        if self._inject(ctx):
+            ctx.prompt_tokens += self._tokens.counter(ctx.model).text(self.cfg.instruction) + _MESSAGE_FRAMING_TOKENS
+        if self.cfg.max_tokens and not (ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")):
+            ctx.body["max_tokens"] = self.cfg.max_tokens
+        return True
+
+    def _inject(self, ctx: RequestContext) -> bool:
+        """Add the instruction once, in its place; False when it is already there."""
+        text = self.cfg.instruction
+        messages: list[dict[str, Any]] = ctx.body["messages"]
+        if any(_contains(m.get("content"), text) for m in messages):
+            return False
+        placement = self.cfg.placement
+        if placement == "append_system":
+            for i, m in enumerate(messages):
+                if m.get("role") in ("system", "developer"):
+                    messages[i] = {**m, "content": _appended(m.get("content"), text)}
+                    return True
+            placement = "system"
+        if placement == "user":
+            for i in range(len(messages) - 1, -1, -1):
+                if messages[i].get("role") == "user":
+                    messages[i] = {**messages[i], "content": _appended(messages[i].get("content"), text)}
+                    return True
+        messages.insert(0, {"role": "system", "content": text})
+        return True
+
+    async def estimate(self, model: str) -> SavingEstimate | None:
+        """The realised saving for `model`, refreshed from the store at most every few seconds."""
+        now = time.monotonic()
+        cached = self._estimates.get(model)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        stats = await self._store.arm_stats(self.name)
+        estimate = None
+        treated, holdout = stats.get((model, TREATED)), stats.get((model, HOLDOUT))
+        if treated and holdout and min(treated[0], holdout[0]) >= self.cfg.min_samples:
+            estimate = realised_saving(ArmStats(*treated), ArmStats(*holdout))
+        self._estimates[model] = (now + _STATS_TTL_S, estimate)
+        return estimate
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        if ctx.experiments.get(self.name) != TREATED or ctx.error is not None or not ctx.output_tokens:
+            return
+        estimate = await self.estimate(ctx.answered_by or ctx.model)
+        if estimate is None or estimate.ratio <= 0 or estimate.saving <= 0:
+            return
+        extra_tokens = ctx.output_tokens / estimate.ratio - ctx.output_tokens
+        requested = ctx.model_requested if self._prices.is_known(ctx.model_requested) else ctx.model
+        ctx.saved_by_policy[self.name] = extra_tokens * self._prices.price(requested).output_per_token
+
+    async def on_settle(self, ctx: RequestContext) -> None:
+        arm = ctx.experiments.get(self.name)
+        if arm is None or ctx.error is not None or ctx.cancelled or not ctx.output_tokens:
+            return
+        model = ctx.answered_by or ctx.model
+        metrics.CONCISE_OUTPUT_TOKENS.labels(self.name, model, arm).observe(ctx.output_tokens)
+        await self._store.record_arm(self.name, model, arm, ctx.output_tokens)

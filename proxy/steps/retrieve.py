@@ -1,0 +1,263 @@
+"""The `retrieve` action: answer a lookup question from a collection (knowledge base or semantic
+cache) instead of generating, when the guarded matcher is sure and the saving is worth it; and
+`SettleRetrieval`, which prices the lookup, stores cacheable upstream answers and accounts for the
+embeddings a request made.
+
+A hit answers with a normal chat.completion (streamed as SSE when asked) whose usage is zero: no
+model processed tokens. Its cost is the embedding cost; its saving the generation cost of the same
+answer on the requested model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy import metrics
+from proxy.config.policies import RetrieveAction
+from proxy.pipeline import Endpoint, RequestContext
+from proxy.store.base import StoreUnavailable, Usage, to_nano, utc_day
+
+log = logging.getLogger("llm_proxy.retrieval")
+
+
+@dataclass(slots=True, eq=False)
+class Lookup:
+    """One retrieve policy's lookup for one request, read back when the request settles."""
+
+    policy: str
+    collection: Any  # proxy.retrieval.collection.Collection
+    query: Any  # proxy.retrieval.query.RetrievalQuery
+    fill: bool  # store the upstream's answer when it comes
+    vector: Any = None
+    identity: str | None = None
+    hit: bool = False
+    cost: float = 0.0
+
+
+def _answerable(body: dict[str, Any]) -> bool:
+    """Only plain text answers can come from an entry: no tools, no structured output, one choice."""
+    if body.get("n") not in (None, 1) or body.get("tools") or body.get("functions") or body.get("logprobs"):
+        return False
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return False
+    modalities = body.get("modalities")
+    return not (isinstance(modalities, list) and any(m != "text" for m in modalities))
+
+
+class Retrieve:
+    def __init__(self, cfg: RetrieveAction, name: str, deps: Any):
+        from proxy.retrieval.matcher import Matcher
+
+        self._cfg = cfg
+        self._name = name
+        self._prices = deps.prices
+        self._tokens = getattr(deps, "tokens", None)
+        self._retrieval = deps.extras.get("retrieval")  # RetrievalRuntime, or None (explain, replay)
+        self._matcher = Matcher(cfg.min_similarity, cfg.min_margin, cfg.decisive_tokens)
+
+    def _count(self, result: str) -> None:
+        metrics.RETRIEVAL_LOOKUPS.labels(self._cfg.collection, self._name, result).inc()
+
+    async def apply(self, ctx: RequestContext) -> bool:
+        retrieval = self._retrieval
+        if retrieval is None or ctx.dry_run or ctx.endpoint != Endpoint.CHAT:
+            return False
+        from proxy.retrieval.collection import NotReady
+        from proxy.retrieval.embedders import EmbedderDown, embed_for_request
+        from proxy.retrieval.guards import analyse
+        from proxy.retrieval.matcher import HIT
+        from proxy.retrieval.query import query_from_chat
+
+        collection = retrieval.collections.get(self._cfg.collection)
+        if collection is None:
+            return False
+        if not _answerable(ctx.body):
+            self._count("unsupported")
+            return False
+        query = query_from_chat(ctx.body, self._cfg.system_prompt)
+        if query is None:
+            self._count("unsupported")
+            return False
+        lookup = Lookup(self._name, collection, query, fill=self._cfg.cache)
+        if ctx.retrieval is None:
+            ctx.retrieval = []
+        ctx.retrieval.append(lookup)
+        now = time.time()
+        exact = collection.exact(ctx.team, query, now)
+        if exact is not None:  # the fast path: no embedding at all
+            return self._answer(ctx, lookup, exact.entry, 1.0, "exact_hit")
+        embedder = collection.embedder
+        if self._cfg.min_cost_multiple is not None and not self._worth_it(ctx, retrieval, embedder, query.text):
+            lookup.fill = False
+            self._count("not_worth_it")
+            return False
+        if not collection.ready:
+            self._count("not_ready")
+            return False
+        try:
+            vector = await embed_for_request(ctx, embedder, query.text)
+        except EmbedderDown as e:
+            log.debug("collection %s: embedder down: %s", collection.name, e)
+            self._count("embedder_down")
+            return False
+        lookup.vector, lookup.identity = vector, embedder.identity
+        try:
+            match = collection.search(ctx.team, query.context, vector, now)
+        except NotReady:
+            self._count("not_ready")
+            return False
+        if match is None:
+            self._count("miss")
+            return False
+        metrics.RETRIEVAL_SIMILARITY.labels(collection.name).observe(max(0.0, match.similarity))
+        verdict = self._matcher.judge(match.similarity, match.margin, analyse(query.text), match.facts)
+        if verdict != HIT:
+            self._count(verdict)
+            return False
+        return self._answer(ctx, lookup, match.entry, match.similarity, "hit")
+
+    def _worth_it(self, ctx: RequestContext, retrieval: Any, embedder: Any, text: str) -> bool:
+        lookup_cost = retrieval.price_per_token(embedder) * retrieval.count_tokens(text)
+        if lookup_cost <= 0:
+            return True
+        output = min(ctx.max_output_tokens, self._cfg.expected_output_tokens)
+        generation = self._prices.cost(ctx.model, ctx.prompt_tokens, output)
+        return generation >= self._cfg.min_cost_multiple * lookup_cost
+
+    def _answer(self, ctx: RequestContext, lookup: Lookup, entry: Any, similarity: float, result: str) -> bool:
+        lookup.hit = True
+        lookup.cost = ctx.embeddings.cost() if ctx.embeddings is not None else 0.0
+        requested = ctx.model_requested or ctx.model
+        answer_tokens = self._tokens.counter(requested).text(entry.answer) if self._tokens else len(entry.answer) // 4
+        counterfactual = self._prices.cost(requested, ctx.prompt_tokens, answer_tokens)
+        ctx.saved_by_policy[self._name] = max(0.0, counterfactual - lookup.cost)
+        ctx.route = "retrieval"
+        ctx.answer = {
+            "id": f"chatcmpl-{ctx.request_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": requested,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": entry.answer, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "system_fingerprint": "llm-numbers-proxy-retrieval",
+        }
+        ctx.extra_headers.append(
+            (
+                b"x-llm-proxy-retrieval",
+                f"collection={lookup.collection.name}; entry={entry.id}; similarity={similarity:.4f}".encode(),
+            )
+        )
+        if entry.source:
+            ctx.extra_headers.append((b"x-llm-proxy-retrieval-source", entry.source.encode("utf-8", "replace")))
+        self._count(result)
+        return True
+
+
+def _reply_answer(reply: Any) -> str | None:
+    """The text of a single, complete, plain upstream answer (parsed JSON or relayed SSE events)."""
+    if isinstance(reply, dict):
+        choices = reply.get("choices")
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            return None
+        choice = choices[0]
+        message = choice.get("message")
+        if choice.get("finish_reason") != "stop" or not isinstance(message, dict) or message.get("tool_calls"):
+            return None
+        content = message.get("content")
+        return content if isinstance(content, str) and content.strip() else None
+    if isinstance(reply, list):
+        parts: list[str] = []
+        finished = False
+        for event in reply:
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                    continue
+                try:
+                    data = orjson.loads(line[5:])
+                except orjson.JSONDecodeError:
+                    return None
+                for choice in data.get("choices") or ():
+                    if choice.get("index", 0) != 0:
+                        return None
+                    delta = choice.get("delta") or {}
+                    if delta.get("tool_calls"):
+                        return None
+                    if isinstance(delta.get("content"), str):
+                        parts.append(delta["content"])
+                    if choice.get("finish_reason") is not None:
+                        finished = choice["finish_reason"] == "stop"
+        text = "".join(parts)
+        return text if finished and text.strip() else None
+    return None
+
+
+class SettleRetrieval:
+    """After the answer: price a retrieval hit, fill caches, account for the embeddings made."""
+
+    def __init__(self, store: Any, budget: Any):
+        self._store = store
+        self._budget = budget
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        if ctx.route == "retrieval" and ctx.retrieval:
+            for lookup in ctx.retrieval:
+                if lookup.hit:
+                    ctx.cost = lookup.cost  # the embedding; nothing was generated
+
+    async def on_settle(self, ctx: RequestContext) -> None:
+        if ctx.embeddings is not None and ctx.embeddings.calls and ctx.team is not None:
+            await self._account_embeddings(ctx)
+        if ctx.retrieval and ctx.route != "retrieval":
+            for lookup in ctx.retrieval:
+                if lookup.fill and lookup.vector is not None:
+                    await self._fill(ctx, lookup)
+
+    async def _account_embeddings(self, ctx: RequestContext) -> None:
+        calls = ctx.embeddings.calls
+        total = sum(c.cost for c in calls)
+        if total > 0 and self._budget is not None:
+            scopes = [s for s, _ in self._budget.scopes(ctx, time.time())]
+            if scopes:
+                await self._store.settle_budget(scopes, 0, to_nano(total))
+        if ctx.route == "retrieval":
+            return  # a hit's cost is the embedding: recorded with the request itself
+        for call in calls:
+            if call.embedder == "local" and not call.cost:
+                continue
+            metrics.TOKENS.labels(ctx.team, call.embedder, "input").inc(call.tokens)
+            metrics.SPEND.labels(ctx.team, call.embedder).inc(call.cost)
+            try:
+                await self._store.record_usage(
+                    Usage(ctx.team, call.embedder, to_nano(call.cost), call.tokens, 0), utc_day()
+                )
+            except StoreUnavailable as e:
+                log.error("could not record embedding spend for team %s: %s", ctx.team, e)
+
+    async def _fill(self, ctx: RequestContext, lookup: Lookup) -> None:
+        name = lookup.collection.name
+        if ctx.status != 200 or ctx.error is not None or ctx.cancelled:
+            return
+        answer = _reply_answer(ctx.reply)
+        if answer is None:
+            metrics.RETRIEVAL_CACHE_FILLS.labels(name, "not_cacheable").inc()
+            return
+        try:
+            stored = await lookup.collection.remember(lookup.query, ctx.team, lookup.vector, answer, lookup.identity)
+        except StoreUnavailable as e:
+            log.warning("cache %s: could not store an answer: %s", name, e)
+            metrics.RETRIEVAL_CACHE_FILLS.labels(name, "error").inc()
+            return
+        metrics.RETRIEVAL_CACHE_FILLS.labels(name, "stored" if stored else "skipped").inc()

@@ -1,0 +1,364 @@
+"""Retrieval through real servers: proxies as subprocesses with the local all-MiniLM-L6-v2 embedder
+(loaded once per proxy process), a real Redis shared by two proxies, a dedicated mock upstream whose
+call counts prove which requests reached it, and the openai SDK as the client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    MASTER_KEY,
+    REDIS_URL,
+    ROOT,
+    MockUpstream,
+    Server,
+    client_for,
+    free_port,
+    policy_yaml,
+    start_process,
+    wait_until_serving,
+)
+
+ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+RETRIEVAL = """
+collections:
+  faq: {kind: kb}
+  answers: {kind: cache, ttl_s: 600}
+tasks:
+  weather: {examples: ["Will it rain tomorrow?", "What is the weather forecast for the weekend?"], min_similarity: 0.6}
+policies:
+  - name: no-weather
+    when: {task: weather}
+    reject: {message: "Ask the weather service.", status: 403}
+  - name: faq
+    when: {models: [big]}
+    retrieve: {collection: faq}
+  - name: cache
+    when: {models: [big]}
+    retrieve: {collection: answers, cache: true}
+"""
+
+
+def wait_for(condition, what: str, timeout: float = 60.0):
+    """Poll until `condition()` returns something truthy (state that changes elsewhere: no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def collections_ready(server: Server) -> dict:
+    status = httpx.get(server.url + "/readyz").json().get("collections", {})
+    return status if status and all(c["ready"] for c in status.values()) else {}
+
+
+@pytest.fixture(scope="module")
+def rmock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]:
+    """A mock upstream of these tests alone: its call counts are theirs."""
+    tmp = tmp_path_factory.mktemp("rmock")
+    port = free_port()
+    server = start_process(["mock-upstream", "--port", str(port)], port, "/v1/models", tmp)
+    mock = MockUpstream(server.proc, server.port, server.log_path)
+    yield mock
+    mock.stop()
+
+
+def launch_proxies(tmp: Path, policy: str, n: int, redis_url: str | None = None) -> list[Server]:
+    """Start `n` proxies at once and wait for all: with a local embedder a proxy serves only once its
+    model is loaded (several seconds each on a busy machine, more than conftest's start-up wait)."""
+    servers = []
+    for _ in range(n):
+        port = free_port()
+        config = tmp / f"policy-{port}.yaml"
+        config.write_text(policy)
+        env = {k: v for k, v in os.environ.items() if k != "LLM_PROXY_REDIS_URL"}
+        env["LLM_PROXY_MASTER_KEY"] = MASTER_KEY
+        if redis_url:
+            env["LLM_PROXY_REDIS_URL"] = redis_url
+        log_path = tmp / f"server-{port}.log"
+        args = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        servers.append(Server(proc, port, log_path))
+    try:
+        for s in servers:
+            wait_until_serving(s.url + "/healthz", s.proc, timeout=180)
+            wait_for(lambda s=s: collections_ready(s), "the collections to load", timeout=60)
+    except Exception:
+        logs = "\n".join(s.log() for s in servers)
+        for s in servers:
+            s.stop()
+        raise RuntimeError(f"proxies did not start:\n{logs}") from None
+    return servers
+
+
+@pytest.fixture(scope="module")
+def kb_proxies(
+    tmp_path_factory: pytest.TempPathFactory, rmock: MockUpstream, redis_prefix: str
+) -> Iterator[list[Server]]:
+    """Two replicas sharing one Redis (same key prefix), started together so their models load at once."""
+    policy = policy_yaml(rmock.url, f"store:\n  key_prefix: {redis_prefix}\n" + RETRIEVAL)
+    servers = launch_proxies(tmp_path_factory.mktemp("kb"), policy, 2, REDIS_URL)
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def proxy1(kb_proxies: list[Server], rmock: MockUpstream) -> Server:
+    rmock.reset()
+    return kb_proxies[0]
+
+
+def upsert(server: Server, collection: str, entries: list[dict]) -> httpx.Response:
+    return httpx.post(f"{server.url}/admin/kb/{collection}", json={"entries": entries}, headers=ADMIN, timeout=60)
+
+
+def ask(server: Server, question: str, team: str = "alpha", model: str = "big", history: list | None = None):
+    client = client_for(server, team)
+    messages = [*(history or []), {"role": "user", "content": question}]
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages)
+    return raw.headers, raw.parse()
+
+
+def chat_calls(mock: MockUpstream) -> int:
+    return mock.calls("/v1/chat/completions")
+
+
+def unique(text: str) -> str:
+    return f"{text} ({uuid.uuid4().hex[:6]})"
+
+
+def test_a_kb_hit_answers_without_any_upstream_call(proxy1: Server, rmock: MockUpstream) -> None:
+    r = upsert(
+        proxy1,
+        "faq",
+        [
+            {
+                "id": "hamlet",
+                "questions": ["Who wrote Hamlet?"],
+                "answer": "William Shakespeare.",
+                "source": "https://en.wikipedia.org/wiki/Hamlet",
+            }
+        ],
+    )
+    assert r.status_code == 200, r.text
+    headers, reply = ask(proxy1, "Who is the author of Hamlet?")  # a paraphrase: embedded by the real model
+    assert reply.choices[0].message.content == "William Shakespeare."
+    assert reply.object == "chat.completion" and reply.choices[0].finish_reason == "stop"
+    assert headers["x-llm-proxy-route"] == "retrieval"
+    assert headers["x-llm-proxy-policies"] == "faq"
+    assert "entry=hamlet" in headers["x-llm-proxy-retrieval"]
+    similarity = float(headers["x-llm-proxy-retrieval"].rsplit("=", 1)[1])
+    assert 0.9 < similarity < 1.0  # not the exact-match path: the local embedder ran
+    assert headers["x-llm-proxy-retrieval-source"] == "https://en.wikipedia.org/wiki/Hamlet"
+    assert float(headers["x-llm-proxy-saved-usd"]) > 0
+    assert float(headers["x-llm-proxy-cost-usd"]) == 0  # the local embedder is free unless priced
+    assert chat_calls(rmock) == 0 and rmock.stats()["calls"] == {}
+
+
+def test_a_near_miss_differing_in_a_number_or_a_name_goes_upstream(proxy1: Server, rmock: MockUpstream) -> None:
+    upsert(
+        proxy1,
+        "faq",
+        [
+            {"id": "py312", "question": "What is new in Python 3.12?", "answer": "Better error messages, PEP 695."},
+            {"id": "jupiter", "question": "How many moons does Jupiter have?", "answer": "95 known moons."},
+        ],
+    ).raise_for_status()
+    assert ask(proxy1, "What's new in Python 3.12")[0]["x-llm-proxy-route"] == "retrieval"
+    assert chat_calls(rmock) == 0
+    headers, reply = ask(proxy1, "What is new in Python 3.11?")
+    assert (
+        headers["x-llm-proxy-route"] == "upstream"
+        and reply.choices[0].message.content != "Better error messages, PEP 695."
+    )
+    headers, _ = ask(proxy1, "How many moons does Saturn have?")
+    assert headers["x-llm-proxy-route"] == "upstream"
+    assert chat_calls(rmock) == 2
+    metrics = httpx.get(proxy1.url + "/metrics").text
+    assert 'llm_proxy_retrieval_lookups_total{collection="faq",policy="faq",result="token_mismatch"}' in metrics
+
+
+def test_cache_entries_of_one_team_are_never_served_to_another(proxy1: Server, rmock: MockUpstream) -> None:
+    question = unique("Summarise the plot of Moby Dick in one sentence")
+    headers, first = ask(proxy1, question, team="alpha")
+    assert headers["x-llm-proxy-route"] == "upstream" and chat_calls(rmock) == 1
+    # The answer is stored after the response: poll until alpha gets it from the cache.
+    headers, again = wait_for(
+        lambda: (r := ask(proxy1, question, team="alpha"))[0]["x-llm-proxy-route"] == "retrieval" and r,
+        "the cache fill",
+    )
+    assert again.choices[0].message.content == first.choices[0].message.content
+    calls = chat_calls(rmock)
+    beta = client_for(proxy1, "beta")  # beta may only use `small`: the same policy, its own scope
+    for _ in range(3):
+        raw = beta.chat.completions.with_raw_response.create(
+            model="small", messages=[{"role": "user", "content": question}]
+        )
+        assert raw.headers["x-llm-proxy-route"] == "upstream"
+    assert chat_calls(rmock) == calls + 3
+
+
+def test_a_cache_entry_belongs_to_the_team_that_filled_it(proxy1: Server, rmock: MockUpstream) -> None:
+    question = unique("Explain what a cache stampede is")
+    ask(proxy1, question, team="alpha")
+    wait_for(lambda: ask(proxy1, question, team="alpha")[0]["x-llm-proxy-route"] == "retrieval", "the cache fill")
+    entries = httpx.get(proxy1.url + "/admin/kb/answers?limit=1000", headers=ADMIN).json()["entries"]
+    mine = [e for e in entries if e["questions"] == [question]]
+    assert len(mine) == 1 and mine[0]["teams"] == ["alpha"]
+
+
+def test_two_proxies_see_the_same_kb_after_an_upsert_on_one(kb_proxies: list[Server], rmock: MockUpstream) -> None:
+    one, two = kb_proxies
+    rmock.reset()
+    answer = unique("Refunds take five working days.")
+    upsert(
+        one, "faq", [{"id": "refunds", "question": "How long does a refund take?", "answer": answer}]
+    ).raise_for_status()
+    _, reply = wait_for(
+        lambda: (r := ask(two, "How long does a refund take?"))[0]["x-llm-proxy-route"] == "retrieval" and r,
+        "the second replica to see the upsert",
+    )
+    assert reply.choices[0].message.content == answer
+    r = httpx.delete(f"{two.url}/admin/kb/faq/refunds", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    wait_for(lambda: ask(one, "How long does a refund take?")[0]["x-llm-proxy-route"] == "upstream", "the delete")
+    assert httpx.delete(f"{two.url}/admin/kb/faq/refunds", headers=ADMIN).status_code == 404
+
+
+def test_a_follow_up_never_hits_a_standalone_entry(proxy1: Server, rmock: MockUpstream) -> None:
+    upsert(
+        proxy1, "faq", [{"id": "rev-py", "question": "How do I reverse a list in Python?", "answer": "xs.reverse()"}]
+    ).raise_for_status()
+    assert ask(proxy1, "How do I reverse a list in Python?")[0]["x-llm-proxy-route"] == "retrieval"
+    history = [
+        {"role": "user", "content": "How do I reverse a list in Java?"},
+        {"role": "assistant", "content": "Collections.reverse(list);"},
+    ]
+    headers, _ = ask(proxy1, "How do I reverse a list in Python?", history=history)
+    assert headers["x-llm-proxy-route"] == "upstream"
+    # A system prompt is part of the conversation too (system_prompt: match).
+    system = [{"role": "system", "content": "Answer in French."}]
+    assert ask(proxy1, "How do I reverse a list in Python?", history=system)[0]["x-llm-proxy-route"] == "upstream"
+
+
+def test_a_hit_streams_as_sse_when_asked(proxy1: Server, rmock: MockUpstream) -> None:
+    upsert(proxy1, "faq", [{"id": "tz", "question": "What time zone is Tokyo in?", "answer": "JST, UTC+9."}])
+    client = client_for(proxy1)
+    with client.chat.completions.with_streaming_response.create(
+        model="big",
+        messages=[{"role": "user", "content": "Which time zone is Tokyo in?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        assert response.headers["x-llm-proxy-route"] == "retrieval"
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = list(response.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "JST, UTC+9."
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 0
+    assert chat_calls(rmock) == 0
+
+
+def listed_ids(server: Server, collection: str) -> list[str]:
+    r = httpx.get(f"{server.url}/admin/kb/{collection}?limit=1000", headers=ADMIN)
+    return [e["id"] for e in r.json()["entries"]]
+
+
+def test_kb_entries_expire(proxy1: Server, rmock: MockUpstream) -> None:
+    question = "What is the wifi password of the Berlin office?"
+    upsert(proxy1, "faq", [{"id": "wifi", "question": question, "answer": "hunter2", "ttl_s": 1.5}]).raise_for_status()
+    assert ask(proxy1, question)[0]["x-llm-proxy-route"] == "retrieval"
+    wait_for(lambda: ask(proxy1, question)[0]["x-llm-proxy-route"] == "upstream", "the entry to expire", timeout=20)
+    wait_for(lambda: "wifi" not in listed_ids(proxy1, "faq"), "the store to purge it", timeout=20)
+
+
+def test_tasks_match_by_examples_with_the_local_embedder(proxy1: Server, rmock: MockUpstream) -> None:
+    client = client_for(proxy1)
+    with pytest.raises(Exception) as e:
+        client.chat.completions.create(
+            model="small", messages=[{"role": "user", "content": "Is it going to rain in Paris on Saturday?"}]
+        )
+    assert getattr(e.value, "status_code", None) == 403 and "weather service" in str(e.value)
+    reply = client.chat.completions.create(
+        model="small", messages=[{"role": "user", "content": "Write a haiku about proxies."}]
+    )
+    assert reply.choices[0].message.content
+    assert chat_calls(rmock) == 1
+
+
+def test_admin_upserts_are_all_or_nothing(proxy1: Server) -> None:
+    good = {"id": "ok-1", "question": "Is the office open on Sunday?", "answer": "No."}
+    for bad, message in [
+        ({"id": "no-answer", "question": "Where is the office?"}, "'answer' is missing"),
+        (dict(good), "duplicate id 'ok-1'"),
+        ({"id": "x", "question": "Q?", "answer": "A.", "teams": ["nobody"]}, "unknown team"),
+    ]:
+        r = upsert(proxy1, "faq", [good, bad])
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and message in error["message"]
+    assert "ok-1" not in listed_ids(proxy1, "faq")
+    assert httpx.post(f"{proxy1.url}/admin/kb/faq", content=b"{not json", headers=ADMIN).status_code == 400
+    assert upsert(proxy1, "nope", [good]).json()["error"]["code"] == "not_found"
+    assert httpx.post(f"{proxy1.url}/admin/kb/faq", json=[good]).status_code == 401
+    assert upsert(proxy1, "faq", []).status_code == 400
+
+
+def test_kb_load_cli(proxy1: Server, rmock: MockUpstream, tmp_path: Path) -> None:
+    def load(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "kb", "load", str(path), "--collection", "faq", "--url", proxy1.url],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={"LLM_PROXY_MASTER_KEY": MASTER_KEY, "PATH": "/usr/bin:/bin"},
+            timeout=60,
+        )
+
+    good = tmp_path / "kb.jsonl"
+    good.write_text(
+        json.dumps({"id": "cli-1", "question": "Who founded the Acme company?", "answer": "Wile E. Coyote."})
+        + "\n"
+        + json.dumps({"id": "cli-2", "questions": ["Where is Acme based?"], "answer": "In the desert."})
+        + "\n"
+    )
+    done = load(good)
+    assert done.returncode == 0, done.stderr
+    assert "2 entries loaded into 'faq'" in done.stdout
+    assert ask(proxy1, "Who founded the Acme company?")[0]["x-llm-proxy-route"] == "retrieval"
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"id": "cli-3", "question": "Q3?", "answer": "A3"})
+        + "\n"
+        + json.dumps({"id": "cli-3", "question": "Q4?"})
+        + "\n"
+    )
+    huge = tmp_path / "huge.jsonl"
+    with open(huge, "wb") as f:
+        f.truncate(65 * 1024 * 1024)
+    for path, message in [(empty, "no entries"), (bad, "'answer' is missing"), (huge, "the limit is")]:
+        done = load(path)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+    assert "cli-3" not in listed_ids(proxy1, "faq")
