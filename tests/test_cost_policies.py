@@ -37,7 +37,10 @@ policies:
 @pytest.fixture(scope="module")
 def concise_proxy(session_tmp, mock_upstream):
     # A second policy matching `twice` checks the instruction lands exactly once.
-    extra = CONCISE + "  - name: concise-twice-again\n    when: {headers: {x-placement: twice}}\n    concise: {holdout: 0}\n"
+    extra = (
+        CONCISE
+        + "  - name: concise-twice-again\n    when: {headers: {x-placement: twice}}\n    concise: {holdout: 0}\n"
+    )
     server = start_proxy(session_tmp, policy_yaml(mock_upstream.url, extra))
     yield server
     server.stop()
@@ -76,8 +79,10 @@ def test_instruction_appended_to_the_last_user_message(concise_proxy, mock):
     _send(concise_proxy, "user", CONVERSATION)
     sent = mock.stats()["last_bodies"][-1]["messages"]
     assert sent[:3] == CONVERSATION[:3]
-    assert sent[3] == {"role": "user", "content": [{"type": "text", "text": "Say more."},
-                                                   {"type": "text", "text": INSTRUCTION}]}
+    assert sent[3] == {
+        "role": "user",
+        "content": [{"type": "text", "text": "Say more."}, {"type": "text", "text": INSTRUCTION}],
+    }
 
 
 def test_instruction_arrives_exactly_once(concise_proxy, mock):
@@ -213,8 +218,10 @@ def test_budget_pressure_chain_and_fallback_to_requested(session_tmp, mock):
 
 
 def test_routing_savings_reconcile_with_usage_to_the_cent(session_tmp, mock):
-    policy = policy_yaml(mock.url, "policies:\n  - name: to-small\n    when: {models: [big]}\n"
-                                   "    route: {to: small, min_cost_multiple: 10}\n")
+    policy = policy_yaml(
+        mock.url,
+        "policies:\n  - name: to-small\n    when: {models: [big]}\n    route: {to: small, min_cost_multiple: 10}\n",
+    )
     proxy = start_proxy(session_tmp, policy)
     try:
         client = client_for(proxy)
@@ -258,6 +265,7 @@ def test_check_rejects_bad_cost_policies(tmp_path, mock_upstream, case):
     text = text.replace("models:\n", "models:\n  mystery:\n    api_base: http://127.0.0.1:1/v1\n", 1)
     path = tmp_path / "p.yaml"
     path.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(path)], capture_output=True, text=True,
-                       cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "check", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 1 and expected in r.stderr, r.stderr
