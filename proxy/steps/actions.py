@@ -13,7 +13,13 @@ from proxy.steps.retrieve import Retrieve
 from proxy.steps.route import Route
 from proxy.steps.set_fields import SetFields
 
-ACTIONS: dict[str, type] = {"reject": Reject, "set": SetFields, "route": Route, "concise": Concise, "retrieve": Retrieve}
+ACTIONS: dict[str, type] = {
+    "reject": Reject,
+    "set": SetFields,
+    "route": Route,
+    "concise": Concise,
+    "retrieve": Retrieve,
+}
 
 
 @dataclass(frozen=True)
