@@ -35,7 +35,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=30,
     )
     if args.workers > 1:
-        uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **common)
+        from proxy.metrics_export import prepare_multiprocess_dir, remove_multiprocess_dir
+
+        # Each worker keeps its metric values in files there; /metrics, on any worker, reads them all.
+        metrics_dir = prepare_multiprocess_dir()
+        try:
+            uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **common)
+        finally:
+            remove_multiprocess_dir(metrics_dir)
     else:
         from proxy.app import create_app
 
@@ -55,10 +62,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _runtime(config: str):
+    """A runtime for decisions only (no upstream session, embedded store); None after printing errors."""
     from proxy.runtime import Runtime
     from proxy.store.memory import MemoryStore
 
-    return Runtime(load_policy_file(config), MemoryStore(), None, config)
+    try:
+        return Runtime(load_policy_file(config), MemoryStore(), None, config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return None
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -68,10 +80,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from proxy.explain import explain
 
-    try:
-        runtime = _runtime(args.config)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
+    runtime = _runtime(args.config)
+    if runtime is None:
         return 1
     try:
         body = orjson.loads(sys.stdin.buffer.read())
@@ -100,10 +110,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from proxy.explain import replay, replay_table
 
-    try:
-        runtime = _runtime(args.config)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
+    runtime = _runtime(args.config)
+    if runtime is None:
         return 1
     team = args.team
     if team is None and len(runtime.policy.teams) == 1:
