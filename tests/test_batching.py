@@ -624,9 +624,9 @@ async def test_a_cancelled_request_leaves_the_queue_and_is_never_sent(loopback):
     assert stats["last_bodies"][-1]["input"] == ["q0", "q2"]  # q1 was never sent
 
 
-async def test_a_batch_leaves_as_soon_as_the_last_calls_clients_are_back(loopback):
-    # A one-minute window that must never be waited out: three requests answered together come back
-    # as three, and that is the signal to leave.
+async def test_a_batch_leaves_as_soon_as_the_clients_of_the_last_call_are_back(loopback):
+    # A one-minute window that must never be waited out: once a call has answered N requests, the
+    # next batch leaves as soon as N more have arrived (a closed loop of clients is back).
     batcher = loopback.batcher(max_wait_ms=60_000)
     blocker = await loopback.hold_blocker(batcher)
     first = [_send(batcher, f"first {i}") for i in range(3)]
@@ -637,13 +637,15 @@ async def test_a_batch_leaves_as_soon_as_the_last_calls_clients_are_back(loopbac
     await _until(all_queued)
     await loopback.post("/mock/release")
     async with asyncio.timeout(WAIT_S / 2):
-        await asyncio.gather(blocker, *first)
-        await asyncio.gather(*(_send(batcher, f"second {i}") for i in range(3)))
+        await blocker
+        # The blocker's call answered one request: its client sends again, and the four leave together.
+        await asyncio.gather(_send(batcher, "blocker again"), *first)
+        await asyncio.gather(*(_send(batcher, f"second {i}") for i in range(4)))
     stats = await loopback.stats()
     assert stats["calls"]["/v1/embeddings"] == 3
     assert [b["input"] for b in stats["last_bodies"]][-2:] == [
-        ["first 0", "first 1", "first 2"],
-        ["second 0", "second 1", "second 2"],
+        ["first 0", "first 1", "first 2", "blocker again"],
+        ["second 0", "second 1", "second 2", "second 3"],
     ]
 
 

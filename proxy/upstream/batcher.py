@@ -129,10 +129,10 @@ class MicroBatcher:
 
     Scheduling: at most `max_concurrent_batches` calls are in flight and `max_queue` requests wait
     (then 429). Once a slot is free, the oldest batch leaves when it is full, when as many requests
-    wait as the last call carried, or `max_wait_ms` after the later of its first request and the slot
-    freeing (room for the next requests of the clients a finished call just answered). At low load the
-    last call carried one request, so a request that finds a free slot leaves at once: sent as it is,
-    without queueing, when the queue is empty.
+    have arrived since calls finished as those calls answered (their clients are back: a closed loop
+    of clients shares the next call instead of splitting into cohorts), or `max_wait_ms` after the
+    later of its first request and the slot freeing. At low load that count is met by the request
+    itself: a request that finds the queue empty and a slot free is sent at once, as it is.
     """
 
     def __init__(self, inner: OpenAICompatUpstream):
@@ -153,7 +153,9 @@ class MicroBatcher:
         self._groups: dict[Any, _Group] = {}
         self._queued = 0
         self._in_flight = 0
-        self._last_call_requests = 1
+        # Requests answered since the last arrival-to-answer cycle whose clients have not sent again:
+        # a closed loop of clients is about to, so a batch waits for them (within max_wait_ms).
+        self._returning = 0
         self._window_opened: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._call_seconds = 1.0  # moving average, for Retry-After
@@ -173,11 +175,9 @@ class MicroBatcher:
     async def send(self, endpoint: str, body: dict[str, Any]) -> UpstreamReply:
         if endpoint != self._endpoint:
             return await self._inner.send(endpoint, body)
-        if (
-            not self._queued
-            and self._in_flight < self._batching.max_concurrent_batches
-            and self._last_call_requests <= 1
-        ):
+        if self._returning:
+            self._returning -= 1
+        if not self._queued and not self._returning and self._in_flight < self._batching.max_concurrent_batches:
             return await self._send_at_once(body)
         if self._queued >= self._batching.max_queue:
             seconds = self._retry_after()
@@ -250,11 +250,12 @@ class MicroBatcher:
             group = next((g for g in self._groups.values() if g.rows >= self._max_rows), None)
             if group is None:
                 group = min(self._groups.values(), key=lambda g: g.items[0].enqueued)
-                deadline = max(group.items[0].enqueued, self._window_opened) + self._max_wait
-                # As many waiting as the last call carried: its clients are back, nobody else is due.
-                if self._queued < self._last_call_requests and now < deadline:
-                    self._timer = loop.call_at(deadline, self._pump)
-                    return
+                if self._returning:  # the clients of a finished call are not all back yet
+                    deadline = max(group.items[0].enqueued, self._window_opened) + self._max_wait
+                    if now < deadline:
+                        self._timer = loop.call_at(deadline, self._pump)
+                        return
+                    self._returning = 0  # they are not coming: stop waiting for them
             self._window_opened = None
             self._launch(self._take(group), now)
         self._window_opened = None
@@ -279,14 +280,14 @@ class MicroBatcher:
 
     # Calls -----------------------------------------------------------------------------------------
 
-    def _call_started(self, requests: int, rows: int) -> float:
+    def _call_started(self, rows: int) -> float:
         self._in_flight += 1
         self._calls_in_flight.inc()
-        self._last_call_requests = requests
         self._batch_size.observe(rows)
         return asyncio.get_running_loop().time()
 
-    def _call_ended(self, started: float) -> None:
+    def _call_ended(self, started: float, requests: int) -> None:
+        self._returning += requests
         self._in_flight -= 1
         self._calls_in_flight.dec()
         self._call_seconds = 0.8 * self._call_seconds + 0.2 * (asyncio.get_running_loop().time() - started)
@@ -294,19 +295,19 @@ class MicroBatcher:
 
     async def _send_at_once(self, body: dict[str, Any]) -> BatchedReply:
         rows = _row_count(body.get(self._field)) if self._field else 1
-        started = self._call_started(1, rows)
+        started = self._call_started(rows)
         self._queue_wait.observe(0.0)
         try:
             reply = await self._inner.send(self._endpoint, body)
         finally:
-            self._call_ended(started)
+            self._call_ended(started, 1)
         return BatchedReply(reply.data, reply.raw)
 
     def _launch(self, items: list[_Item], now: float) -> None:
         for item in items:
             item.sent = True
             self._queue_wait.observe(now - item.enqueued)
-        started = self._call_started(len(items), sum(len(i.rows) for i in items))
+        started = self._call_started(sum(len(i.rows) for i in items))
         task = asyncio.get_running_loop().create_task(self._run(items, started))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -323,7 +324,7 @@ class MicroBatcher:
         except Exception:  # a bug or a closed session: this batch's clients get a 502, the batcher goes on
             log.exception("batched call for model %s failed unexpectedly", self.name)
         finally:
-            self._call_ended(started)
+            self._call_ended(started, len(items))
             if outcomes is None:  # failed above, or cancelled (shutdown): nobody may wait forever
                 outcomes = [BadGateway("The batched upstream call was abandoned.") for _ in items]
             for item, outcome in zip(items, outcomes, strict=True):
