@@ -18,7 +18,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy.admin_auth import require_master_key
@@ -27,6 +26,7 @@ from proxy.config.reload import Reloader
 from proxy.errors import InvalidRequest, ProxyError, Unauthorized
 from proxy.explain import explain
 from proxy.gateway import Gateway
+from proxy.metrics_export import render_metrics, worker_started, worker_stopped
 from proxy.retrieval.admin import add_kb_routes
 from proxy.runtime import Runtime
 from proxy.savings_report import savings_report
@@ -142,11 +142,15 @@ def _error_response(e: ProxyError) -> JSONResponse:
 def build_ops_app(state: ProxyState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker_started()
         await state.start()
         try:
             yield
         finally:
-            await state.stop()
+            try:
+                await state.stop()
+            finally:
+                worker_stopped()
 
     app = FastAPI(title="llm-numbers-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -186,7 +190,8 @@ def build_ops_app(state: ProxyState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = render_metrics()  # every worker's values under serve --workers N
+        return Response(body, media_type=content_type)
 
     @app.post("/admin/reload")
     async def admin_reload(request: Request) -> Response:
