@@ -32,7 +32,8 @@ from proxy.runtime import Runtime
 from proxy.savings_report import savings_report
 from proxy.steps.request_log import RequestLogWriter
 from proxy.store import Store, build_store
-from proxy.store.base import utc_day
+from proxy.steps.budget import scope_for
+from proxy.store.base import NANO, utc_day
 
 if TYPE_CHECKING:
     from proxy.retrieval.service import Retrieval
@@ -133,6 +134,28 @@ def redacted_config(policy: PolicyFile) -> dict[str, Any]:
     for team in data["teams"].values():
         team["keys"] = [f"*** ({len(team['keys'])} keys)"] if team["keys"] else []
     return data
+
+
+async def _team_budgets(policy: PolicyFile, store: Store, now: float) -> list[tuple[str, dict[str, Any]]]:
+    """Spent, reserved and remaining of each team budget in its current period."""
+    teams = [(name, cfg.budget) for name, cfg in sorted(policy.teams.items()) if cfg.budget is not None]
+    if not teams:
+        return []
+    scopes = [scope_for(name, "team", budget, now) for name, budget in teams]
+    usage = await store.budget_usage(scopes)
+    return [
+        (
+            name,
+            {
+                "period": scope.period,
+                "limit_usd": scope.limit_nano / NANO,
+                "spent_usd": spent / NANO,
+                "reserved_usd": reserved / NANO,
+                "remaining_usd": max(0, scope.limit_nano - spent - reserved) / NANO,
+            },
+        )
+        for (name, _), scope, (spent, reserved) in zip(teams, scopes, usage, strict=True)
+    ]
 
 
 def _error_response(e: ProxyError) -> JSONResponse:
@@ -251,6 +274,8 @@ def build_ops_app(state: ProxyState) -> FastAPI:
                     for d, lines in sorted(ts.by_day.items())
                 },
             }
+        for team, budget in await _team_budgets(state.runtime.policy, state.store, now):
+            out[team]["budget"] = budget
         return {"store": state.store.name, "teams": out}
 
     add_kb_routes(app, state)

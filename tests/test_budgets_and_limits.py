@@ -237,6 +237,10 @@ async def test_fail_open_journals_spend_while_redis_is_down_and_flushes_it(sessi
             await asyncio.sleep(0.1)
         assert line["requests"] == 10
         assert httpx.get(proxy.url + "/readyz").status_code == 200
+        budget_view = admin_spend(proxy)["teams"]["resilient"]["budget"]
+        assert budget_view["reserved_usd"] == 0 and budget_view["limit_usd"] == 100
+        assert budget_view["spent_usd"] == pytest.approx(line["spend_usd"], abs=1e-8)
+        assert budget_view["remaining_usd"] == pytest.approx(100 - line["spend_usd"], abs=1e-8)
         # The budget saw every settled dollar too.
         client = own.client()
         budget = _budget_hash(client, prefix, "resilient")
