@@ -30,9 +30,9 @@ from proxy.metrics_export import render_metrics, worker_started, worker_stopped
 from proxy.retrieval.admin import add_kb_routes
 from proxy.runtime import Runtime
 from proxy.savings_report import savings_report
+from proxy.steps.budget import scope_for
 from proxy.steps.request_log import RequestLogWriter
 from proxy.store import Store, build_store
-from proxy.steps.budget import scope_for
 from proxy.store.base import NANO, utc_day
 
 if TYPE_CHECKING:
