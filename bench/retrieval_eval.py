@@ -219,7 +219,7 @@ async def _hit_latency(url: str, n: int) -> dict[str, list[float]]:
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     out: dict[str, list[float]] = {}
     async with aiohttp.ClientSession() as s:
-        for label, question in (("embedded", "Who is the writer of Hamlet?"), ("exact", "who wrote hamlet")):
+        for label, question in (("embedded", "Who's the author of Hamlet?"), ("exact", "who wrote hamlet")):
             body = orjson.dumps({"model": "big", "messages": [{"role": "user", "content": question}]})
             times = []
             for i in range(n + 10):
@@ -291,7 +291,11 @@ def proxy_latency(n: int, min_similarity: float, margin: float, lines: list[str]
                 raise TimeoutError("the proxy did not get ready")
             time.sleep(0.1)
         entries = [
-            {"id": "hamlet", "questions": ["Who wrote Hamlet?"], "answer": "William Shakespeare."},
+            {
+                "id": "hamlet",
+                "questions": ["Who wrote Hamlet?", "Who is the author of Hamlet?"],
+                "answer": "Shakespeare.",
+            },
             {"id": "capital-fr", "questions": ["What is the capital of France?"], "answer": "Paris."},
         ]
         req = urllib.request.Request(

@@ -43,7 +43,7 @@ policies:
     reject: {message: "Ask the weather service.", status: 403}
   - name: faq
     when: {models: [big]}
-    retrieve: {collection: faq}
+    retrieve: {collection: faq, min_similarity: 0.85}  # low on purpose: the guards must catch near misses
   - name: cache
     when: {models: [big]}
     retrieve: {collection: answers, cache: true}
@@ -138,6 +138,12 @@ def ask(server: Server, question: str, team: str = "alpha", model: str = "big", 
     return raw.headers, raw.parse()
 
 
+def served_by(answer) -> str | None:
+    """The collection that answered, or None when the answer came from upstream."""
+    header = answer[0].get("x-llm-proxy-retrieval")
+    return header.split(";")[0].removeprefix("collection=") if header else None
+
+
 def chat_calls(mock: MockUpstream) -> int:
     return mock.calls("/v1/chat/completions")
 
@@ -180,21 +186,27 @@ def test_a_near_miss_differing_in_a_number_or_a_name_goes_upstream(proxy1: Serve
         "faq",
         [
             {"id": "py312", "question": "What is new in Python 3.12?", "answer": "Better error messages, PEP 695."},
-            {"id": "jupiter", "question": "How many moons does Jupiter have?", "answer": "95 known moons."},
+            {"id": "vat-de", "question": "What is the VAT rate in Germany?", "answer": "19%, or 7% reduced."},
         ],
     ).raise_for_status()
+    # Rewordings hit (a demonym is the same name)...
     assert ask(proxy1, "What's new in Python 3.12")[0]["x-llm-proxy-route"] == "retrieval"
+    headers, reply = ask(proxy1, "What is the German VAT rate?")
+    assert headers["x-llm-proxy-route"] == "retrieval" and reply.choices[0].message.content == "19%, or 7% reduced."
     assert chat_calls(rmock) == 0
+    # ...near misses above min_similarity (0.95 and 0.86 with this model) do not: the guards stop them.
     headers, reply = ask(proxy1, "What is new in Python 3.11?")
-    assert (
-        headers["x-llm-proxy-route"] == "upstream"
-        and reply.choices[0].message.content != "Better error messages, PEP 695."
-    )
-    headers, _ = ask(proxy1, "How many moons does Saturn have?")
     assert headers["x-llm-proxy-route"] == "upstream"
+    assert reply.choices[0].message.content != "Better error messages, PEP 695."
+    assert ask(proxy1, "What is the VAT rate in Austria?")[0]["x-llm-proxy-route"] == "upstream"
     assert chat_calls(rmock) == 2
     metrics = httpx.get(proxy1.url + "/metrics").text
-    assert 'llm_proxy_retrieval_lookups_total{collection="faq",policy="faq",result="token_mismatch"}' in metrics
+    line = next(
+        m
+        for m in metrics.splitlines()
+        if m.startswith('llm_proxy_retrieval_lookups_total{collection="faq",policy="faq",result="token_mismatch"}')
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 2
 
 
 def test_cache_entries_of_one_team_are_never_served_to_another(proxy1: Server, rmock: MockUpstream) -> None:
@@ -233,14 +245,17 @@ def test_two_proxies_see_the_same_kb_after_an_upsert_on_one(kb_proxies: list[Ser
     upsert(
         one, "faq", [{"id": "refunds", "question": "How long does a refund take?", "answer": answer}]
     ).raise_for_status()
+    # Until the second replica sees the entry its answers come from upstream (and then its cache policy).
     _, reply = wait_for(
-        lambda: (r := ask(two, "How long does a refund take?"))[0]["x-llm-proxy-route"] == "retrieval" and r,
+        lambda: served_by(r := ask(two, "How long does a refund take?")) == "faq" and r,
         "the second replica to see the upsert",
     )
     assert reply.choices[0].message.content == answer
     r = httpx.delete(f"{two.url}/admin/kb/faq/refunds", headers=ADMIN)
     assert r.status_code == 200, r.text
-    wait_for(lambda: ask(one, "How long does a refund take?")[0]["x-llm-proxy-route"] == "upstream", "the delete")
+    wait_for(
+        lambda: served_by(ask(one, "How long does a refund take?")) != "faq", "the first replica to see the delete"
+    )
     assert httpx.delete(f"{two.url}/admin/kb/faq/refunds", headers=ADMIN).status_code == 404
 
 
@@ -285,7 +300,7 @@ def listed_ids(server: Server, collection: str) -> list[str]:
 
 def test_kb_entries_expire(proxy1: Server, rmock: MockUpstream) -> None:
     question = "What is the wifi password of the Berlin office?"
-    upsert(proxy1, "faq", [{"id": "wifi", "question": question, "answer": "hunter2", "ttl_s": 1.5}]).raise_for_status()
+    upsert(proxy1, "faq", [{"id": "wifi", "question": question, "answer": "hunter2", "ttl_s": 3}]).raise_for_status()
     assert ask(proxy1, question)[0]["x-llm-proxy-route"] == "retrieval"
     wait_for(lambda: ask(proxy1, question)[0]["x-llm-proxy-route"] == "upstream", "the entry to expire", timeout=20)
     wait_for(lambda: "wifi" not in listed_ids(proxy1, "faq"), "the store to purge it", timeout=20)
@@ -362,3 +377,38 @@ def test_kb_load_cli(proxy1: Server, rmock: MockUpstream, tmp_path: Path) -> Non
         done = load(path)
         assert done.returncode == 1 and message in done.stderr, done.stderr
     assert "cli-3" not in listed_ids(proxy1, "faq")
+
+
+def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path) -> None:
+    books = ["Hamlet", "Emma", "Dracula", "Ulysses", "Frankenstein", "Middlemarch", "Beloved", "Lolita"]
+    countries = ["France", "Japan", "Kenya", "Peru", "Norway", "Canada", "Egypt", "Chile"]
+    rows = []
+    for i, b in enumerate(books):
+        rows.append({"a": f"Who wrote {b}?", "b": f"Who is the author of {b}?", "label": True})
+        rows.append({"a": f"Who wrote {b}?", "b": f"Who wrote {books[i - 1]}?", "label": False})
+    for i, c in enumerate(countries):
+        rows.append({"a": f"What is the capital of {c}?", "b": f"What's the capital city of {c}?", "label": True})
+        rows.append(
+            {"a": f"What is the capital of {c}?", "b": f"What is the capital of {countries[i - 1]}?", "label": False}
+        )
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def calibrate(path: Path) -> subprocess.CompletedProcess:
+        args = ["kb", "calibrate", "--pairs", str(path), "--target-precision", "0.97", "--format", "json"]
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+
+    done = calibrate(pairs)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    guarded = report["guarded"]
+    assert guarded["threshold"] is not None and guarded["precision"] >= 0.97 and guarded["recall"] > 0.5
+    assert report["recall_cost"] == pytest.approx(1 - guarded["recall"])
+    # Names decide these negatives: the guarded matcher keeps more recall than a plain threshold.
+    assert guarded["recall"] >= report["threshold_only"]["recall"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": "x"}\n')
+    done = calibrate(bad)
+    assert done.returncode == 1 and "bad.jsonl:1" in done.stderr

@@ -33,6 +33,9 @@ from tests.conftest import REDIS_URL
         ("Who wrote Hamlet?", "Who is the author of Hamlet?", None),
         ("What is the capital of France?", "what's the capital city of France", None),
         ("What do Italian customers pay?", "What do customers in Italy pay?", None),
+        ("What is the VAT rate in Germany?", "What is the German VAT rate?", None),
+        ("Is Java fast?", "Is JavaScript fast?", "name"),
+        ("Who rules Austria?", "Who rules Australia?", "name"),
         ("How many moons does Jupiter have", "HOW MANY MOONS DOES JUPITER HAVE", None),
     ],
 )

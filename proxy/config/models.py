@@ -171,6 +171,9 @@ class RetrievalConfig(_Strict):
 
     local_model: str | None = None  # a sentence-transformers folder; default: the packaged all-MiniLM-L6-v2
     local_price: PriceConfig | None = None  # a notional price of in-process embeddings (free by default)
+    # Torch threads of the local model. One by default: a short query takes ~15 ms on one core, while
+    # two OpenMP threads on a busy 2-core machine spin against each other (hundreds of ms).
+    local_threads: Annotated[int, Field(ge=1, le=256)] = 1
     embed_timeout_s: Annotated[float, Field(gt=0)] = 5.0  # slower than this, retrieval is skipped for the request
 
 

@@ -322,8 +322,10 @@ class Collection:
         """Embed and store entries all together (any failure stores none); visible here at once."""
         await self._embed(entries)
         ttl = self.cfg.entry_ttl_s
+        now = time.time()
         items = []
         for e in entries:
+            e.created_at = now  # lifetimes count from the write, not from the request that sent them
             lifetime = e.ttl_s if e.ttl_s is not None else ttl
             e.expires_at = e.created_at + lifetime if lifetime is not None else None
             items.append(StoredItem(e.id, e.dump(), e.expires_at, e.created_at))

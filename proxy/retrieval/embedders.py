@@ -154,6 +154,10 @@ class LocalModel:
                 ) from None
             if self._threads:
                 torch.set_num_threads(self._threads)
+                try:
+                    torch.set_num_interop_threads(self._threads)
+                except RuntimeError:  # already set in this process
+                    pass
             model = SentenceTransformer(path, device="cpu", local_files_only=True)
             get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
             self.dim = int(get_dim())

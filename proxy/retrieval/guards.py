@@ -3,7 +3,8 @@
 Embeddings place "How many moons does Jupiter have?" next to "How many moons does Saturn have?", and
 "Python 3.11" next to "Python 3.12". A lookup may only answer when the query and the entry agree on
 numbers, quoted strings, code identifiers, proper names, the question word (who/when/where...),
-negation and polar words (higher/lower, before/after...). Each text is analysed once: entries when
+negation, polar words (higher/lower, before/after...) and whether each is a question, and when
+neither adds several details the other lacks. Each text is analysed once: entries when
 they are indexed, the query once per request.
 """
 
@@ -76,6 +77,7 @@ _POLAR_PAIRS = (
     ("min", "max"),
 )
 _OPPOSITE = {a: b for a, b in _POLAR_PAIRS} | {b: a for a, b in _POLAR_PAIRS}
+_ADDED_WORDS = 3
 # A name and its adjective or demonym (Italy/Italian, China/Chinese, Iraq/Iraqi) are the same name.
 _DEMONYM_ENDINGS = frozenset({"", "n", "an", "ian", "ese", "ish", "i", "ic", "ans", "ians", "ns"})
 
@@ -121,14 +123,16 @@ class TextFacts:
     names: frozenset[str]
     question_words: frozenset[str]
     negated: bool
+    mood: str  # "?" a question, "." a statement, "" unmarked (chat messages often end without punctuation)
+    content: frozenset[str]  # stems of the content words
 
 
 def analyse(text: str) -> TextFacts:
     ws = words(text)
     tokens = list(_WORD.finditer(text))
-    long_words = [m.group() for m in tokens if len(m.group()) > 3]
+    long_words = [m.group() for m in tokens[1:] if len(m.group()) > 3]
     # In Title Case Text capitals say nothing about names.
-    title_case = len(long_words) >= 3 and sum(w[0].isupper() for w in long_words) >= 0.6 * len(long_words)
+    title_case = len(long_words) >= 3 and sum(w[0].isupper() for w in long_words) >= 0.8 * len(long_words)
     names = set()
     prev_end = 0
     for i, m in enumerate(tokens):
@@ -154,7 +158,22 @@ def analyse(text: str) -> TextFacts:
         names=frozenset(names),
         question_words=frozenset(_QUESTION_WORDS[w] for w in ws if w in _QUESTION_WORDS),
         negated=bool(_NEGATION.search(text)),
+        mood=_mood(text),
+        content=frozenset(_stem(w) for w in ws if len(w) >= 3 and w not in _FUNCTION_WORDS and not w.isdigit()),
     )
+
+
+def _stem(word: str) -> str:
+    for suffix in ("ing", "ed", "es", "s", "ly"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            break
+    return word[:6]
+
+
+def _mood(text: str) -> str:
+    end = text.rstrip().rstrip("\"'”’)")[-1:]
+    return "?" if end in ("?", "？") else "." if end in (".", "!", "。") else ""
 
 
 def _same_name(name: str, word: str) -> bool:
@@ -162,7 +181,8 @@ def _same_name(name: str, word: str) -> bool:
     p = 0
     while p < len(short) and short[p] == long[p]:
         p += 1
-    return p >= 4 and len(short) - p <= 1 and long[p:] in _DEMONYM_ENDINGS
+    rest = long[p:]
+    return p >= 4 and len(short) - p <= 1 and (rest in _DEMONYM_ENDINGS or len(rest) <= 1)
 
 
 def _has_name(name: str, facts: TextFacts) -> bool:
@@ -195,8 +215,15 @@ def disagreement(query: TextFacts, entry: TextFacts) -> str | None:
         return "question_word"
     if query.negated != entry.negated:
         return "negation"
+    if query.mood and entry.mood and query.mood != entry.mood:
+        return "mood"  # a question is not answered by an entry that is a statement, and vice versa
     for w in query.words:
         opposite = _OPPOSITE.get(w)
         if opposite is not None and opposite in entry.words and w not in entry.words:
             return "polarity"
+    # Several content words on one side only, and (almost) none only on the other: one text adds a
+    # detail the other does not have ("...on the corporate laptop"), not a rewording of it.
+    only_query, only_entry = len(query.content - entry.content), len(entry.content - query.content)
+    if max(only_query, only_entry) >= _ADDED_WORDS and min(only_query, only_entry) <= 1:
+        return "added_detail"
     return None

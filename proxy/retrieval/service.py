@@ -48,10 +48,10 @@ class Retrieval:
         self.collections: dict[str, Collection] = {}
         self._stopping: set[asyncio.Task[None]] = set()
 
-    def local_model(self, path: str | None) -> LocalModel:
+    def local_model(self, path: str | None, threads: int | None = None) -> LocalModel:
         model = self._local_models.get(path)
         if model is None:
-            model = self._local_models[path] = LocalModel(path)
+            model = self._local_models[path] = LocalModel(path, threads)
         return model
 
     def bind(self, policy: PolicyFile, send: Send, prices: PriceBook) -> RetrievalRuntime:
@@ -63,7 +63,7 @@ class Retrieval:
         def embedder(name: str) -> Embedder:
             if name not in embedders:
                 if name == "local":
-                    model = self.local_model(settings.local_model)
+                    model = self.local_model(settings.local_model, settings.local_threads)
                     price = settings.local_price.input_per_mtok / 1e6 if settings.local_price else 0.0
                     embedders[name] = LocalEmbedder(model, price, count, settings.embed_timeout_s)
                 else:

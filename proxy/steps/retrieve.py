@@ -216,6 +216,7 @@ class SettleRetrieval:
             for lookup in ctx.retrieval:
                 if lookup.hit:
                     ctx.cost = lookup.cost  # the embedding; nothing was generated
+                    ctx.saved = sum(ctx.saved_by_policy.values())
 
     async def on_settle(self, ctx: RequestContext) -> None:
         if ctx.embeddings is not None and ctx.embeddings.calls and ctx.team is not None:

@@ -150,7 +150,7 @@ class MemoryCollectionStore:
 
     async def page(self, collection: str, offset: int, limit: int) -> tuple[int, list[bytes]]:
         c = self._get(collection)
-        ids = sorted(c.entries)
+        ids = sorted(c.entries, key=lambda i: (c.order.get(i, 0.0), i))  # oldest first, as in Redis
         return len(ids), [c.entries[i] for i in ids[offset : offset + limit]]
 
     async def get(self, collection: str, entry_id: str) -> bytes | None:
