@@ -71,12 +71,14 @@ class CachedEmbedder:
             self.known = dict(zip(data["keys"].tolist(), data["vectors"], strict=True))
         self.seconds = 0.0
         self.embedded = 0
+        self.used: set[str] = set()
 
     @staticmethod
     def _key(text: str) -> str:
         return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
     def __call__(self, texts: list[str]) -> np.ndarray:
+        self.used.update(self._key(t) for t in texts)
         missing = sorted({t for t in texts if self._key(t) not in self.known}, key=len)
         if missing:
             started = time.perf_counter()
@@ -94,7 +96,8 @@ class CachedEmbedder:
 
 def _row(name: str, q) -> str:
     t = "—" if q.threshold is None else f"{q.threshold:.4f}"
-    return f"| {name} | {t} | {q.precision:.3f} | {q.recall:.3f} | {q.false_hit_rate:.4f} | {q.hits} |"
+    precision = f"{q.precision:.3f}" if q.hits else "— (no hits)"
+    return f"| {name} | {t} | {precision} | {q.recall:.3f} | {q.false_hit_rate:.4f} | {q.hits} |"
 
 
 def evaluate(args: argparse.Namespace, lines: list[str]) -> tuple[float, float]:
@@ -151,13 +154,15 @@ def evaluate(args: argparse.Namespace, lines: list[str]) -> tuple[float, float]:
     for name, plain, guarded in sims:
         for label, o in (("cosine only", plain), ("guarded", guarded)):
             lines.append(
-                f"| {name} · {label} | {o.correct} | {o.wrong} | {o.unlabelled} | {o.misses} | {o.precision:.3f} |"
+                f"| {name} · {label} | {o.correct} | {o.wrong} | {o.unlabelled} | {o.misses} | "
+                + (f"{o.precision:.3f} |" if o.correct + o.wrong else "— |")
             )
     embed.save()
+    reused = len(embed.used) - embed.embedded
     lines += [
         "",
-        f"Model load {load_s:.1f} s; {embed.embedded} texts embedded in {embed.seconds:.1f} s this run "
-        f"({embed.seconds / max(1, embed.embedded) * 1000:.1f} ms per text in batches).",
+        f"Model load {load_s:.1f} s; {embed.embedded} texts embedded this run in {embed.seconds:.1f} s"
+        + (f", {reused} reused from an earlier run's cache in {embed.path.parent}." if reused else "."),
     ]
     return guarded_t or 0.96, margin
 

@@ -121,7 +121,7 @@ class LocalModel:
     """One sentence-transformers model in this process, run on one worker thread so the event loop
     never blocks. Concurrent requests are encoded together in one forward pass."""
 
-    def __init__(self, path: str | None = None, threads: int | None = None):
+    def __init__(self, path: str | None = None, threads: int | None = 1):
         self.path = path
         self.label = Path(path).name if path else PACKAGED_MODEL
         self.dim: int | None = None

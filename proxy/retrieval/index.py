@@ -122,7 +122,7 @@ def build_ann(dim: int, rows: np.ndarray, vectors: np.ndarray) -> object | None:
         from usearch.index import Index
     except ImportError:
         return None
-    index = Index(ndim=dim, metric="ip", dtype="i8", connectivity=16, expansion_add=64, expansion_search=64)
+    index = Index(ndim=dim, metric="ip", dtype="i8", connectivity=16, expansion_add=64, expansion_search=128)
     index.add(rows.astype(np.uint64), vectors, threads=2)
     return index
 
