@@ -37,13 +37,15 @@ collections:
   docs: {kind: kb, embedder: embed}
   quick: {kind: cache, embedder: embed, ttl_s: 2}
 retrieval: {embed_timeout_s: 3}
+tasks:
+  anything: {examples: ["How do I reset my password?"], embedder: embed, min_similarity: -1}
 policies:
   - name: quick
     when: {headers: {x-test-cache: "1"}}
     retrieve: {collection: quick, cache: true}
   - name: docs
     # The mock's embeddings carry no meaning: every query matches its best entry, guards off.
-    when: {models: [big, small]}
+    when: {models: [big, small], task: anything}
     retrieve: {collection: docs, min_similarity: -1, min_margin: 0, decisive_tokens: false, min_cost_multiple: 5000}
 """
 
@@ -73,7 +75,9 @@ def emock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]:
 def eproxy(tmp_path_factory: pytest.TempPathFactory, emock: MockUpstream, redis_prefix: str) -> Iterator[Server]:
     emock.configure(embedding_dim=16)
     policy = policy_yaml(emock.url, f"store:\n  key_prefix: {redis_prefix}\n" + RETRIEVAL)
-    server = start_proxy(tmp_path_factory.mktemp("eproxy"), policy, redis_url=REDIS_URL)
+    tmp = tmp_path_factory.mktemp("eproxy")
+    server = start_proxy(tmp, policy, redis_url=REDIS_URL)
+    server.config = tmp / f"policy-{server.port}.yaml"  # where start_proxy wrote it (hot reload watches it)
     wait_for(lambda: status(server, "docs")["ready"], "the collection to load")
     yield server
     server.stop()
@@ -112,9 +116,11 @@ def load_docs(server: Server) -> None:
 
 def test_a_lookup_costs_its_embedding_and_only_where_generating_costs_more(proxy: Server, emock: MockUpstream) -> None:
     load_docs(proxy)
+    ask(proxy, "warm up: the task's examples are embedded once")
     embeds = emock.calls("/v1/embeddings")
     headers, reply = ask(proxy, "password help please")
     assert headers["x-llm-proxy-route"] == "retrieval" and reply.choices[0].message.content == "Use the reset link."
+    # The task matcher and the retrieve action shared one embedding of the question.
     assert emock.calls("/v1/embeddings") == embeds + 1 and emock.calls("/v1/chat/completions") == 0
     cost, saved = float(headers["x-llm-proxy-cost-usd"]), float(headers["x-llm-proxy-saved-usd"])
     assert 0 < cost < 1e-6 and saved > 1000 * cost
@@ -136,8 +142,15 @@ def test_an_embedder_that_is_down_sends_requests_upstream(proxy: Server, emock: 
     assert headers["x-llm-proxy-route"] == "upstream" and reply.choices[0].message.content
     assert emock.calls("/v1/chat/completions") == 1
     assert metric(proxy, 'llm_proxy_embedder_errors_total{embedder="embed",kind="upstream"}') == before + 1
+    # Here the policy's task matcher met the outage first: the request is not in the task, no lookup.
+    down = 'llm_proxy_retrieval_lookups_total{collection="-",policy="task:anything",result="embedder_down"}'
+    assert metric(proxy, down) >= 1
+    # A retrieve action that meets it skips the lookup (and the cache fill) and goes upstream too.
+    headers, _ = ask(proxy, f"anything new? {time.time()}", model=CACHED_MODEL, extra_headers=CACHE)
+    assert headers["x-llm-proxy-route"] == "upstream" and emock.calls("/v1/chat/completions") == 2
     assert (
-        metric(proxy, 'llm_proxy_retrieval_lookups_total{collection="docs",policy="docs",result="embedder_down"}') >= 1
+        metric(proxy, 'llm_proxy_retrieval_lookups_total{collection="quick",policy="quick",result="embedder_down"}')
+        >= 1
     )
     emock.reset()
     assert ask(proxy, "how to change my password")[0]["x-llm-proxy-route"] == "retrieval"
@@ -190,6 +203,23 @@ def test_a_streamed_answer_fills_the_cache(proxy: Server, emock: MockUpstream) -
         "the fill",
     )
     assert reply.choices[0].message.content == streamed
+
+
+def test_a_reload_onto_another_embedding_model_rebuilds_the_index(proxy: Server, emock: MockUpstream) -> None:
+    load_docs(proxy)
+    assert ask(proxy, "password reset steps")[0]["x-llm-proxy-route"] == "retrieval"
+    entries = status(proxy, "docs")["entries"]
+    # Same name, same dimension, another model behind it: its vectors must not meet the old ones.
+    text = proxy.config.read_text()
+    assert "upstream_model: mock-embed\n" in text
+    proxy.config.write_text(text.replace("upstream_model: mock-embed\n", "upstream_model: mock-embed-v2\n"))
+    rebuilt = wait_for(
+        lambda: (s := status(proxy, "docs"))["ready"] and "mock-embed-v2" in (s["identity"] or "") and s,
+        "the reload and the rebuild",
+    )
+    assert rebuilt["entries"] == entries
+    assert ask(proxy, "password reset steps")[0]["x-llm-proxy-route"] == "retrieval"
+    assert emock.stats()["last_bodies"][-1]["model"] == "mock-embed-v2"
 
 
 def test_check_reports_unknown_collections_and_embedders(tmp_path: Path) -> None:

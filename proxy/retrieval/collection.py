@@ -96,7 +96,7 @@ class Collection:
     def configure(self, cfg: CollectionConfig, embedder: Embedder) -> None:
         """A reloaded policy: same collection, maybe another embedder (then the index is rebuilt)."""
         self.cfg = cfg
-        if embedder.name != self.embedder.name:
+        if embedder.source != self.embedder.source:
             self._reload = True
             self.ready = False
         self.embedder = embedder

@@ -56,6 +56,10 @@ class Embedder(Protocol):
     name: str  # as the policy file names it: "local" or a model name
 
     @property
+    def source(self) -> str:
+        """The model behind the name (another source: another vector space, even at the same dimension)."""
+
+    @property
     def identity(self) -> str | None:
         """What produces the vectors (model and dimension), once known: vectors of two identities never mix."""
 
@@ -248,6 +252,10 @@ class LocalEmbedder:
         await self._model.ready(timeout)
 
     @property
+    def source(self) -> str:
+        return f"local:{self._model.path or self._model.label}"
+
+    @property
     def identity(self) -> str | None:
         return f"local:{self._model.label}:{self._model.dim}" if self._model.dim else None
 
@@ -287,6 +295,10 @@ class ModelEmbedder:
         self._timeout = timeout_s
         self._dim: int | None = None
         self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def source(self) -> str:
+        return f"model:{self.name}:{self._upstream_model}"
 
     @property
     def identity(self) -> str | None:
