@@ -21,6 +21,8 @@ from proxy.savings import ArmStats, SavingEstimate, realised_saving
 TREATED = "treated"
 HOLDOUT = "holdout"
 _STATS_TTL_S = 5.0
+# Until both arms have enough samples, look again sooner: the first estimate should not wait long.
+_NO_ESTIMATE_TTL_S = 1.0
 _MESSAGE_FRAMING_TOKENS = 4
 
 
@@ -113,7 +115,7 @@ class Concise:
         treated, holdout = stats.get((model, TREATED)), stats.get((model, HOLDOUT))
         if treated and holdout and min(treated[0], holdout[0]) >= self.cfg.min_samples:
             estimate = realised_saving(ArmStats(*treated), ArmStats(*holdout))
-        self._estimates[model] = (now + _STATS_TTL_S, estimate)
+        self._estimates[model] = (now + (_STATS_TTL_S if estimate else _NO_ESTIMATE_TTL_S), estimate)
         return estimate
 
     async def on_response(self, ctx: RequestContext) -> None:
