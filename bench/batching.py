@@ -32,10 +32,10 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-bench"
 CONCURRENCY = (1, 8, 25, 64)
-C1_ROUNDS = 4
 # Per model: a few percent of a call under load (a tiny-Llama call of 25 takes seconds, a MiniLM one
 # tens of milliseconds); a steady load leaves as soon as the last call's clients are back anyway.
 MAX_WAIT_MS = {"llm": 50, "emb": 10}
+EMB_ROUNDS = 4
 NEW_TOKENS = 32
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
@@ -172,21 +172,94 @@ async def _run(proxy_url: str, workload: str, model: str, conc: int, seconds: fl
     return {"lat": lat, "window_s": t_end - t_start, "batches": batches, "rows": rows, "wait": wait, "waits": waits}
 
 
-def _summary(runs: list[dict]) -> dict:
-    """Pooled over runs (concurrency 1 alternates off and on in short rounds, so drift hits both)."""
+async def _run_alternating(proxy_url: str, workload: str, seconds: float) -> dict[str, list[dict]]:
+    """Concurrency 1: one client alternating off and on request by request (ABBA), so that the drift of
+    a shared machine hits both alike; each mode's window is the time its own requests took."""
+    path, body_for = WORKLOADS[workload]
+    lat: dict[str, list[float]] = {"off": [], "on": []}
+    async with aiohttp.ClientSession() as session:
+        before = {
+            n: await _metric(session, proxy_url, n, f"{workload}-on")
+            for n in (
+                "llm_proxy_batch_size_count",
+                "llm_proxy_batch_size_sum",
+                "llm_proxy_batch_queue_wait_seconds_sum",
+            )
+        }
+        stop_at = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < stop_at or min(len(v) for v in lat.values()) < 2:
+            for mode in ("off", "on") if i % 2 else ("on", "off"):
+                t0 = time.perf_counter()
+                async with session.post(proxy_url + path, data=body_for(f"{workload}-{mode}", i), headers=AUTH) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
+                if i >= 2:  # the first requests warm connections up
+                    lat[mode].append(time.perf_counter() - t0)
+            i += 1
+        after = {n: await _metric(session, proxy_url, n, f"{workload}-on") for n in before}
+    batches = after["llm_proxy_batch_size_count"] - before["llm_proxy_batch_size_count"]
+    on = {
+        "lat": lat["on"],
+        "window_s": sum(lat["on"]),
+        "batches": batches,
+        "rows": after["llm_proxy_batch_size_sum"] - before["llm_proxy_batch_size_sum"],
+        "wait": after["llm_proxy_batch_queue_wait_seconds_sum"] - before["llm_proxy_batch_queue_wait_seconds_sum"],
+        "waits": batches,
+    }
+    off = {"lat": lat["off"], "window_s": sum(lat["off"]), "batches": 0, "rows": 0, "wait": 0.0, "waits": 0}
+    return {"off": [off], "on": [on]}
+
+
+def _summary(runs: list[dict], conc: int) -> dict:
+    """Pooled over runs. Throughput by Little's law (closed loop, no think time: `conc` requests are
+    always in the system), which a window does not quantise when answers come in batches."""
     lat = sorted(x for r in runs for x in r["lat"])
     window = sum(r["window_s"] for r in runs)
     batches, rows = sum(r["batches"] for r in runs), sum(r["rows"] for r in runs)
     waits, wait = sum(r["waits"] for r in runs), sum(r["wait"] for r in runs)
     return {
         "n": len(lat),
-        "rps": len(lat) / window,
+        "rps": conc / statistics.fmean(lat),
         "p50_ms": statistics.median(lat) * 1000,
         "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000,
         "mean_batch": rows / batches if batches else 0.0,
         "mean_wait_ms": wait / waits * 1000 if waits else 0.0,
         "window_s": window,
     }
+
+
+async def _at_once_overhead(calls: int = 4000, block: int = 100) -> tuple[float, float]:
+    """p50 µs of one embeddings call to the in-process zero-latency mock: through the bare upstream
+    client and through the batcher (a lone request, so sent at once), in alternating blocks."""
+    from aiohttp import web
+
+    from proxy.config.models import ModelConfig
+    from proxy.mock_upstream import build_mock_app
+    from proxy.upstream.batcher import MicroBatcher
+    from proxy.upstream.openai_compat import OpenAICompatUpstream
+
+    runner = web.AppRunner(build_mock_app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    try:
+        async with aiohttp.ClientSession() as session:
+            cfg = ModelConfig(api_base=base, mode="embedding", batching={"mode": "embeddings"})
+            bare = OpenAICompatUpstream("overhead", cfg, session, 5.0)
+            batched = MicroBatcher(OpenAICompatUpstream("overhead", cfg, session, 5.0))
+            body = {"model": "overhead", "input": "one sentence"}
+            samples: dict[str, list[float]] = {"bare": [], "batched": []}
+            for i in range(calls // block):
+                name, upstream = ("bare", bare) if i % 2 == 0 else ("batched", batched)
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    await upstream.send("embeddings", body)
+                    samples[name].append(time.perf_counter() - t0)
+    finally:
+        await runner.cleanup()
+    return statistics.median(samples["bare"]) * 1e6, statistics.median(samples["batched"]) * 1e6
 
 
 def _ceiling(batch: int = 25) -> dict[str, tuple[float, float]]:
@@ -218,9 +291,13 @@ def _ceiling(batch: int = 25) -> dict[str, tuple[float, float]]:
     return {"llm": (t1 - t0, t2 - t1), "emb": (t4 - t3, t5 - t4)}
 
 
-async def main_async(seconds: float, max_window: float, write: bool) -> None:
+async def main_async(
+    seconds: float, max_window: float, write: bool, workloads: list[str], concurrency: list[int]
+) -> None:
+    load_before = os.getloadavg()[0]
     print("direct ceiling (in-process, batch of 25 vs 25 × 1) ...", flush=True)
     ceiling = _ceiling()
+    bare_us, batched_us = await _at_once_overhead()
     backend_port, proxy_port = _free_port(), _free_port()
     backend_url, proxy_url = f"http://127.0.0.1:{backend_port}", f"http://127.0.0.1:{proxy_port}"
     backend = _spawn(["reference-backend", "--tiny", "--torch-threads", "1", "--port", str(backend_port)])
@@ -232,17 +309,23 @@ async def main_async(seconds: float, max_window: float, write: bool) -> None:
     try:
         await _wait(backend_url + "/healthz", backend)
         await _wait(proxy_url + "/healthz", proxy)
-        for workload in ("emb", "llm"):
-            for conc in CONCURRENCY:
+        for workload in workloads:
+            for conc in concurrency:
                 row: dict[str, Any] = {"concurrency": conc}
-                rounds = C1_ROUNDS if conc == 1 else 1
                 runs: dict[str, list[dict]] = {"off": [], "on": []}
-                for _ in range(rounds):
-                    for mode in ("off", "on"):
-                        model = f"{workload}-{mode}"
-                        runs[mode].append(await _run(proxy_url, workload, model, conc, seconds / rounds, max_window))
+                if conc == 1:
+                    # generate() varies by tens of ms run to run: the LLM needs more samples
+                    runs = await _run_alternating(proxy_url, workload, seconds * (3 if workload == "llm" else 1))
+                else:
+                    # Short embedding runs alternate off and on in rounds, so load from elsewhere hits both.
+                    rounds = EMB_ROUNDS if workload == "emb" else 1
+                    for _ in range(rounds):
+                        for mode in ("off", "on"):
+                            model = f"{workload}-{mode}"
+                            res = await _run(proxy_url, workload, model, conc, seconds / rounds, max_window)
+                            runs[mode].append(res)
                 for mode in ("off", "on"):
-                    res = row[mode] = _summary(runs[mode])
+                    res = row[mode] = _summary(runs[mode], conc)
                     print(
                         f"{workload} c={conc} batching {mode}: {res['rps']:.2f} req/s, p50 {res['p50_ms']:.1f} ms, "
                         f"p99 {res['p99_ms']:.1f} ms, mean batch {res['mean_batch']:.1f} "
@@ -262,7 +345,7 @@ async def main_async(seconds: float, max_window: float, write: bool) -> None:
         "llm": f"Completions, tiny random-weight Llama (~21M parameters), {NEW_TOKENS} new tokens, one torch thread",
         "emb": "Embeddings, all-MiniLM-L6-v2, one input per request, one torch thread",
     }
-    for workload in ("llm", "emb"):
+    for workload in [w for w in ("llm", "emb") if w in workloads]:
         seq, batched = ceiling[workload]
         lines += [
             f"{titles[workload]}:",
@@ -281,12 +364,23 @@ async def main_async(seconds: float, max_window: float, write: bool) -> None:
         c1 = results[workload][0]
         lines += [
             "",
-            f"Added p50 at concurrency 1 (on − off): {c1['on']['p50_ms'] - c1['off']['p50_ms']:+.2f} ms "
-            f"(the batcher's own queue wait there: {c1['on']['mean_wait_ms']:.3f} ms).",
+            f"Added p50 at concurrency {c1['concurrency']} (on − off): "
+            f"{c1['on']['p50_ms'] - c1['off']['p50_ms']:+.2f} ms "
+            f"(n = {c1['off']['n']} / {c1['on']['n']}; the batcher's own queue wait there: "
+            f"{c1['on']['mean_wait_ms']:.3f} ms).",
             f"Direct ceiling, in-process: 25 calls of one {seq:.2f} s, one batch of 25 {batched:.2f} s: "
             f"{seq / batched:.2f}x.",
             "",
         ]
+    lines.append(
+        f"The batcher's own cost at low load (in-process, 4000 embeddings calls to the zero-latency mock, "
+        f"alternating blocks): p50 {bare_us:.0f} µs through the bare upstream client, {batched_us:.0f} µs "
+        f"through the batcher: {batched_us - bare_us:+.0f} µs per request.\n"
+    )
+    lines.append(
+        f"Load average (1 min) of the machine, others' jobs included: {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end.\n"
+    )
     table = "\n".join(lines)
     print(table)
     if write:
@@ -298,8 +392,11 @@ async def main_async(seconds: float, max_window: float, write: bool) -> None:
             "call at a time, one forward batch per call); batching off forwards the requests concurrently, on "
             f"uses `batching: {{max_batch_size: 64, max_wait_ms: {MAX_WAIT_MS['llm']} (completions) or "
             f"{MAX_WAIT_MS['emb']} (embeddings)}}`. Load generator, proxy and backend share the machine's cores; "
-            "each run warms up until every client has an answer, then measures one window (concurrency 1: "
-            f"{C1_ROUNDS} alternating rounds of off and on, pooled).\n\n"
+            "each run warms up until every client has an answer, then measures one window; throughput is "
+            "concurrency / mean latency (Little's law; counting answers in a window is quantised when they "
+            "come 25 at a time). Concurrency 1: one client alternating off and on request by request; embeddings "
+            f"at higher concurrency: {EMB_ROUNDS} alternating rounds of off and on, pooled, so drift hits both "
+            "alike.\n\n"
         )
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(header + table)
@@ -310,8 +407,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="shortest measurement window per run")
     ap.add_argument("--max-window", type=float, default=60.0, help="longest measurement window per run")
     ap.add_argument("--write", action="store_true", help="append the tables to bench/RESULTS.md")
+    ap.add_argument("--workloads", default="emb,llm", help="comma-separated: emb, llm")
+    ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated levels")
     args = ap.parse_args()
-    asyncio.run(main_async(args.seconds, args.max_window, args.write))
+    workloads = [w for w in args.workloads.split(",") if w]
+    concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    asyncio.run(main_async(args.seconds, args.max_window, args.write, workloads, concurrency))
 
 
 if __name__ == "__main__":
