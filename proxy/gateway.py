@@ -133,6 +133,32 @@ def _apply_usage(ctx: RequestContext, usage: Any) -> bool:
     return True
 
 
+class _ClientWatch:
+    """Cancels the request's task when the client disconnects before `done()`: a client that gives up
+    stops the upstream work it asked for (and, through settle, releases what it reserved)."""
+
+    __slots__ = ("_ctx", "_done", "_task", "_watcher")
+
+    def __init__(self, receive: Receive, ctx: RequestContext):
+        self._ctx = ctx
+        self._done = False
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self._done and self._task is not None:
+                    self._ctx.cancelled = True
+                    self._task.cancel()
+                return
+
+    def done(self) -> None:
+        self._done = True
+        self._watcher.cancel()
+
+
 class Gateway:
     def __init__(self, state: ProxyState, fallback: ASGIApp):
         self.state = state
@@ -186,7 +212,7 @@ class Gateway:
             elif ctx.stream:
                 await self._stream(ctx, runtime, receive, send)
             else:
-                await self._forward(ctx, runtime, send)
+                await self._forward(ctx, runtime, receive, send)
         except ProxyError as e:
             ctx.error = e
             ctx.status = e.status
@@ -204,9 +230,22 @@ class Gateway:
         finally:
             await runtime.pipeline.run_settle(ctx)
 
-    async def _forward(self, ctx: RequestContext, runtime: Runtime, send: Send) -> None:
+    async def _forward(self, ctx: RequestContext, runtime: Runtime, receive: Receive, send: Send) -> None:
         ctx.dispatched = True
-        reply = await runtime.dispatcher.send(ctx)
+        watch = _ClientWatch(receive, ctx)
+        try:
+            reply = await runtime.dispatcher.send(ctx)
+        except asyncio.CancelledError:
+            if not ctx.cancelled:
+                raise
+            # The client left: the upstream call (or its place in a batch queue) is cancelled with it.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            ctx.status = 499
+            return
+        finally:
+            watch.done()
         data = reply.data
         if not _apply_usage(ctx, data.get("usage")):
             if ctx.endpoint == Endpoint.EMBEDDINGS:
@@ -226,19 +265,7 @@ class Gateway:
         handle = await runtime.dispatcher.open_stream(ctx)
         # From here on the response belongs to this stream: no retry, no fallback, no JSON error.
         account = StreamAccount(ctx.include_usage)
-        relay = asyncio.current_task()
-        finished = False
-
-        async def watch_disconnect() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not finished and relay is not None:
-                        ctx.cancelled = True
-                        relay.cancel()
-                    return
-
-        watcher = asyncio.create_task(watch_disconnect())
+        watch = _ClientWatch(receive, ctx)
         try:
             await send(
                 {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + _proxy_headers(ctx, False)}
@@ -250,13 +277,13 @@ class Gateway:
                     if first:
                         first = False
                         metrics.TIME_TO_FIRST_CHUNK.labels(ctx.model_requested).observe(ctx.elapsed())
-            finished = True
+            watch.done()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except ProxyError as e:
             # The stream broke after it began: tell the client in-band and end the stream.
             ctx.error = e
             ctx.status = e.status
-            finished = True
+            watch.done()
             await send({"type": "http.response.body", "body": b"data: " + e.body() + b"\n\n", "more_body": False})
         except asyncio.CancelledError:
             if not ctx.cancelled:
@@ -266,7 +293,7 @@ class Gateway:
                 task.uncancel()
             ctx.status = 499
         finally:
-            watcher.cancel()
+            watch.done()
             handle.close()
             if not _apply_usage(ctx, account.usage):
                 ctx.input_tokens = ctx.prompt_tokens

@@ -44,3 +44,35 @@ def test_client_disconnect_cancels_upstream_and_accounts_streamed_tokens(proxy, 
         json={"model": "small", "messages": [{"role": "user", "content": "still there?"}]},
     )
     assert r.status_code == 200
+
+
+def test_a_non_stream_client_that_gives_up_cancels_its_upstream_call(session_tmp, mock):
+    """The reservation is released when the client leaves, long before the upstream would answer."""
+    from tests.conftest import admin_spend, policy_yaml, start_proxy
+
+    policy = policy_yaml(mock.url).replace(
+        '    models: ["*"]\n', '    models: ["*"]\n    budget: {usd: 10, period: day}\n', 1
+    )
+    proxy = start_proxy(session_tmp, policy)
+    try:
+        mock.configure(latency_ms=8000)
+        try:
+            httpx.post(
+                proxy.url + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {TEAM_KEYS['alpha']}"},
+                json={"model": "big", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 100},
+                timeout=httpx.Timeout(10, read=1.0),
+            )
+            raise AssertionError("the mock should not have answered within the client's timeout")
+        except httpx.ReadTimeout:
+            pass
+        started = time.monotonic()
+        budget = _poll(
+            lambda: (b := admin_spend(proxy)["teams"]["alpha"]["budget"])["reserved_usd"] == 0 and b, timeout=5
+        )
+        assert time.monotonic() - started < 5  # well before the upstream's 8 s
+        assert budget["spent_usd"] == 0
+        metrics = httpx.get(proxy.url + "/metrics").text
+        assert 'llm_proxy_requests_total{model="big",route="upstream",status_class="4xx",team="alpha"}' in metrics
+    finally:
+        proxy.stop()
