@@ -158,6 +158,14 @@ class _ClientWatch:
         self._done = True
         self._watcher.cancel()
 
+    def absorb_cancellation(self) -> None:
+        """Inside `except CancelledError`: swallow the cancellation this watch caused, re-raise any other."""
+        if not self._ctx.cancelled:
+            raise asyncio.CancelledError
+        if self._task is not None:
+            self._task.uncancel()
+        self._ctx.status = 499
+
 
 class Gateway:
     def __init__(self, state: ProxyState, fallback: ASGIApp):
@@ -236,13 +244,8 @@ class Gateway:
         try:
             reply = await runtime.dispatcher.send(ctx)
         except asyncio.CancelledError:
-            if not ctx.cancelled:
-                raise
             # The client left: the upstream call (or its place in a batch queue) is cancelled with it.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            ctx.status = 499
+            watch.absorb_cancellation()
             return
         finally:
             watch.done()
@@ -286,12 +289,7 @@ class Gateway:
             watch.done()
             await send({"type": "http.response.body", "body": b"data: " + e.body() + b"\n\n", "more_body": False})
         except asyncio.CancelledError:
-            if not ctx.cancelled:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            ctx.status = 499
+            watch.absorb_cancellation()
         finally:
             watch.done()
             handle.close()

@@ -8,6 +8,7 @@ finish under the runtime they started with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -53,10 +54,9 @@ class Reloader:
 
     def start(self, watch: bool = True) -> None:
         loop = asyncio.get_running_loop()
-        try:
+        # Not possible off the main thread or on platforms without signals: reload by file or admin call then.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: self._tasks.append(loop.create_task(self.reload("SIGHUP"))))
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-            pass
         if watch:
             self._tasks.append(loop.create_task(self._watch()))
 

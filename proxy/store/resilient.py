@@ -9,6 +9,7 @@ with 503 until the store is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import Any
@@ -97,10 +98,9 @@ class FailurePolicyStore:
             return None
 
     async def add_to_limits(self, windows: list[LimitWindow], now: float) -> None:
-        try:
+        # A rate-limit counter missed while the store is down is not money: nothing to journal.
+        with contextlib.suppress(StoreUnavailable):
             await self.inner.add_to_limits(windows, now)
-        except StoreUnavailable:
-            pass  # a rate-limit counter missed while the store is down is not money
 
     async def record_arm(self, policy: str, model: str, arm: str, tokens: int) -> None:
         if self.journal:
