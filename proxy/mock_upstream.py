@@ -432,7 +432,6 @@ def build_mock_app(state: MockState | None = None) -> web.Application:
     app.router.add_post("/mock/reset", mock.reset)
     app.router.add_post("/mock/release", mock.release)
     app.router.add_post("/mock/config", mock.configure)
-    app["mock"] = mock
     return app
 
 
