@@ -45,6 +45,19 @@ def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 30.0) 
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def wait_for(condition, what: str = "the condition", timeout: float = 60.0):
+    """Poll until `condition()` returns something truthy and return it (state that changes in another
+    process: there is no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
         self.proc = proc

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import MASTER_KEY, TEAM_KEYS, policy_yaml, start_proxy
+from tests.conftest import MASTER_KEY, TEAM_KEYS, policy_yaml, start_proxy, wait_for
 
 BLOCK = """\
 policies:
@@ -33,16 +32,6 @@ def _reloads(url: str, result: str) -> float:
         if line.startswith(f'llm_proxy_config_reloads_total{{result="{result}"}}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def _until(predicate, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)  # polling another process for a state change
-    raise AssertionError("condition not met in time")
 
 
 def _chat(url: str, headers: dict | None = None, model: str = "small") -> httpx.Response:
@@ -97,15 +86,15 @@ def test_valid_and_invalid_edits_while_requests_flow(config_dir, mock):
         with Traffic(server.url) as traffic:
             assert _chat(server.url, {"x-blocked": "yes"}).status_code == 200
             _write(config, base + BLOCK)
-            _until(lambda: _chat(server.url, {"x-blocked": "yes"}).status_code == 403)
+            wait_for(lambda: _chat(server.url, {"x-blocked": "yes"}).status_code == 403, timeout=15)
             assert _reloads(server.url, "success") >= 1
             errors_before = _reloads(server.url, "error")
             _write(config, base + BLOCK + "  - name: broken\n    route: {to: nowhere}\n")
-            _until(lambda: _reloads(server.url, "error") > errors_before)
+            wait_for(lambda: _reloads(server.url, "error") > errors_before, timeout=15)
             # The running config is kept: the block policy still applies, the rest still works.
             assert _chat(server.url, {"x-blocked": "yes"}).status_code == 403
             assert _chat(server.url).status_code == 200
-            _until(lambda: len(traffic.statuses) > 20)
+            wait_for(lambda: len(traffic.statuses) > 20, timeout=15)
         assert set(traffic.statuses) == {200}
         assert "policies[1].route.to: unknown model 'nowhere'" in server.log()
     finally:
@@ -130,7 +119,7 @@ def test_admin_reload_reports_errors_and_sighup_reloads(config_dir, mock):
         _write(config, base + BLOCK)
         assert _chat(server.url, {"x-blocked": "yes"}).status_code == 200
         server.proc.send_signal(signal.SIGHUP)
-        _until(lambda: _chat(server.url, {"x-blocked": "yes"}).status_code == 403)
+        wait_for(lambda: _chat(server.url, {"x-blocked": "yes"}).status_code == 403, timeout=15)
         ok = httpx.post(server.url + "/admin/reload", headers=admin)
         assert ok.status_code == 200 and ok.json()["reloaded"] is True
         config_view = httpx.get(server.url + "/admin/config", headers=admin).json()
@@ -149,10 +138,10 @@ def test_in_flight_requests_finish_under_the_config_they_started_with(config_dir
         result: dict[str, httpx.Response] = {}
         slow = threading.Thread(target=lambda: result.update(r=_chat(server.url, model="big")))
         slow.start()
-        _until(lambda: mock.calls() == 1)  # the request is at the upstream
+        wait_for(lambda: mock.calls() == 1, timeout=15)  # the request is at the upstream
         # The new config no longer serves `big` at all.
         _write(config, base.replace("  big:\n", "  huge:\n"))
-        _until(lambda: _chat(server.url, model="big").status_code == 404)
+        wait_for(lambda: _chat(server.url, model="big").status_code == 404, timeout=15)
         slow.join(30)
         assert result["r"].status_code == 200
         assert result["r"].headers["x-llm-proxy-model"] == "big"

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.conftest import (
     free_port,
     policy_yaml,
     start_process,
+    wait_for,
     wait_until_serving,
 )
 
@@ -48,18 +48,6 @@ policies:
     when: {models: [big]}
     retrieve: {collection: answers, cache: true}
 """
-
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    """Poll until `condition()` returns something truthy (state that changes elsewhere: no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def collections_ready(server: Server) -> dict:

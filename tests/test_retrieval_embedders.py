@@ -26,6 +26,7 @@ from tests.conftest import (
     policy_yaml,
     start_process,
     start_proxy,
+    wait_for,
 )
 
 ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
@@ -48,17 +49,6 @@ policies:
     when: {models: [big, small], task: anything}
     retrieve: {collection: docs, min_similarity: -1, min_margin: 0, decisive_tokens: false, min_cost_multiple: 5000}
 """
-
-
-def wait_for(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling state that changes in another process
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,7 @@ import time
 
 import httpx
 
-from tests.conftest import TEAM_KEYS, team_spend
-
-
-def _poll(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)  # polling another process's counters; there is no event to wait on
-    raise AssertionError("condition not met in time")
+from tests.conftest import TEAM_KEYS, team_spend, wait_for
 
 
 def test_client_disconnect_cancels_upstream_and_accounts_streamed_tokens(proxy, mock):
@@ -34,8 +24,12 @@ def test_client_disconnect_cancels_upstream_and_accounts_streamed_tokens(proxy, 
                 received += 1
             if received == 5:
                 break
-    _poll(lambda: mock.stats()["calls"].get("stream_cancelled", 0) >= 1)
-    spent = _poll(lambda: team_spend(proxy, "alpha")["by_model"].get("small", {}).get("output_tokens", 0) - before)
+    wait_for(lambda: mock.stats()["calls"].get("stream_cancelled", 0) >= 1, "the upstream to see the cancel", 10)
+    spent = wait_for(
+        lambda: team_spend(proxy, "alpha")["by_model"].get("small", {}).get("output_tokens", 0) - before,
+        "the streamed tokens to be recorded",
+        10,
+    )
     assert 5 <= spent < 200
     # The proxy keeps serving.
     r = httpx.post(
@@ -67,7 +61,7 @@ def test_a_non_stream_client_that_gives_up_cancels_its_upstream_call(session_tmp
         except httpx.ReadTimeout:
             pass
         started = time.monotonic()
-        budget = _poll(
+        budget = wait_for(
             lambda: (b := admin_spend(proxy)["teams"]["alpha"]["budget"])["reserved_usd"] == 0 and b, timeout=5
         )
         assert time.monotonic() - started < 5  # well before the upstream's 8 s
