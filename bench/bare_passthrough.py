@@ -1,7 +1,8 @@
 """The floor: a bare pass-through (raw ASGI, one pooled aiohttp call, orjson, no policy at all).
 
-bench/overhead.py runs it beside the proxy so the proxy's CPU per request can be read as a multiple
-of the least any Python pass-through can spend.
+bench/overhead.py and bench/hot_path.py run it beside the proxy so the proxy's CPU per request can be
+read as a multiple of the least any Python pass-through can spend. A `stream: true` body is relayed
+chunk by chunk as it arrives (the floor for streams).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import aiohttp
 import orjson
 
 UPSTREAM = os.environ.get("BARE_UPSTREAM", "http://127.0.0.1:8090/v1/chat/completions")
+_SSE = [(b"content-type", b"text/event-stream")]
 
 
 class BarePassthrough:
@@ -40,6 +42,15 @@ class BarePassthrough:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         data = orjson.loads(body)
+        if data.get("stream"):
+            async with self.session.post(
+                UPSTREAM, data=orjson.dumps(data), headers={"Content-Type": "application/json"}
+            ) as r:
+                await send({"type": "http.response.start", "status": r.status, "headers": _SSE})
+                async for chunk in r.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
         async with self.session.post(
             UPSTREAM, data=orjson.dumps(data), headers={"Content-Type": "application/json"}
         ) as r:
