@@ -3,7 +3,9 @@
 Deterministic replies (chat, streaming, completions, embeddings, models, and Anthropic's messages
 API for the litellm path), a configurable latency and reply length, and fault injection through
 `POST /mock/faults`: status codes with or without Retry-After, HTML error pages, malformed JSON,
-connection resets and stalls. `GET /mock/stats` tells what it received.
+connection resets and stalls. `GET /mock/stats` tells what it received, which faults it applied, and
+the tokens it served: counted only once a reply was delivered (or, for a stream, the prompt and the
+chunks actually written), so a test can hold the proxy's recorded spend against them.
 
 For the micro-batcher: the batch endpoint (`POST /v1/batch/chat/completions`, docs/batching.md), faults
 that make a list reply not fit its request (`results`: fewer, duplicate_index, malformed_entry), and
@@ -68,6 +70,8 @@ class MockState:
     last_bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
     completion_tokens_served: int = 0
     prompt_tokens_served: int = 0
+    faults_applied: Counter[str] = field(default_factory=Counter)  # by kind: status:503, reset, stall, ...
+    abandoned: int = 0  # replies nobody was left to receive (the client gave up during a stall)
     held: int = 0
     gate: asyncio.Event | None = None
 
@@ -123,6 +127,22 @@ class MockUpstream:
                 return fault
         return None
 
+    def _count_fault(self, fault: Fault) -> None:
+        kinds = [
+            kind
+            for kind, on in (
+                ("stall", fault.stall_s > 0),
+                ("reset", fault.reset),
+                (f"status:{fault.status}" + ("" if fault.body == "json" else f":{fault.body}"), fault.status),
+                ("stream_cut", fault.after_chunks is not None),
+                ("hold", fault.hold),
+                (f"results:{fault.results}", fault.results),
+            )
+            if on
+        ]
+        for kind in kinds:
+            self.state.faults_applied[kind] += 1
+
     async def _apply_fault(self, request: web.Request, fault: Fault) -> web.StreamResponse | None:
         if fault.stall_s:
             await asyncio.sleep(fault.stall_s)
@@ -156,6 +176,8 @@ class MockUpstream:
         self.state.calls[request.path] += 1
         self.state.last_bodies.append(body)
         fault = self._take_fault(request.path, body.get("model"))
+        if fault is not None:
+            self._count_fault(fault)
         if fault is not None and fault.hold:
             await self._hold()
         if self.state.latency_s:
@@ -178,10 +200,26 @@ class MockUpstream:
             self.state.gate.set()
             self.state.gate = None
 
-    def _usage(self, prompt: int, completion: int) -> dict[str, int]:
+    @staticmethod
+    def _usage(prompt: int, completion: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _served(self, prompt: int, completion: int) -> None:
         self.state.prompt_tokens_served += prompt
         self.state.completion_tokens_served += completion
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def _deliver(self, request: web.Request, data: Any, prompt: int, completion: int) -> web.StreamResponse:
+        """Send a JSON reply, then count its tokens as served. A client that left before the reply
+        (a proxy that timed out during a stall) was served nothing, whatever was generated."""
+        resp = _json(data)
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except ConnectionError:
+            self.state.abandoned += 1
+            raise
+        self._served(prompt, completion)
+        return resp
 
     def _n_words(self, body: dict[str, Any]) -> int:
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
@@ -206,7 +244,8 @@ class MockUpstream:
         created = int(time.time())
         if body.get("stream"):
             return await self._stream_chat(request, body, text, model, prompt_tokens, created, fault)
-        return _json(self._chat_reply(body, text, model, prompt_tokens, created))
+        reply = self._chat_reply(body, text, model, prompt_tokens, created)
+        return await self._deliver(request, reply, prompt_tokens, self._counter.text(text) * (body.get("n") or 1))
 
     def _chat_reply(self, body: dict[str, Any], text: str, model: str, prompt_tokens: int, created: int) -> dict:
         completion_tokens = self._counter.text(text)
@@ -230,13 +269,16 @@ class MockUpstream:
         body, fault, early = await self._begin(request)
         if early is not None:
             return early
-        responses = []
+        responses, prompt_total, completion_total = [], 0, 0
         for req in body["requests"]:
             text = _reply_text(_prompt_text(req), self._n_words(req))
             prompt_tokens = self._counter.chat_prompt(req["messages"])
             reply = self._chat_reply(req, text, req.get("model", "mock"), prompt_tokens, int(time.time()))
             responses.append({"status_code": 200, "body": reply})
-        return _json({"responses": _misfit(responses, fault.results if fault else None)})
+            prompt_total += prompt_tokens
+            completion_total += self._counter.text(text) * (req.get("n") or 1)
+        data = {"responses": _misfit(responses, fault.results if fault else None)}
+        return await self._deliver(request, data, prompt_total, completion_total)
 
     async def _stream_chat(
         self,
@@ -255,8 +297,10 @@ class MockUpstream:
         try:
             for i, word in enumerate(words):
                 if fault is not None and fault.after_chunks is not None and i >= fault.after_chunks:
+                    # close, not abort: the chunks already written still reach the client, then the
+                    # connection ends without the chunked terminator (a stream cut mid-way)
                     if request.transport is not None:
-                        request.transport.abort()
+                        request.transport.close()
                     return resp
                 piece = word if i == 0 else " " + word
                 chunk = {
@@ -289,13 +333,13 @@ class MockUpstream:
                     "usage": self._usage(prompt_tokens, self._counter.text(text)),
                 }
                 await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
-            else:
-                self.state.completion_tokens_served += self._counter.text(text)
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             self.state.calls["stream_cancelled"] += 1
-            self.state.completion_tokens_served += self._counter.text("".join(sent_text))
             raise
+        finally:
+            # Once a stream has begun the prompt is billed, and every chunk written was served.
+            self._served(prompt_tokens, self._counter.text("".join(sent_text)))
         await resp.write_eof()
         return resp
 
@@ -322,7 +366,7 @@ class MockUpstream:
         }
         if self.state.usage:
             reply["usage"] = self._usage(prompt_tokens, completion_tokens)
-        return _json(reply)
+        return await self._deliver(request, reply, prompt_tokens, completion_tokens)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         body, fault, early = await self._begin(request)
@@ -347,8 +391,7 @@ class MockUpstream:
         }
         if self.state.usage:
             reply["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
-            self.state.prompt_tokens_served += tokens
-        return _json(reply)
+        return await self._deliver(request, reply, tokens, 0)
 
     async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
         """Enough of Anthropic's Messages API for litellm's anthropic provider (non-streaming)."""
@@ -358,7 +401,8 @@ class MockUpstream:
         prompt = _prompt_text(body)
         text = _reply_text(prompt, self._n_words(body))
         usage = self._usage(self._counter.text(prompt), self._counter.text(text))
-        return _json(
+        return await self._deliver(
+            request,
             {
                 "id": "msg_mock",
                 "type": "message",
@@ -368,7 +412,9 @@ class MockUpstream:
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
                 "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]},
-            }
+            },
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
         )
 
     async def models(self, request: web.Request) -> web.Response:
@@ -388,6 +434,8 @@ class MockUpstream:
                 "prompt_tokens_served": self.state.prompt_tokens_served,
                 "completion_tokens_served": self.state.completion_tokens_served,
                 "faults_pending": len(self.state.faults),
+                "faults_applied": dict(self.state.faults_applied),
+                "abandoned": self.state.abandoned,
                 "held": self.state.held,
             }
         )
@@ -403,6 +451,8 @@ class MockUpstream:
         self.state.calls.clear()
         self.state.last_bodies.clear()
         self.state.prompt_tokens_served = self.state.completion_tokens_served = 0
+        self.state.faults_applied.clear()
+        self.state.abandoned = 0
         return _json({"reset": True})
 
     async def configure(self, request: web.Request) -> web.Response:
