@@ -15,7 +15,26 @@ def _default_config() -> str:
     return os.environ.get("LLM_PROXY_CONFIG", "policies/default.yaml")
 
 
+def _workers_refusal(workers: int) -> str | None:
+    """Why `--workers` cannot be honoured, or None. Checked before anything binds the port."""
+    if workers < 1:
+        return f"--workers must be at least 1, got {workers}."
+    if workers > 1 and not os.environ.get("LLM_PROXY_REDIS_URL"):
+        # Each worker is its own process: with the in-process store every one would keep its own
+        # budgets, rate limits and spend, and a team could spend N times its budget.
+        return (
+            f"serve --workers {workers} needs a shared store: the in-process memory store would give each "
+            "worker its own budgets, rate limits and spend. Set LLM_PROXY_REDIS_URL "
+            "(e.g. redis://127.0.0.1:6379/0) to share state through Redis, or run one worker."
+        )
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    refusal = _workers_refusal(args.workers)
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     import uvicorn
 
     try:

@@ -1,5 +1,6 @@
 """`serve --workers N`: /metrics, whichever worker answers it, reports what all workers did
-(prometheus_client multiprocess mode), and a worker that exits takes its live gauges with it."""
+(prometheus_client multiprocess mode), and a worker that exits takes its live gauges with it.
+Workers share state through Redis; with the in-process memory store, N > 1 is refused up front."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ import pytest
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MASTER_KEY, TEAM_KEYS, MockUpstream, Server, free_port, policy_yaml, start_process
+from tests.conftest import (
+    MASTER_KEY,
+    REDIS_URL,
+    TEAM_KEYS,
+    MockUpstream,
+    Server,
+    free_port,
+    policy_yaml,
+    start_process,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
@@ -48,11 +58,11 @@ def _per_worker_requests(metrics_dir: Path, scratch: Path) -> dict[int, float]:
 
 
 @pytest.fixture
-def workers_proxy(tmp_path: Path, mock: MockUpstream) -> Iterator[tuple[Server, Path]]:
+def workers_proxy(tmp_path: Path, mock: MockUpstream, redis_prefix: str) -> Iterator[tuple[Server, Path]]:
     mock.configure(latency_ms=20)  # requests overlap, so both workers accept some
     port = free_port()
     config = tmp_path / "policy.yaml"
-    config.write_text(policy_yaml(mock.url))
+    config.write_text(policy_yaml(mock.url, f"store:\n  key_prefix: {redis_prefix}:workers\n"))
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     server = start_process(
@@ -60,7 +70,7 @@ def workers_proxy(tmp_path: Path, mock: MockUpstream) -> Iterator[tuple[Server, 
         port,
         "/healthz",
         tmp_path,
-        {"LLM_PROXY_MASTER_KEY": MASTER_KEY, "TMPDIR": str(tmpdir)},
+        {"LLM_PROXY_MASTER_KEY": MASTER_KEY, "TMPDIR": str(tmpdir), "LLM_PROXY_REDIS_URL": REDIS_URL},
     )
     try:
         (metrics_dir,) = tmpdir.glob("llm-proxy-metrics-*")
@@ -106,6 +116,46 @@ def test_requests_served_by_two_workers_add_up_in_metrics(workers_proxy, tmp_pat
         journal = _samples(text, "llm_proxy_store_journal_entries")
         assert journal == [({}, 0.0)], journal  # one series (summed over workers), no per-pid copies
         assert "pid=" not in text
+
+
+def _serve_exit(tmp_path: Path, workers: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    config = tmp_path / "policy.yaml"
+    config.write_text(policy_yaml("http://127.0.0.1:9"))
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if k != "LLM_PROXY_REDIS_URL"}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--workers",
+            workers,
+        ],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_workers_with_the_memory_store_are_refused_before_binding(tmp_path: Path):
+    r = _serve_exit(tmp_path, "2", {})
+    assert r.returncode == 2, r.stderr
+    assert "serve --workers 2 needs a shared store" in r.stderr
+    assert "LLM_PROXY_REDIS_URL" in r.stderr  # the message names the fix
+    assert "Uvicorn running" not in r.stderr and "Started server" not in r.stderr
+
+
+def test_workers_below_one_are_refused(tmp_path: Path):
+    r = _serve_exit(tmp_path, "0", {"LLM_PROXY_REDIS_URL": REDIS_URL})
+    assert r.returncode == 2, r.stderr
+    assert "--workers must be at least 1" in r.stderr
 
 
 def test_a_worker_that_died_without_cleanup_leaves_no_live_gauges(tmp_path: Path):
