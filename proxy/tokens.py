@@ -2,11 +2,18 @@
 
 tiktoken downloads its BPE files on first use; this machine class has no internet, so we point it at
 the copies litellm ships in its wheel (found without importing litellm).
+
+An encoding costs tens of MiB (o200k_base ~78 MiB as tiktoken builds it), so each loads on the first
+request that needs it, and its Python-side copy of the BPE ranks is dropped once the Rust tokenizer
+has its own (~30 MiB of o200k_base's footprint).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib.util
+import logging
 import os
 from functools import cache, lru_cache
 from pathlib import Path
@@ -42,9 +49,40 @@ def _use_packaged_bpe_files() -> None:
 _use_packaged_bpe_files()
 
 
+log = logging.getLogger("llm_proxy.tokens")
+
+
+def _release_freed_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS stays high)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 @cache
 def get_encoding(name: str) -> tiktoken.Encoding:
-    return tiktoken.get_encoding(name)
+    enc = tiktoken.get_encoding(name)
+    # tiktoken keeps the ranks dict only to pickle the Encoding; the Rust core encodes from its own
+    # copy. Nothing here pickles an Encoding, so the ~200k bytes objects are freed.
+    if getattr(enc, "_mergeable_ranks", None) is not None:
+        del enc._mergeable_ranks
+    gc.collect()
+    _release_freed_heap()
+    log.info("loaded tokenizer %s", name)
+    return enc
+
+
+def check_encoding_name(name: str) -> str:
+    """Fail at config time (not on the first request) for an encoding tiktoken does not have."""
+    if name not in _encoding_names():
+        raise ValueError(f"Unknown encoding {name}: tiktoken has {', '.join(_encoding_names())}.")
+    return name
+
+
+@cache
+def _encoding_names() -> tuple[str, ...]:
+    return tuple(tiktoken.list_encoding_names())
 
 
 @lru_cache(maxsize=1024)
@@ -60,13 +98,18 @@ def encoding_name_for(model: str) -> str:
 
 
 class TokenCounter:
-    """Counts tokens for one encoding; cheap to build, encodings are shared."""
+    """Counts tokens for one encoding; cheap to build, encodings are shared and load on first use."""
 
-    __slots__ = ("_encode",)
+    __slots__ = ("_encode", "encoding_name")
 
     def __init__(self, encoding_name: str):
-        enc = get_encoding(encoding_name)
-        self._encode = enc.encode_ordinary
+        self.encoding_name = check_encoding_name(encoding_name)
+        self._encode = self._load_then_encode
+
+    def _load_then_encode(self, s: str) -> list[int]:
+        # The first count swaps in the encoding's own method: later calls pay no check.
+        self._encode = get_encoding(self.encoding_name).encode_ordinary
+        return self._encode(s)
 
     def text(self, s: str) -> int:
         return len(self._encode(s)) if s else 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 PROBE = """
@@ -34,3 +36,42 @@ def test_a_litellm_provider_imports_litellm(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("models:\n  claude: {provider: anthropic, api_key: x, price: {input_per_mtok: 1}}\n")
     assert "litellm" in _heavy_modules(str(path))
+
+
+TOKENIZER_PROBE = """
+import asyncio, sys
+from proxy import tokens
+from proxy.app import create_app
+app = create_app(sys.argv[1])
+async def main():
+    await app.state.start()
+    idle = tokens.get_encoding.cache_info().currsize
+    counter = app.state.runtime.tokens.counter("gpt-4o")
+    n = counter.chat_prompt([{"role": "user", "content": "hello there"}])
+    enc = tokens.get_encoding(counter.encoding_name)
+    await app.state.stop()
+    print(idle, tokens.get_encoding.cache_info().currsize, n, hasattr(enc, "_mergeable_ranks"))
+asyncio.run(main())
+"""
+
+
+def test_tokenizers_load_on_first_count_without_their_python_ranks():
+    r = subprocess.run(
+        [sys.executable, "-c", TOKENIZER_PROBE, "policies/default.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    idle, loaded, tokens, keeps_ranks = r.stdout.split()
+    assert (idle, loaded) == ("0", "1")  # nothing at start; the one encoding gpt-4o needs after a count
+    assert tokens == "9"  # 3 priming + 3 framing + 1 role + 2 text tokens: counting is unchanged
+    assert keeps_ranks == "False"
+
+
+def test_an_unknown_tokenizer_fails_when_the_runtime_is_built_not_on_a_request():
+    from proxy.tokens import TokenCounter
+
+    with pytest.raises(ValueError, match="no_such_base"):
+        TokenCounter("no_such_base")
