@@ -279,7 +279,7 @@ class Gateway:
                     await send({"type": "http.response.body", "body": event, "more_body": True})
                     if first:
                         first = False
-                        metrics.TIME_TO_FIRST_CHUNK.labels(ctx.model_requested).observe(ctx.elapsed())
+                        metrics.child(metrics.TIME_TO_FIRST_CHUNK, ctx.model_requested).observe(ctx.elapsed())
             watch.done()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except ProxyError as e:

@@ -44,21 +44,21 @@ class RecordUsage:
     async def on_settle(self, ctx: RequestContext) -> None:
         team = ctx.team or "unauthenticated"
         requested = ctx.model_requested if ctx.model_requested in self._models else "unknown"
-        metrics.REQUESTS.labels(team, requested, ctx.route, _STATUS_CLASS.get(ctx.status // 100, "5xx")).inc()
-        metrics.OPERATION_DURATION.labels(requested, ctx.route).observe(ctx.elapsed())
-        metrics.OVERHEAD.labels(ctx.route).observe(ctx.overhead())
+        metrics.child(metrics.REQUESTS, team, requested, ctx.route, _STATUS_CLASS.get(ctx.status // 100, "5xx")).inc()
+        metrics.child(metrics.OPERATION_DURATION, requested, ctx.route).observe(ctx.elapsed())
+        metrics.child(metrics.OVERHEAD, ctx.route).observe(ctx.overhead())
         if ctx.team is None or not (ctx.input_tokens or ctx.output_tokens or ctx.saved):
             return
         model = ctx.answered_by or ctx.model
-        metrics.TOKENS.labels(team, model, "input").inc(ctx.input_tokens)
-        metrics.TOKENS.labels(team, model, "output").inc(ctx.output_tokens)
-        metrics.TOKEN_USAGE.labels(model, "input").observe(ctx.input_tokens)
+        metrics.child(metrics.TOKENS, team, model, "input").inc(ctx.input_tokens)
+        metrics.child(metrics.TOKENS, team, model, "output").inc(ctx.output_tokens)
+        metrics.child(metrics.TOKEN_USAGE, model, "input").observe(ctx.input_tokens)
         if ctx.output_tokens:
-            metrics.TOKEN_USAGE.labels(model, "output").observe(ctx.output_tokens)
-        metrics.SPEND.labels(team, model).inc(ctx.cost)
+            metrics.child(metrics.TOKEN_USAGE, model, "output").observe(ctx.output_tokens)
+        metrics.child(metrics.SPEND, team, model).inc(ctx.cost)
         for policy, saved in ctx.saved_by_policy.items():
             if saved > 0:
-                metrics.SAVED.labels(team, requested, policy).inc(saved)
+                metrics.child(metrics.SAVED, team, requested, policy).inc(saved)
         usage = Usage(
             team,
             model,

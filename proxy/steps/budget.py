@@ -68,7 +68,7 @@ class EnforceBudget:
         fraction = min(1.0, used_nano / scope.limit_nano) if scope.limit_nano else 1.0
         if scope.name == "team":
             self._used_fraction[scope.team] = (scope.period, fraction)
-            metrics.BUDGET_REMAINING.labels(scope.team).set(max(0, scope.limit_nano - used_nano) / NANO)
+            metrics.child(metrics.BUDGET_REMAINING, scope.team).set(max(0, scope.limit_nano - used_nano) / NANO)
         return fraction
 
     async def on_request(self, ctx: RequestContext) -> None:

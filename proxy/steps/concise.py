@@ -133,5 +133,5 @@ class Concise:
         if arm is None or ctx.error is not None or ctx.cancelled or not ctx.output_tokens:
             return
         model = ctx.answered_by or ctx.model
-        metrics.CONCISE_OUTPUT_TOKENS.labels(self.name, model, arm).observe(ctx.output_tokens)
+        metrics.child(metrics.CONCISE_OUTPUT_TOKENS, self.name, model, arm).observe(ctx.output_tokens)
         await self._store.record_arm(self.name, model, arm, ctx.output_tokens)

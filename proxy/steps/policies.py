@@ -113,10 +113,10 @@ class ApplyPolicies:
                     applied = await action.apply(ctx)
                 finally:
                     if name in ctx.policies:  # an action that raises has recorded itself
-                        metrics.POLICY_APPLIED.labels(name, action_kind).inc()
+                        metrics.child(metrics.POLICY_APPLIED, name, action_kind).inc()
                 if applied:
                     ctx.policies.append(name)
-                    metrics.POLICY_APPLIED.labels(name, action_kind).inc()
+                    metrics.child(metrics.POLICY_APPLIED, name, action_kind).inc()
                 if ctx.answer is not None:
                     return
         finally:

@@ -89,7 +89,7 @@ class Dispatcher:
                 raise e
             else:
                 ctx.answered_by = name
-                metrics.UPSTREAM_LATENCY.labels(name).observe(time.perf_counter() - started)
+                metrics.child(metrics.UPSTREAM_LATENCY, name).observe(time.perf_counter() - started)
                 return result
             finally:
                 ctx.upstream_seconds += time.perf_counter() - started
