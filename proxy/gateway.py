@@ -274,9 +274,10 @@ class Gateway:
                 {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + _proxy_headers(ctx, False)}
             )
             first = True
-            async for event in handle.events():
-                if account.inspect(event):
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            async for events in handle.events():
+                body = account.relay(events)
+                if body:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
                     if first:
                         first = False
                         metrics.child(metrics.TIME_TO_FIRST_CHUNK, ctx.model_requested).observe(ctx.elapsed())

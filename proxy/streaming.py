@@ -30,25 +30,31 @@ class StreamAccount:
         self.usage: dict[str, Any] | None = None
         self.started_output = False
 
-    def inspect(self, event: bytes) -> bool:
-        """Record one event; False when it must not be relayed (a usage chunk the client did not ask for)."""
-        if b'"usage"' in event:
-            for payload in _payloads(event):
-                try:
-                    data = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    continue
-                usage = data.get("usage") if isinstance(data, dict) else None
-                if isinstance(usage, dict):
-                    self.usage = usage
-                    if not data.get("choices") and not self._client_wants_usage:
-                        return False
-        self._relayed.append(event)
+    def relay(self, events: bytes) -> bytes:
+        """Record a run of one or more events; the part to relay (all of it but a usage chunk the
+        client did not ask for)."""
+        if b'"usage"' in events:
+            events = b"".join([e + b"\n\n" for e in events.split(b"\n\n") if e and self._keep(e)])
+        if events:
+            self._relayed.append(events)
+        return events
+
+    def _keep(self, event: bytes) -> bool:
+        for payload in _payloads(event):
+            try:
+                data = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            usage = data.get("usage") if isinstance(data, dict) else None
+            if isinstance(usage, dict):
+                self.usage = usage
+                if not data.get("choices") and not self._client_wants_usage:
+                    return False
         return True
 
     @property
     def relayed(self) -> list[bytes]:
-        """The events relayed to the client so far (the semantic cache reads the answer from them)."""
+        """The runs of events relayed to the client so far (the semantic cache reads the answer from them)."""
         return self._relayed
 
     def counted_output_tokens(self, counter: TokenCounter) -> int:

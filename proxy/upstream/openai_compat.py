@@ -35,7 +35,9 @@ class StreamHandle:
         self._response = response
 
     async def events(self) -> AsyncIterator[bytes]:
-        """Complete SSE events (each ending in a blank line), relayed as soon as each is whole."""
+        """Complete SSE events (each ending in a blank line), relayed as soon as each is whole. The
+        events one upstream read completes come as one bytes: one write to the client instead of
+        one per event (a write costs as much CPU as the rest of relaying an event)."""
         buf = b""
         try:
             async for chunk in self._response.content.iter_any():
@@ -45,9 +47,9 @@ class StreamHandle:
                 if b"\r\n" in buf:
                     buf = buf.replace(b"\r\n", b"\n")
                 *complete, buf = buf.split(b"\n\n")
-                for event in complete:
-                    if event:
-                        yield event + b"\n\n"
+                events = b"".join([event + b"\n\n" for event in complete if event])
+                if events:
+                    yield events
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
             raise BadGateway(f"The upstream stream broke off: {type(e).__name__}") from None
         except TimeoutError:
