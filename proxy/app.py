@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proxy.admin_auth import require_master_key
 from proxy.config import PolicyFile, load_policy_file
 from proxy.config.reload import Reloader
-from proxy.errors import InvalidRequest, ProxyError, Unauthorized
+from proxy.errors import ProxyError, Unauthorized
 from proxy.explain import explain
 from proxy.gateway import Gateway
 from proxy.metrics_export import render_metrics, worker_started, worker_stopped
@@ -32,6 +32,7 @@ from proxy.runtime import Runtime
 from proxy.savings_report import savings_report
 from proxy.steps.budget import scope_for
 from proxy.steps.request_log import RequestLogWriter
+from proxy.steps.validate import parse_body
 from proxy.store import Store, build_store
 from proxy.store.base import NANO, utc_day
 
@@ -232,13 +233,7 @@ def build_ops_app(state: ProxyState) -> FastAPI:
 
     @app.post("/v1/proxy/explain")
     async def proxy_explain(request: Request) -> Response:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise InvalidRequest(f"The request body is not valid JSON: {e.args[0]}") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
+        body = parse_body(await request.body())
         headers = {k.lower(): v for k, v in request.headers.items()}
         # Authenticate as the real endpoints do: explain tells a team only about its own requests.
         out = await explain(state.runtime, body, headers=headers)

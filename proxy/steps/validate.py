@@ -1,7 +1,8 @@
 """Request validation: the body is a JSON object of the right shape for its endpoint.
 
 Only what the proxy relies on, or what would waste an upstream call, is checked here; every other
-field passes through untouched. Fields that would let a client choose the upstream are refused.
+field passes through untouched. Fields that would let a client choose the upstream are refused
+(proxy/steps/upstream_fields.py).
 """
 
 from __future__ import annotations
@@ -12,33 +13,15 @@ import orjson
 
 from proxy.errors import InvalidRequest
 from proxy.pipeline import Endpoint, RequestContext
+from proxy.steps.upstream_fields import forbidden_field
 
-# Fields some SDKs and gateways honour to pick the upstream, its credentials or its headers.
-FORBIDDEN_FIELDS = frozenset(
-    {
-        "api_base",
-        "base_url",
-        "api_key",
-        "api_version",
-        "custom_llm_provider",
-        "extra_headers",
-        "headers",
-        "organization",
-        "azure_ad_token",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "aws_region_name",
-        "vertex_project",
-        "vertex_location",
-        "vertex_credentials",
-        "litellm_params",
-        "user_config",
-        "mock_response",
-    }
-)
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_N = 128
+# orjson parses up to 1024 levels but serialises at most 255; the proxy re-serialises every body it
+# forwards or logs (inside one more object), so deeper bodies are refused here with a clear 400.
+MAX_DEPTH = 128
+# OpenAI's limits for `metadata`: at most 16 pairs of strings, keys up to 64 and values up to 512 chars.
+_METADATA_PAIRS, _METADATA_KEY, _METADATA_VALUE = 16, 64, 512
 
 
 def _is_int(v: Any) -> bool:
@@ -64,16 +47,30 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(m, dict):
             raise InvalidRequest(f"'messages[{i}]' must be an object.", param=f"messages[{i}]")
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequest(
                 f"'messages[{i}].role' must be one of {', '.join(sorted(_ROLES))}.", param=f"messages[{i}].role"
             )
         content = m.get("content")
-        if content is not None and not isinstance(content, str | list):
+        if isinstance(content, list):
+            _check_parts(content, i)
+        elif content is not None and not isinstance(content, str):
             raise InvalidRequest(
                 f"'messages[{i}].content' must be a string or an array of content parts.",
                 param=f"messages[{i}].content",
             )
+        name = m.get("name")
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest(f"'messages[{i}].name' must be a string.", param=f"messages[{i}].name")
+
+
+def _check_parts(parts: list, i: int) -> None:
+    for j, p in enumerate(parts):
+        param = f"messages[{i}].content[{j}]"
+        if not isinstance(p, dict) or not isinstance(p.get("type"), str):
+            raise InvalidRequest(f"'{param}' must be an object with a string 'type'.", param=param)
+        if p["type"] == "text" and not isinstance(p.get("text"), str):
+            raise InvalidRequest(f"'{param}.text' must be a string.", param=f"{param}.text")
 
 
 def _check_prompt(value: Any, name: str) -> None:
@@ -89,19 +86,58 @@ def _check_prompt(value: Any, name: str) -> None:
     )
 
 
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether `value` nests arrays and objects deeper than `limit` (iterative: no recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values() if isinstance(x, dict | list))
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v if isinstance(x, dict | list))
+    return False
+
+
+def _check_metadata(metadata: Any) -> None:
+    if metadata is None:
+        return
+    if (
+        not isinstance(metadata, dict)
+        or len(metadata) > _METADATA_PAIRS
+        or not all(
+            len(k) <= _METADATA_KEY and isinstance(v, str) and len(v) <= _METADATA_VALUE for k, v in metadata.items()
+        )
+    ):
+        raise InvalidRequest(
+            f"'metadata' must be an object of at most {_METADATA_PAIRS} string values (keys up to "
+            f"{_METADATA_KEY} characters, values up to {_METADATA_VALUE}).",
+            param="metadata",
+        )
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object the proxy can also serialise again, or a 400."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e.args[0]}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    # Counting brackets is cheap and bounds the depth from above: most bodies skip the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth_over(body, MAX_DEPTH):
+        raise InvalidRequest(f"The request body nests arrays and objects deeper than {MAX_DEPTH} levels.")
+    return body
+
+
 class ValidateRequest:
     """Parse the JSON body and check its shape for the endpoint."""
 
     async def on_request(self, ctx: RequestContext) -> None:
-        try:
-            body = orjson.loads(ctx.raw)
-        except orjson.JSONDecodeError as e:
-            raise InvalidRequest(f"The request body is not valid JSON: {e.args[0]}") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        forbidden = FORBIDDEN_FIELDS.intersection(body)
-        if forbidden:
-            name = sorted(forbidden)[0]
+        body = parse_body(ctx.raw)
+        name = forbidden_field(body)
+        if name is not None:
             raise InvalidRequest(
                 f"'{name}' is not allowed: the proxy decides where requests go and with which credentials.",
                 param=name,
@@ -114,9 +150,10 @@ class ValidateRequest:
             if "messages" not in body:
                 raise InvalidRequest("'messages' is required.", param="messages")
             _check_messages(body["messages"])
-            tools = body.get("tools")
-            if tools is not None and not isinstance(tools, list):
-                raise InvalidRequest("'tools' must be an array.", param="tools")
+            for defs in ("tools", "functions"):
+                value = body.get(defs)
+                if value is not None and not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
+                    raise InvalidRequest(f"'{defs}' must be an array of objects.", param=defs)
         elif ctx.endpoint == Endpoint.COMPLETIONS:
             if "prompt" not in body:
                 raise InvalidRequest("'prompt' is required.", param="prompt")
@@ -125,6 +162,7 @@ class ValidateRequest:
             if "input" not in body:
                 raise InvalidRequest("'input' is required.", param="input")
             _check_prompt(body["input"], "input")
+        _check_metadata(body.get("metadata"))
         _positive_int(body, "max_tokens")
         _positive_int(body, "max_completion_tokens")
         _positive_int(body, "n", MAX_N)
