@@ -229,7 +229,11 @@ class Gateway:
         except asyncio.CancelledError:
             ctx.cancelled = True
             ctx.status = 499
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # Raised by _read_body: the client left before its body was complete. Nobody is left to
+            # answer, and it is not the proxy's error to log (uvicorn would print a traceback).
         except Exception:
             log.exception("unexpected error in request %s", ctx.request_id)
             ctx.status = 500
