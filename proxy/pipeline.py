@@ -118,8 +118,9 @@ class Step(Protocol):
 
 
 class Pipeline:
-    def __init__(self, steps: list[Any]):
+    def __init__(self, steps: list[Any], concurrent_settle: bool = True):
         self.steps = steps
+        self._concurrent_settle = concurrent_settle
         self._request_hooks = [s.on_request for s in steps if hasattr(s, "on_request")]
         self._response_hooks = [s.on_response for s in steps if hasattr(s, "on_response")]
         self._settle_hooks = [s.on_settle for s in reversed(steps) if hasattr(s, "on_settle")]
@@ -135,9 +136,17 @@ class Pipeline:
             await hook(ctx)
 
     async def run_settle(self, ctx: RequestContext) -> None:
-        # Settle hooks are independent (each releases or records what its own step did), so they run
-        # together: their store writes then share one round trip.
-        if len(self._settle_hooks) == 1:
-            await self._settle_hooks[0](ctx)
+        # Settle hooks are independent (each releases or records what its own step did), so with a
+        # networked store they run together: their store writes then share one round trip. With the
+        # in-process store nothing waits, and one task per hook would cost more than the hooks.
+        if not self._concurrent_settle or len(self._settle_hooks) == 1:
+            failed: Exception | None = None
+            for hook in self._settle_hooks:
+                try:
+                    await hook(ctx)
+                except Exception as e:  # as with gather, a failing hook does not stop the others
+                    failed = failed or e
+            if failed is not None:
+                raise failed
         elif self._settle_hooks:
             await asyncio.gather(*(hook(ctx) for hook in self._settle_hooks))

@@ -72,7 +72,9 @@ class Runtime:
                 RecordUsage(policy, self.prices, store),
             ]
             + ([SettleRetrieval(store, self.budget)] if self.retrieval is not None else [])
-            + ([LogRequests(policy.log, log_writer)] if log_writer is not None else [])
+            + ([LogRequests(policy.log, log_writer)] if log_writer is not None else []),
+            # Only a networked store (or retrieval, which may embed remotely) makes settle hooks wait.
+            concurrent_settle=store.name != "memory" or self.retrieval is not None,
         )
         self.dispatcher = Dispatcher(policy, session) if session is not None else None
 

@@ -40,8 +40,15 @@ class EnforceBudget:
         self._reprice = reprice
         self._allowed = allowed
         self._used_fraction: dict[str, tuple[str, float]] = {}  # team -> (period, last known fraction)
+        # (team, key) -> (UTC day number, its scopes): periods change only at midnight UTC, so the
+        # scopes (period ids from strftime, key names) are built once a day per key, not per request.
+        self._scopes: dict[tuple[str | None, str | None], tuple[int, list[tuple[BudgetScope, BudgetConfig]]]] = {}
 
     def scopes(self, ctx: RequestContext, now: float) -> list[tuple[BudgetScope, BudgetConfig]]:
+        day = int(now // 86400)
+        cached = self._scopes.get((ctx.team, ctx.key_id))
+        if cached is not None and cached[0] == day:
+            return cached[1]
         cfg = self._teams.get(ctx.team)
         if cfg is None:
             return []
@@ -50,6 +57,9 @@ class EnforceBudget:
             out.append((scope_for(ctx.team, "team", cfg.budget, now), cfg.budget))
         if cfg.key_budget is not None:
             out.append((scope_for(ctx.team, f"key:{ctx.key_id}", cfg.key_budget, now), cfg.key_budget))
+        if len(self._scopes) > 65536:  # keys are bounded by the config; this bounds a pathological one
+            self._scopes.clear()
+        self._scopes[(ctx.team, ctx.key_id)] = (day, out)
         return out
 
     async def used_fraction(self, ctx: RequestContext) -> float:

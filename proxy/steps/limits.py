@@ -31,6 +31,15 @@ def _header_kind(w: LimitWindow) -> str:
     return "requests" if w.name.endswith(":rpm") else "tokens"
 
 
+# The names (and the reset value) of the x-ratelimit-* headers, encoded once rather than per request.
+_HEADER_NAMES = {
+    kind: (f"x-ratelimit-limit-{kind}".encode(), f"x-ratelimit-remaining-{kind}".encode(),
+           f"x-ratelimit-reset-{kind}".encode())
+    for kind in ("requests", "tokens")
+}  # fmt: skip
+_RESET = f"{WINDOW_S}s".encode()
+
+
 class EnforceRateLimits:
     def __init__(self, policy: PolicyFile, store: Store):
         self._teams = policy.teams
@@ -75,10 +84,11 @@ class EnforceRateLimits:
             if kind in seen:  # the first (team) window of each kind is the one reported
                 continue
             seen.add(kind)
+            limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
             ctx.extra_headers += [
-                (f"x-ratelimit-limit-{kind}".encode(), str(w.limit).encode()),
-                (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, int(w.limit - used))).encode()),
-                (f"x-ratelimit-reset-{kind}".encode(), f"{WINDOW_S}s".encode()),
+                (limit_name, str(w.limit).encode()),
+                (remaining_name, str(max(0, int(w.limit - used))).encode()),
+                (reset_name, _RESET),
             ]
 
     async def on_settle(self, ctx: RequestContext) -> None:
