@@ -181,7 +181,7 @@ async def _run_load(url: str, headers: dict, body: bytes, concurrency: int, seco
 
 async def _measure(mock_url: str, target: str, servers: dict[str, Server], body: bytes, concurrency: int, args) -> dict:
     server = servers.get(target)
-    url, headers = (server.url, _AUTH) if server else (mock_url + "/v1/chat/completions", _JSON)
+    url, headers = _endpoint(target, servers, mock_url)
     calls0 = await _upstream_calls(mock_url)
     cpu0 = _tree_cpu(server.proc) if server else 0.0
     res = await _run_load(url, headers, body, concurrency, args.seconds, args.loadgen)
@@ -189,6 +189,12 @@ async def _measure(mock_url: str, target: str, servers: dict[str, Server], body:
         res["cpu_s"] = await _settled_cpu(server.proc) - cpu0
     res["calls"] = await _upstream_calls(mock_url) - calls0
     return res
+
+
+def _endpoint(target: str, servers: dict[str, Server], mock_url: str) -> tuple[str, dict]:
+    if target in servers:
+        return servers[target].url, _AUTH
+    return mock_url + "/v1/chat/completions", _JSON
 
 
 def _turns(i: int) -> tuple[str, ...]:
@@ -199,25 +205,21 @@ def _turns(i: int) -> tuple[str, ...]:
 async def _rounds(mock_url: str, servers: dict[str, Server], args) -> tuple[dict, dict]:
     runs: dict[tuple[str, int, str], list[dict]] = {}
     ttfc: dict[str, list[float]] = {t: [] for t in ("direct", *PEERS)}
-    turn = 0
+    cells = [(mode, body, conc) for mode, body in MODES.items() for conc in CONCURRENCIES]
     for rnd in range(args.rounds):
-        for mode, body in MODES.items():
-            for conc in CONCURRENCIES:
-                for target in ("direct", *_turns(turn)):
-                    res = await _measure(mock_url, target, servers, body, conc, args)
-                    runs.setdefault((mode, conc, target), []).append(res)
-                    extra = f" CPU {res['cpu_s'] / max(1, res['calls']) * 1000:.3f} ms/req" if "cpu_s" in res else ""
-                    print(
-                        f"round {rnd + 1} {mode:10} c={conc:<2} {target:8} p50 {res['p50_ms']:8.2f} ms "
-                        f"p99 {res['p99_ms']:8.2f} ms {res['rps']:7.0f} req/s errors {res['errors']}{extra}",
-                        file=sys.stderr,
-                    )
-                    turn += 1
+        # The order flips from cell to cell and, for the same cell, from round to round.
+        for i, (mode, body, conc) in enumerate(cells):
+            for target in ("direct", *_turns(i + rnd)):
+                res = await _measure(mock_url, target, servers, body, conc, args)
+                runs.setdefault((mode, conc, target), []).append(res)
+                extra = f" CPU {res['cpu_s'] / max(1, res['calls']) * 1000:.3f} ms/req" if "cpu_s" in res else ""
+                print(
+                    f"round {rnd + 1} {mode:10} c={conc:<2} {target:8} p50 {res['p50_ms']:8.2f} ms "
+                    f"p99 {res['p99_ms']:8.2f} ms {res['rps']:7.0f} req/s errors {res['errors']}{extra}",
+                    file=sys.stderr,
+                )
         for target in ("direct", *_turns(rnd)):
-            url, headers = (
-                (servers[target].url, _AUTH) if target in servers else (mock_url + "/v1/chat/completions", _JSON)
-            )
-            ttfc[target].append(await _ttfc(url, headers, args.ttft_samples))
+            ttfc[target].append(await _ttfc(*_endpoint(target, servers, mock_url), args.ttft_samples))
     return runs, ttfc
 
 
