@@ -8,7 +8,11 @@ settled, divided by the calls the mock received: the exact number of requests th
 Also: time to first chunk added to a direct stream, RSS idle and after load, and startup time
 (spawn → first 200 on a real chat completion).
 
-Usage: .venv/bin/python -m bench.peers [--seconds 5] [--rounds 2] [--startup-rounds 3] [--write]
+The first run installs litellm[proxy] into bench/.peers-venv (git-ignored). Load comes from wrk when
+installed (apt-get install -y wrk): at concurrency 16/64 bench.overhead's aiohttp generator spends about as
+much CPU per request as this proxy does, on the same 2 cores (`--loadgen python` shows it).
+
+Usage: .venv/bin/python -m bench.peers [--seconds 5] [--rounds 2] [--startup-rounds 3] [--loadgen wrk] [--write]
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from bench.wrk_load import run_wrk, wrk_path
 CONCURRENCIES = (1, 16, 64)
 MODES = {"non-stream": BODY, "stream": STREAM_BODY}
 PEERS = ("ours", "litellm")
-LABEL = {"direct": "direct", "ours": "llm-numbers-proxy", "litellm": f"LiteLLM {litellm_peer.LITELLM_VERSION}"}
 _JSON = {"Content-Type": "application/json"}
 _AUTH = {**_JSON, "Authorization": f"Bearer {KEY}"}
 
