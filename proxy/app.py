@@ -6,6 +6,7 @@ readiness, metrics, admin) is a small FastAPI app behind it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -42,6 +43,36 @@ if TYPE_CHECKING:
 log = logging.getLogger("llm_proxy")
 
 DEFAULT_CONFIG = "policies/default.yaml"
+# How long shutdown waits for requests still settling (store writes, bounded by the store's own
+# timeouts and the fail-open journal) before it closes the store under them.
+SETTLE_ON_SHUTDOWN_S = 10.0
+
+
+class InFlight:
+    """The HTTP requests being served. uvicorn cancels requests still running past its graceful
+    timeout and goes straight on to the lifespan shutdown; a cancelled request still settles (releases
+    its reservation, records what a stream relayed), so the store must stay open until it has."""
+
+    __slots__ = ("_idle", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: asyncio.Event | None = None
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self, timeout: float) -> bool:
+        if self.count == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 class ProxyState:
@@ -58,6 +89,7 @@ class ProxyState:
         self._policy = policy
         self.retrieval: Retrieval | None = None  # built when a policy file first uses collections
         self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "")
+        self.in_flight = InFlight()
 
     async def start(self) -> None:
         start_store = getattr(self.store, "start", None)
@@ -114,6 +146,8 @@ class ProxyState:
         return self.retrieval
 
     async def stop(self) -> None:
+        if not await self.in_flight.drained(SETTLE_ON_SHUTDOWN_S):
+            log.error("shutting down with %d requests not settled", self.in_flight.count)
         if self.retrieval is not None:
             await self.retrieval.close()
         if self.request_log is not None:
@@ -292,4 +326,19 @@ def create_app(
         redis_url if redis_url is not None else os.environ.get("LLM_PROXY_REDIS_URL") or None,
         master_key if master_key is not None else os.environ.get("LLM_PROXY_MASTER_KEY") or None,
     )
-    return Gateway(state, build_ops_app(state))
+    return _CountingGateway(state, build_ops_app(state))
+
+
+class _CountingGateway(Gateway):
+    """The gateway, counting the requests in flight for `ProxyState.stop`."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        in_flight = self.state.in_flight
+        in_flight.count += 1
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            in_flight.leave()

@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    import uvicorn
+    from proxy.serving import run_single, run_workers
 
     try:
         load_policy_file(args.config)  # fail before binding the port, with every error listed
@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         lifespan="on",
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=args.graceful_timeout,
     )
     if args.workers > 1:
         from proxy.metrics_export import prepare_multiprocess_dir, remove_multiprocess_dir
@@ -59,13 +60,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Each worker keeps its metric values in files there; /metrics, on any worker, reads them all.
         metrics_dir = prepare_multiprocess_dir()
         try:
-            uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **common)
+            run_workers("proxy.app:create_app", args.workers, common)
         finally:
             remove_multiprocess_dir(metrics_dir)
     else:
         from proxy.app import create_app
 
-        uvicorn.run(create_app(args.config), **common)
+        run_single(create_app(args.config), common)
     return 0
 
 
@@ -187,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=int(os.environ.get("LLM_PROXY_PORT", "4000")))
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=float(os.environ.get("LLM_PROXY_GRACEFUL_TIMEOUT", "25")),
+        help="on SIGTERM, seconds requests in flight may take to finish before they are cancelled (default 25: "
+        "inside Kubernetes' 30 s grace period, leaving time to flush spend)",
+    )
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("check", help="validate a policy file; every error as file:line: field: message")

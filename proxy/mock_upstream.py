@@ -208,10 +208,22 @@ class MockUpstream:
         self.state.prompt_tokens_served += prompt
         self.state.completion_tokens_served += completion
 
+    async def _client_gone(self, request: web.Request) -> bool:
+        """True (and counted as abandoned) when the client has closed the connection, e.g. a proxy that
+        timed out during a stall: whatever was generated for it is not served."""
+        # One loop turn first, so a close that has already arrived is seen before anything is written:
+        # a write into a half-closed connection would succeed locally and be lost on the other side.
+        await asyncio.sleep(0)
+        if request.transport is None or request.transport.is_closing():
+            self.state.abandoned += 1
+            return True
+        return False
+
     async def _deliver(self, request: web.Request, data: Any, prompt: int, completion: int) -> web.StreamResponse:
-        """Send a JSON reply, then count its tokens as served. A client that left before the reply
-        (a proxy that timed out during a stall) was served nothing, whatever was generated."""
+        """Send a JSON reply, then count its tokens as served."""
         resp = _json(data)
+        if await self._client_gone(request):
+            return resp
         try:
             await resp.prepare(request)
             await resp.write_eof()
@@ -291,6 +303,8 @@ class MockUpstream:
         fault: Fault | None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        if await self._client_gone(request):
+            return resp
         await resp.prepare(request)
         words = text.split(" ")
         sent_text: list[str] = []
@@ -338,8 +352,10 @@ class MockUpstream:
             self.state.calls["stream_cancelled"] += 1
             raise
         finally:
-            # Once a stream has begun the prompt is billed, and every chunk written was served.
-            self._served(prompt_tokens, self._counter.text("".join(sent_text)))
+            # Once a stream has delivered its first chunk (headers go out with it) the prompt is billed,
+            # and every chunk written was served.
+            if sent_text:
+                self._served(prompt_tokens, self._counter.text("".join(sent_text)))
         await resp.write_eof()
         return resp
 
