@@ -148,8 +148,10 @@ class Collection:
 
     async def _load_all(self) -> None:
         """(Re)build the index from every stored entry, for the embedder as it is now."""
-        await self.embedder.ready()
-        identity = self.embedder.identity
+        # A reload may swap in a new (not yet probed) embedder while this one gets ready: use this one.
+        embedder = self.embedder
+        await embedder.ready()
+        identity = embedder.identity
         assert identity is not None
         dim = int(identity.rsplit(":", 1)[1])
         async with self._lock:
@@ -303,15 +305,16 @@ class Collection:
     # -- writes ------------------------------------------------------------------------------------
 
     async def _embed(self, entries: list[Entry]) -> None:
-        await self.embedder.ready()
+        embedder = self.embedder  # the same one throughout, even if a reload swaps it meanwhile
+        await embedder.ready()
         texts = [q for e in entries for q in e.questions]
         chunks = []
         for start in range(0, len(texts), _EMBED_BATCH):
-            chunks.append((await self.embedder.embed(texts[start : start + _EMBED_BATCH])).vectors)
+            chunks.append((await embedder.embed(texts[start : start + _EMBED_BATCH])).vectors)
         vectors = np.concatenate(chunks)
-        identity = self.embedder.identity
+        identity = embedder.identity
         if len({c.shape[1] for c in chunks}) != 1 or identity is None or not identity.endswith(f":{vectors.shape[1]}"):
-            raise EmbedderDown("bad_response", f"embedder {self.embedder.name} changed dimension while embedding")
+            raise EmbedderDown("bad_response", f"embedder {embedder.name} changed dimension while embedding")
         at = 0
         for e in entries:
             e.vectors = vectors[at : at + len(e.questions)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import cache
 from typing import Any
 
@@ -18,6 +18,15 @@ from proxy.config.models import ModelConfig
 from proxy.errors import BadGateway, UpstreamHTTPError
 from proxy.upstream.openai_compat import UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError
+
+
+@cache
+def _owned_by_litellm() -> Callable[[str], bool]:
+    """Whether litellm takes a keyword argument of this name as its own (an endpoint, a credential, a
+    route, a callback, a price...) rather than passing it to the provider."""
+    types = importlib.import_module("litellm.types.utils")
+    owned = getattr(types, "is_litellm_owned_kwarg", None)
+    return owned if owned is not None else frozenset(types.all_litellm_params).__contains__
 
 
 @cache
@@ -82,9 +91,17 @@ class LiteLLMUpstream:
             self._params["api_base"] = cfg.api_base
         if cfg.headers:
             self._params["extra_headers"] = dict(cfg.headers)
+        self._owned = _owned_by_litellm()
+
+    def client_fields(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body without any name litellm would read as its own argument. Validation refuses the
+        ones that steer the upstream; this drops the rest (`metadata`, `tags`, prices...), so only the
+        policy file ever sets litellm's arguments."""
+        owned = self._owned
+        return {k: v for k, v in body.items() if not owned(k)}
 
     async def _call(self, endpoint: str, body: dict[str, Any], **extra: Any) -> Any:
-        kwargs = {**body, **self._params, **extra, "model": self._model}
+        kwargs = {**self.client_fields(body), **self._params, **extra, "model": self._model}
         fn = {
             "chat": self._litellm.acompletion,
             "completions": self._litellm.atext_completion,
