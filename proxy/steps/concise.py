@@ -57,6 +57,7 @@ class Concise:
         self._tokens = deps.tokens
         self._opt_out = cfg.opt_out_header.lower() if cfg.opt_out_header else None
         self._estimates: dict[str, tuple[float, SavingEstimate | None]] = {}
+        self._instruction_tokens: dict[str, int] = {}  # model -> tokens the instruction adds (counted once)
 
     def _skip(self, ctx: RequestContext) -> bool:
         body = ctx.body
@@ -78,7 +79,11 @@ class Concise:
             return True
         ctx.experiments[self.name] = TREATED
         if self._inject(ctx):
-            ctx.prompt_tokens += self._tokens.counter(ctx.model).text(self.cfg.instruction) + _MESSAGE_FRAMING_TOKENS
+            added = self._instruction_tokens.get(ctx.model)
+            if added is None:
+                added = self._tokens.counter(ctx.model).text(self.cfg.instruction) + _MESSAGE_FRAMING_TOKENS
+                self._instruction_tokens[ctx.model] = added
+            ctx.prompt_tokens += added
         if self.cfg.max_tokens and not (ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")):
             ctx.body["max_tokens"] = self.cfg.max_tokens
         return True

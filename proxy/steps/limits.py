@@ -44,14 +44,27 @@ class EnforceRateLimits:
     def __init__(self, policy: PolicyFile, store: Store):
         self._teams = policy.teams
         self._store = store
+        # (team, key) -> its windows, built once: names and limits come from the config.
+        self._plans: dict[tuple[str | None, str | None], list[tuple[LimitWindow, bool]]] = {}
 
     def windows(self, ctx: RequestContext) -> list[LimitWindow]:
-        cfg = self._teams.get(ctx.team)
+        plan = self._plans.get((ctx.team, ctx.key_id))
+        if plan is None:
+            plan = self._plan(ctx.team, ctx.key_id)
+        # A request window (cost 1) is the same object every time; token windows carry the prompt's count.
+        return [LimitWindow(w.team, w.name, w.limit, ctx.prompt_tokens) if tpm else w for w, tpm in plan]
+
+    def _plan(self, team: str | None, key_id: str | None) -> list[tuple[LimitWindow, bool]]:
+        cfg = self._teams.get(team)
         if cfg is None or (cfg.limits is None and cfg.key_limits is None):
-            return []
-        return _windows(ctx.team, "team", cfg.limits, ctx.prompt_tokens) + _windows(
-            ctx.team, f"key:{ctx.key_id}", cfg.key_limits, ctx.prompt_tokens
-        )
+            plan = []
+        else:
+            windows = _windows(team, "team", cfg.limits, 0) + _windows(team, f"key:{key_id}", cfg.key_limits, 0)
+            plan = [(w, w.name.endswith(":tpm")) for w in windows]
+        if len(self._plans) > 65536:  # keys are bounded by the config; this bounds a pathological one
+            self._plans.clear()
+        self._plans[(team, key_id)] = plan
+        return plan
 
     async def on_request(self, ctx: RequestContext) -> None:
         if ctx.dry_run:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from fnmatch import fnmatchcase
+from fnmatch import translate
 from typing import Any
 
 from proxy import metrics
@@ -45,14 +45,23 @@ class _Matcher:
         self._headers = {k.lower(): v for k, v in (when.headers or {}).items()}
         self._teams = frozenset(when.teams) if when.teams is not None else None
         self._endpoints = frozenset(when.endpoints) if when.endpoints is not None else None
+        # All the model globs as one compiled regex: one match per request instead of one per glob.
+        self._models = re.compile("|".join(f"(?:{translate(g)})" for g in when.models)) if when.models else None
+        self._no_models = when.models is not None and not when.models
+        # Only `task` (it may embed) and `budget_used_above` (it may read the store) need to wait.
+        self.waits = when.task is not None or when.budget_used_above is not None
 
     async def matches(self, ctx: RequestContext) -> bool:
+        return self.matches_now(ctx) and (not self.waits or await self.matches_later(ctx))
+
+    def matches_now(self, ctx: RequestContext) -> bool:
+        """The conditions that need no I/O."""
         w = self._when
         if self._teams is not None and ctx.team not in self._teams:
             return False
         if self._endpoints is not None and ctx.endpoint not in self._endpoints:
             return False
-        if w.models is not None and not any(fnmatchcase(ctx.model, g) for g in w.models):
+        if self._no_models or (self._models is not None and self._models.match(ctx.model) is None):
             return False
         if w.stream is not None and ctx.stream != w.stream:
             return False
@@ -64,9 +73,10 @@ class _Matcher:
             lo, hi = w.prompt_tokens.min, w.prompt_tokens.max
             if (lo is not None and ctx.prompt_tokens < lo) or (hi is not None and ctx.prompt_tokens > hi):
                 return False
-        for name, value in self._headers.items():
-            if ctx.headers.get(name) != value:
-                return False
+        return all(ctx.headers.get(name) == value for name, value in self._headers.items())
+
+    async def matches_later(self, ctx: RequestContext) -> bool:
+        w = self._when
         if w.task is not None and not await self._tasks.matches(ctx, w.task):
             return False
         return not (w.budget_used_above is not None and await self._budget_fraction(ctx) <= w.budget_used_above)
@@ -107,7 +117,7 @@ class ApplyPolicies:
         model, max_tokens = ctx.model, (ctx.body.get("max_tokens"), ctx.body.get("max_completion_tokens"))
         try:
             for name, action_kind, matcher, action in self._rules:
-                if not await matcher.matches(ctx):
+                if not matcher.matches_now(ctx) or (matcher.waits and not await matcher.matches_later(ctx)):
                     continue
                 try:
                     applied = await action.apply(ctx)
