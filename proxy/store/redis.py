@@ -10,6 +10,8 @@ Every key of a team carries the hash tag `{t:<team>}` so all of a team's updates
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -135,6 +137,47 @@ return {1, 0, unpack(out)}
 """
 _FIELDS = ("requests", "in", "out", "nano")
 
+# Spend writes apply at most once. A write whose reply is lost (Redis went away after running it, or
+# the client resent it on a new connection) is replayed from the fail-open journal; its write id,
+# marked in the same script, makes the replay a no-op. Marks live in one hash per ten-minute bucket
+# (same hash tag as the write, so one slot) for an hour: replays are exact for outages up to an hour.
+_ONCE_BUCKET_S = 600
+_ONCE_TTL_S = 3600
+# Prepended to a write script: takes the marker key and the token off the end of KEYS and ARGV.
+_ONCE = f"""
+local token = table.remove(ARGV)
+local marker = table.remove(KEYS)
+if redis.call('HSETNX', marker, token, 1) == 0 then return 0 end
+redis.call('EXPIRE', marker, {_ONCE_TTL_S})
+"""
+# A reservation marks its token only when it reserved, so a lost reply can be undone exactly
+# (_RELEASE_IF_RESERVED); a resent reservation that already landed answers success again.
+_RESERVE_ONCE = """
+local token = table.remove(ARGV)
+local marker = table.remove(KEYS)
+if redis.call('HEXISTS', marker, token) == 1 then
+  local zeros = {}
+  for i = 1, #KEYS do zeros[i] = '0' end
+  return {1, 0, unpack(zeros)}
+end
+""" + _RESERVE.replace(
+    "return {1, 0, unpack(used)}",
+    f"redis.call('HSET', marker, token, ARGV[1])\nredis.call('EXPIRE', marker, {_ONCE_TTL_S})\n"
+    "return {1, 0, unpack(used)}",
+)
+# Undo a reservation whose reply was lost, if it landed. KEYS: budget hashes, marker. ARGV: amount, token.
+_RELEASE_IF_RESERVED = """
+local token = table.remove(ARGV)
+local marker = table.remove(KEYS)
+if redis.call('HDEL', marker, token) == 0 then return 0 end
+for i = 1, #KEYS do
+  if redis.call('HINCRBY', KEYS[i], 'reserved', -tonumber(ARGV[1])) < 0 then
+    redis.call('HSET', KEYS[i], 'reserved', 0)
+  end
+end
+return 1
+"""
+
 
 def _line(h: dict[bytes, bytes]) -> dict[str, SpendLine]:
     out: dict[str, SpendLine] = {}
@@ -230,8 +273,23 @@ class RedisStore:
             )
         else:
             self.client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        scripts = [self.client.register_script(src) for src in (_RECORD, _RESERVE, _SETTLE, _LIMITS, _ADD, _ARM)]
-        self._record, self._reserve, self._settle, self._limits, self._add, self._arm = scripts
+        sources = (
+            _RECORD,
+            _RESERVE,
+            _SETTLE,
+            _LIMITS,
+            _ADD,
+            _ARM,
+            _ONCE + _RECORD,
+            _RESERVE_ONCE,
+            _ONCE + _SETTLE,
+            _ONCE + _ARM,
+            _RELEASE_IF_RESERVED,
+        )
+        scripts = [self.client.register_script(src) for src in sources]
+        self._scripts = scripts
+        self._record, self._reserve, self._settle, self._limits, self._add, self._arm = scripts[:6]
+        self._record_once, self._reserve_once, self._settle_once, self._arm_once, self._release = scripts[6:]
         # Cluster pipelines split by slot anyway; auto-pipelining is for a single Redis.
         self._pipeline = None if url.startswith("redis+cluster://") else _AutoPipeline(self.client, scripts)
 
@@ -246,7 +304,7 @@ class RedisStore:
     async def prepare(self) -> None:
         """Load the Lua scripts on every primary up front, so no request takes the NOSCRIPT path."""
         try:
-            for script in (self._record, self._reserve, self._settle, self._limits, self._add, self._arm):
+            for script in self._scripts:
                 await self.client.script_load(script.script)
         except (RedisError, OSError) as e:
             raise StoreUnavailable(str(e)) from e
@@ -254,7 +312,17 @@ class RedisStore:
     def team_key(self, team: str, suffix: str) -> str:
         return f"{self._prefix}:{{t:{team}}}:{suffix}"
 
-    async def record_usage(self, usage: Usage, day: str) -> None:
+    @staticmethod
+    def new_write_id() -> str:
+        """An id for one write, kept by the journal across replays: `bucket:token`."""
+        return f"{int(time.time()) // _ONCE_BUCKET_S}:{secrets.token_hex(8)}"
+
+    @staticmethod
+    def _once(tagged_prefix: str, write_id: str, keys: list[str], args: list[Any]) -> tuple[list[str], list[Any]]:
+        bucket, token = write_id.split(":", 1)
+        return [*keys, f"{tagged_prefix}once:{bucket}"], [*args, token]
+
+    async def record_usage(self, usage: Usage, day: str, write_id: str | None = None) -> None:
         keys = [
             self.team_key(usage.team, "spend:total"),
             self.team_key(usage.team, f"spend:{day}"),
@@ -264,7 +332,10 @@ class RedisStore:
         args = [usage.model, usage.input_tokens, usage.output_tokens, usage.cost_nano, _DAY_TTL_S, usage.saved_nano]
         for policy, nano in usage.saved_by_policy:
             args += [policy, nano]
-        await self._run(self._record, keys, args)
+        if write_id is None:
+            await self._run(self._record, keys, args)
+            return
+        await self._run(self._record_once, *self._once(self.team_key(usage.team, ""), write_id, keys, args))
 
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
         try:
@@ -291,8 +362,12 @@ class RedisStore:
             out[team] = ts
         return out
 
-    async def record_arm(self, policy: str, model: str, arm: str, tokens: int) -> None:
-        await self._run(self._arm, [f"{self._prefix}:{{p:{policy}}}:holdout"], [f"{model}|{arm}", tokens])
+    async def record_arm(self, policy: str, model: str, arm: str, tokens: int, write_id: str | None = None) -> None:
+        keys, args = [f"{self._prefix}:{{p:{policy}}}:holdout"], [f"{model}|{arm}", tokens]
+        if write_id is None:
+            await self._run(self._arm, keys, args)
+            return
+        await self._run(self._arm_once, *self._once(f"{self._prefix}:{{p:{policy}}}:", write_id, keys, args))
 
     async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
         try:
@@ -311,14 +386,31 @@ class RedisStore:
     def _window_key(self, w: LimitWindow, index: int) -> str:
         return self.team_key(w.team, f"rl:{w.name}:{index}")
 
-    async def reserve_budget(self, scopes: list[BudgetScope], amount_nano: int) -> Reservation:
+    async def reserve_budget(
+        self, scopes: list[BudgetScope], amount_nano: int, write_id: str | None = None
+    ) -> Reservation:
         keys = [self._budget_key(s) for s in scopes]
         args = [amount_nano, *(s.limit_nano for s in scopes), *(s.ttl_s for s in scopes)]
-        ok, failed, *used = await self._run(self._reserve, keys, args)
+        if write_id is None:
+            ok, failed, *used = await self._run(self._reserve, keys, args)
+        else:
+            once = self._once(self.team_key(scopes[0].team, ""), write_id, keys, args)
+            ok, failed, *used = await self._run(self._reserve_once, *once)
         return Reservation(bool(ok), tuple(int(float(u)) for u in used), int(failed) - 1 if not ok else None)
 
-    async def settle_budget(self, scopes: list[BudgetScope], reserved_nano: int, actual_nano: int) -> None:
-        await self._run(self._settle, [self._budget_key(s) for s in scopes], [reserved_nano, actual_nano])
+    async def release_if_reserved(self, scopes: list[BudgetScope], amount_nano: int, write_id: str) -> None:
+        """Undo the reservation `write_id` made, if it did (its reply was lost)."""
+        keys = [self._budget_key(s) for s in scopes]
+        await self._run(self._release, *self._once(self.team_key(scopes[0].team, ""), write_id, keys, [amount_nano]))
+
+    async def settle_budget(
+        self, scopes: list[BudgetScope], reserved_nano: int, actual_nano: int, write_id: str | None = None
+    ) -> None:
+        keys, args = [self._budget_key(s) for s in scopes], [reserved_nano, actual_nano]
+        if write_id is None:
+            await self._run(self._settle, keys, args)
+            return
+        await self._run(self._settle_once, *self._once(self.team_key(scopes[0].team, ""), write_id, keys, args))
 
     async def budget_usage(self, scopes: list[BudgetScope]) -> list[tuple[int, int]]:
         try:

@@ -4,6 +4,9 @@
 every spend record (usage totals and budget settlements) goes to a local journal that is flushed,
 in order, as soon as the store answers again, so no spend is lost. `fail_closed` refuses requests
 with 503 until the store is back.
+
+Each write carries a write id, kept across replays, so a write whose reply was lost after the store
+ran it is not counted twice; a reservation whose reply was lost is undone if it landed.
 """
 
 from __future__ import annotations
@@ -61,29 +64,31 @@ class FailurePolicyStore:
         metrics.STORE_JOURNAL.set(len(self.journal))
         self._pending.set()
 
-    async def record_usage(self, usage: Usage, day: str) -> None:
+    async def _write(self, op: str, args: tuple[Any, ...]) -> None:
+        """One spend write, journalled (with its write id) when the store cannot take it now."""
+        args = (*args, self.inner.new_write_id())
         if self.journal:  # keep order: nothing may overtake what is already waiting
-            self._journal("record_usage", (usage, day), StoreUnavailable("journal not yet flushed"))
+            self._journal(op, args, StoreUnavailable("journal not yet flushed"))
             return
         try:
-            await self.inner.record_usage(usage, day)
+            await getattr(self.inner, op)(*args)
         except StoreUnavailable as e:
-            self._journal("record_usage", (usage, day), e)
+            self._journal(op, args, e)
+
+    async def record_usage(self, usage: Usage, day: str) -> None:
+        await self._write("record_usage", (usage, day))
 
     async def settle_budget(self, scopes: list[BudgetScope], reserved_nano: int, actual_nano: int) -> None:
-        if self.journal:
-            self._journal("settle_budget", (scopes, reserved_nano, actual_nano), StoreUnavailable("journal"))
-            return
-        try:
-            await self.inner.settle_budget(scopes, reserved_nano, actual_nano)
-        except StoreUnavailable as e:
-            self._journal("settle_budget", (scopes, reserved_nano, actual_nano), e)
+        await self._write("settle_budget", (scopes, reserved_nano, actual_nano))
 
     async def reserve_budget(self, scopes: list[BudgetScope], amount_nano: int) -> Reservation | None:
         """None when the store is down and the policy is fail_open: the request goes unchecked."""
+        write_id = self.inner.new_write_id()
         try:
-            return await self.inner.reserve_budget(scopes, amount_nano)
+            return await self.inner.reserve_budget(scopes, amount_nano, write_id)
         except StoreUnavailable as e:
+            # The store may have reserved before the reply was lost: undo it, if so, once it is back.
+            self._journal("release_if_reserved", (scopes, amount_nano, write_id), e)
             self._down("budget", e)
             return None
 
@@ -103,13 +108,7 @@ class FailurePolicyStore:
             await self.inner.add_to_limits(windows, now)
 
     async def record_arm(self, policy: str, model: str, arm: str, tokens: int) -> None:
-        if self.journal:
-            self._journal("record_arm", (policy, model, arm, tokens), StoreUnavailable("journal"))
-            return
-        try:
-            await self.inner.record_arm(policy, model, arm, tokens)
-        except StoreUnavailable as e:
-            self._journal("record_arm", (policy, model, arm, tokens), e)
+        await self._write("record_arm", (policy, model, arm, tokens))
 
     async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
         return await self.inner.arm_stats(policy)
