@@ -152,8 +152,8 @@ def wrk(url: str, script: str, concurrency: int, seconds: float, pid: int | None
 
 
 class Target:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], auth: bool):
-        self.name, self.args, self.env, self.auth = name, args, env, auth
+    def __init__(self, name: str, args: list[str], env: dict[str, str], auth: bool, cwd: Path = ROOT):
+        self.name, self.args, self.env, self.auth, self.cwd = name, args, env, auth, cwd
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
         self.rss_idle = self.rss_load = 0.0
@@ -163,7 +163,13 @@ class Target:
         return f"http://127.0.0.1:{self.port}/v1/chat/completions"
 
     async def start(self) -> None:
-        self.proc = _spawn([*self.args, "--port", str(self.port)], self.env)
+        self.proc = subprocess.Popen(
+            [*self.args, "--port", str(self.port)],
+            cwd=self.cwd,
+            env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         await _wait(f"http://127.0.0.1:{self.port}/healthz")
         time.sleep(0.5)  # let the workers finish importing before the idle RSS is read
         self.rss_idle = _tree_rss(self.proc.pid)
@@ -181,7 +187,7 @@ def _proxy_args(config: str, workers: int = 1) -> list[str]:
     )
 
 
-async def run(seconds: float, rounds: int, scaling: bool) -> tuple[list[dict], dict, dict]:
+async def run(seconds: float, rounds: int, scaling: bool, before: Path | None) -> tuple[list[dict], dict, dict]:
     tmp = Path(tempfile.mkdtemp(prefix="hotpath-"))
     mock_port = _free_port()
     mock_url = f"http://127.0.0.1:{mock_port}"
@@ -202,6 +208,11 @@ async def run(seconds: float, rounds: int, scaling: bool) -> tuple[list[dict], d
         Target("memory", _proxy_args(str(config)), {}, True),
         Target("redis", _proxy_args(str(config)), {"LLM_PROXY_REDIS_URL": REDIS_URL}, True),
     ]  # fmt: skip
+    if before is not None:  # the same proxy from another source tree (e.g. `git archive <commit>`), same run
+        targets += [
+            Target("memory, before", _proxy_args(str(config)), {}, True, before),
+            Target("redis, before", _proxy_args(str(config)), {"LLM_PROXY_REDIS_URL": REDIS_URL}, True, before),
+        ]
     results: dict[str, dict[str, list[dict]]] = {t.name: {} for t in targets}
     scaling_rows: dict = {}
     try:
@@ -294,9 +305,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers-scaling", action="store_true")
+    ap.add_argument("--before", type=Path, help="also run the proxy from this source tree (an older commit)")
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
-    rows, scaling, extra = asyncio.run(run(args.seconds, args.rounds, args.workers_scaling))
+    rows, scaling, extra = asyncio.run(run(args.seconds, args.rounds, args.workers_scaling, args.before))
     table = render(rows, scaling, extra)
     print(table)
     if args.write:
