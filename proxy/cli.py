@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 1
     os.environ["LLM_PROXY_CONFIG"] = args.config
+    logging.getLogger().setLevel(args.log_level.upper())  # the proxy's own loggers follow --log-level too
     common = dict(
         host=args.host,
         port=args.port,

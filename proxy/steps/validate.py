@@ -15,6 +15,7 @@ from proxy.errors import InvalidRequest
 from proxy.pipeline import Endpoint, RequestContext
 from proxy.steps.upstream_fields import forbidden_field
 
+_JSON_TYPES = {str: "a string", bool: "a boolean", float: "a number", list: "an array", dict: "an object"}
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_N = 128
 # orjson parses up to 1024 levels but serialises at most 255; the proxy re-serialises every body it
@@ -33,7 +34,9 @@ def _positive_int(body: dict, name: str, upper: int | None = None) -> None:
     if v is None:
         return
     if not _is_int(v) or v < 1:
-        raise InvalidRequest(f"'{name}' must be a positive integer, got {orjson.dumps(v).decode()[:40]}.", param=name)
+        # Name the type, never echo a string: a client's text does not belong in error bodies (or logs).
+        got = v if _is_int(v) else _JSON_TYPES.get(type(v), "a value")
+        raise InvalidRequest(f"'{name}' must be a positive integer, got {got}.", param=name)
     if upper is not None and v > upper:
         raise InvalidRequest(f"'{name}' must be at most {upper}, got {v}.", param=name)
 

@@ -7,6 +7,7 @@ and ~100 MB, which a proxy serving only OpenAI-compatible upstreams should never
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from functools import cache
@@ -18,6 +19,8 @@ from proxy.config.models import ModelConfig
 from proxy.errors import BadGateway, UpstreamHTTPError
 from proxy.upstream.openai_compat import UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError
+
+_LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
 
 
 @cache
@@ -34,6 +37,10 @@ def _import_litellm() -> Any:
     # The packaged price map only: never fetch one over the network at import.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     litellm = importlib.import_module("litellm")
+    # litellm's debug and info logs print whole calls (messages, parameters): prompt text must never
+    # reach the proxy's logs, whatever --log-level says.
+    for name in _LITELLM_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     litellm.telemetry = False
     litellm.drop_params = True
     return litellm
