@@ -117,6 +117,8 @@ class MockUpstream:
     def __init__(self, state: MockState):
         self.state = state
         self._counter = counter_for("gpt-4o")
+        # Load the encoding now: the first requests of a load test must not wait seconds for it.
+        self._counter.text("warm")
 
     def _take_fault(self, path: str, model: str | None) -> Fault | None:
         for fault in self.state.faults:
