@@ -141,7 +141,9 @@ def wrk(url: str, script: str, concurrency: int, seconds: float, pid: int | None
     errors = re.search(r"Socket errors: (.*)", out)
     if bad or errors:
         raise RuntimeError(f"{url}: wrk saw failures:\n{out}")
-    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.M))
+    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", out, re.M))
+    if "99" not in pct:
+        raise RuntimeError(f"{url}: no latency distribution in wrk's output:\n{out}")
     return {
         "n": n,
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
