@@ -307,7 +307,9 @@ async def test_fault_matrix_under_load_loses_no_spend_and_never_hangs(session_tm
         recorded_out = sum(m["output_tokens"] for m in models.values())
         reported_usd = sum(rec["cost_usd"] for rec in lines.values())
         served_usd = (served["prompt_tokens_served"] * PRICE_IN + served["completion_tokens_served"] * PRICE_OUT) / 1e6
+        slowest = max(o.elapsed for o in outcomes)
         print(
+            f"slowest request {slowest:.2f} s (deadline {DEADLINE_S} s); "
             f"requests {len(outcomes)}; spend recorded ${spend['spend_usd']:.9f} "
             f"(in {recorded_in}, out {recorded_out} tokens); per-request costs reported ${reported_usd:.9f}; "
             f"served by the mock ${served_usd:.9f} (in {served['prompt_tokens_served']}, "
