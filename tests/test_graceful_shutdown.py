@@ -196,3 +196,24 @@ def test_past_the_graceful_timeout_requests_are_cancelled_and_still_settle(tmp_p
         assert "not settled" not in log and "not written to the store" not in log
     finally:
         proxy.stop()
+
+
+def test_spend_journalled_while_redis_is_down_reaches_it_when_it_returns_during_shutdown(tmp_path, own_mock, own_redis):
+    proxy = _start(tmp_path, own_mock, own_redis)
+    own_mock.configure(reply_tokens=10)
+    try:
+        own_redis.stop()
+        results = [_request(proxy.url, i) for i in range(4)]  # fail_open: served, spend journalled
+        assert [kind for kind, _ in results] == ["ok"] * 4, results
+        proxy.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Waiting for application shutdown" in proxy.log(), "the lifespan shutdown to begin", 20)
+        own_redis.start()  # back while the proxy is closing its store
+        assert proxy.proc.wait(30) == 0, proxy.log()[-3000:]
+        prompt, completion, served_nano = _served_nano(own_mock)
+        spend = _spend(own_redis)
+        assert spend["requests"] == 4 and (spend["in"], spend["out"]) == (prompt, completion)
+        assert abs(spend["nano"] - served_nano) <= 4
+        assert spend["budget_reserved"] == 0 and spend["budget_spent"] == spend["nano"]
+        assert "not written to the store" not in proxy.log()
+    finally:
+        proxy.stop()

@@ -34,6 +34,10 @@ log = logging.getLogger("llm_proxy.store")
 
 _FIRST_RETRY_S = 0.25
 _MAX_RETRY_S = 5.0
+# On shutdown, how long a journal that cannot be flushed keeps being retried: a store restarting at
+# the same moment as the proxy still gets the spend, and the process still exits well inside a
+# Kubernetes grace period.
+_CLOSE_FLUSH_S = 5.0
 
 
 class FailurePolicyStore:
@@ -146,6 +150,13 @@ class FailurePolicyStore:
     async def close(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
-        if self.journal and not await self.flush():
-            log.error("shutting down with %d spend records not written to the store", len(self.journal))
+        deadline = asyncio.get_running_loop().time() + _CLOSE_FLUSH_S
+        delay = _FIRST_RETRY_S
+        while self.journal and not await self.flush():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.error("shutting down with %d spend records not written to the store", len(self.journal))
+                break
+            await asyncio.sleep(min(delay, left))  # the store is down: back off before the next try
+            delay = min(delay * 2, _MAX_RETRY_S)
         await self.inner.close()
