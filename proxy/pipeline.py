@@ -66,6 +66,7 @@ class RequestContext:
     budget_scopes: list[Any] = field(default_factory=list)
     reserved_nano: int = 0
     limit_windows: list[Any] = field(default_factory=list)
+    limits_hit_at: float = 0.0  # when the limit windows counted this request (an undo goes there)
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     saved_by_policy: dict[str, float] = field(default_factory=dict)
     routed_by: list[str] = field(default_factory=list)  # policies that changed the model

@@ -621,3 +621,31 @@ def test_rejected_requests_change_no_spend_budget_limit_or_metric(
     assert _counted_metrics(http) == metrics_before
     assert _store_state(prefix) == store
     check_alive(fuzz_proxy, http)
+
+
+async def test_a_refused_requests_rate_limit_undo_lands_in_the_window_that_counted_it(monkeypatch):
+    """A request counted in the last instant of a minute and refused by a later step in the next one
+    is taken back out of the minute that counted it (the clock is set: a boundary cannot be awaited)."""
+    from proxy.config.models import PolicyFile
+    from proxy.pipeline import RequestContext
+    from proxy.steps.limits import EnforceRateLimits
+    from proxy.store.base import LimitWindow
+    from proxy.store.memory import MemoryStore
+
+    policy = PolicyFile.model_validate(
+        {
+            "version": 1,
+            "models": {"m": {"api_base": "http://127.0.0.1:9/v1", "price": {"input_per_mtok": 1}}},
+            "teams": {"t": {"keys": ["k"], "limits": {"rpm": 5}}},
+        }
+    )
+    store = MemoryStore()
+    step = EnforceRateLimits(policy, store)
+    ctx = RequestContext(request_id="r", endpoint="chat", headers={}, team="t", key_id="f")
+    clock = [119.99]  # the last instant of minute 1
+    monkeypatch.setattr("proxy.steps.limits.time.time", lambda: clock[0])
+    await step.on_request(ctx)
+    clock[0] = 120.01  # minute 2 began before a later step refused the request
+    await step.on_settle(ctx)  # never dispatched: the hit is undone
+    seen = await store.hit_limits([LimitWindow("t", "team:rpm", 5, 0)], 120.01)
+    assert seen.used == (0.0,), "the refused request still counts against the team"

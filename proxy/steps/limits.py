@@ -72,7 +72,8 @@ class EnforceRateLimits:
         windows = self.windows(ctx)
         if not windows:
             return
-        result = await self._store.hit_limits(windows, time.time())
+        now = time.time()
+        result = await self._store.hit_limits(windows, now)
         if result is None:  # store down, fail_open
             return
         if not result.ok:
@@ -91,6 +92,7 @@ class EnforceRateLimits:
                 },
             )
         ctx.limit_windows = windows
+        ctx.limits_hit_at = now
         seen = set()
         for w, used in zip(windows, result.used, strict=True):
             kind = _header_kind(w)
@@ -108,8 +110,9 @@ class EnforceRateLimits:
         if not ctx.limit_windows:
             return
         if not ctx.dispatched:
+            # Taken back out of the window that counted it, even if a new minute began meanwhile.
             undo = [LimitWindow(w.team, w.name, w.limit, -w.cost) for w in ctx.limit_windows]
-            await self._store.add_to_limits(undo, time.time())
+            await self._store.add_to_limits(undo, ctx.limits_hit_at)
         elif ctx.output_tokens:
             tpm = [
                 LimitWindow(w.team, w.name, w.limit, ctx.output_tokens)
