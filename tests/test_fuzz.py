@@ -46,7 +46,7 @@ FORBIDDEN = ["api_base", "base_url", "api_key", "custom_llm_provider", "extra_he
 
 
 def _policy(upstream: str, prefix: str) -> str:
-    beta_hash = "sha256:" + hashlib.sha256(KEYS["limited"].encode()).hexdigest()
+    limited_hash = "sha256:" + hashlib.sha256(KEYS["limited"].encode()).hexdigest()
     return f"""\
 version: 1
 server: {{max_body_bytes: 65536}}
@@ -77,7 +77,7 @@ teams:
     budget: {{usd: 0.000000001, period: day}}
     limits: {{rpm: 1000000}}
   limited:
-    keys: [{beta_hash}]
+    keys: [{limited_hash}]
     limits: {{tpm: 1}}
 tasks:
   summarize: {{patterns: ["(?i)summari[sz]e"]}}
