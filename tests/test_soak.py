@@ -100,8 +100,8 @@ def soak_prefix() -> Iterator[str]:
     client.close()
 
 
-def _start_proxy(tmp: Path, policy: str, redis_url: str | None) -> Server:
-    """Like conftest's start_proxy, with room for the local embedder to load on a busy machine."""
+def _launch_proxy(tmp: Path, policy: str, redis_url: str | None) -> Server:
+    """Start a proxy without waiting for it (three start together: the local embedder takes a while)."""
     port = free_port()
     config = tmp / f"policy-{port}.yaml"
     config.write_text(policy)
@@ -115,14 +115,16 @@ def _start_proxy(tmp: Path, policy: str, redis_url: str | None) -> Server:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
         )
-    server = Server(proc, port, log_path)
+    return Server(proc, port, log_path)
+
+
+def _wait_serving(server: Server) -> None:
+    """Like conftest's start-up wait, with room for the local embedder to load on a busy machine."""
     try:
-        wait_until_serving(server.url + "/healthz", proc, timeout=180)
+        wait_until_serving(server.url + "/healthz", server.proc, timeout=180)
         wait_for(lambda: _collections_ready(server), "the collections to load", timeout=120)
     except Exception:
-        server.stop()
         raise RuntimeError(f"the proxy did not start:\n{server.log()}") from None
-    return server
 
 
 def _collections_ready(server: Server) -> bool:
@@ -256,7 +258,9 @@ async def test_soak_keeps_memory_fds_and_error_rates_flat(
     try:
         for name, (on_redis, embedder) in PROXIES.items():
             policy = policy_yaml(name, fast.url, slow.url, f"{soak_prefix}{name}", embedder)
-            proxies[name] = _start_proxy(tmp_path, policy, REDIS_URL if on_redis else None)
+            proxies[name] = _launch_proxy(tmp_path, policy, REDIS_URL if on_redis else None)
+        for server in proxies.values():
+            _wait_serving(server)
         base, rows, tallies, after = await _soak(proxies, soak_mocks)
         for name in proxies:
             print("\n" + _table(name, base[name], rows[name]) + f"\nafter the load: {after[name].fds} fds")
@@ -266,6 +270,8 @@ async def test_soak_keeps_memory_fds_and_error_rates_flat(
             assert last.rss_mb <= 1.10 * warm.rss_mb, f"{name}: RSS grew from {warm.rss_mb:.1f} to {last.rss_mb:.1f} MB"
             warm_fds = max(r.fds for r in rows[name][:WARMUP_ROWS])
             assert last.fds <= warm_fds + 16, f"{name}: fds grew from {warm_fds} to {last.fds}"
+            warm_conns = max(r.conns for r in rows[name][:WARMUP_ROWS])
+            assert last.conns <= warm_conns + 16, f"{name}: TCP connections grew from {warm_conns} to {last.conns}"
             assert after[name].fds <= warm_fds + 16, f"{name}: {after[name].fds} fds stay open after the load"
             # Every label combination of the mix shows up early; a per-request label would keep adding.
             mid = rows[name][(WARMUP_ROWS + ROWS) // 2]
