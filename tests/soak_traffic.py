@@ -294,8 +294,8 @@ class Traffic:
                 outcome = await self._faulty_chat(model)
         except Exception as e:
             outcome = f"raised {type(e).__name__}: {str(e)[:120]}"
-        if outcome == expect:
-            self.tally.record("faults", "ok" if expect.startswith("200") else "fault")
+        if outcome == expect:  # retried or fallen back: ok; relayed or in-band: a caused error
+            self.tally.record("faults", "ok" if expect.startswith("200") and "error" not in expect else "fault")
         else:
             self.tally.record("faults", "unexpected", f"fault '{name}': expected {expect}, got {outcome}")
 

@@ -50,7 +50,7 @@ MIXED_RPS = float(os.environ.get("LLM_PROXY_SOAK_RPS", "24"))  # per proxy
 PROXIES = {"local": (True, "local"), "redis": (True, "lookup-embed"), "memory": (False, "lookup-embed")}
 FAULT_PERIOD_S = 0.5
 ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
-# A reply of the slow mock (60 words) or a broken stream never costs more than this many output tokens.
+# A cut-off stream (slow: 60 words, brittle: 32) costs less than 200 input + 200 output tokens at $1/$2.
 PARTIAL_STREAM_MAX_USD = (200 * 1.0 + 200 * 2.0) / 1e6
 
 
