@@ -16,15 +16,17 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 
-def _already_handled(sig: int, frame: FrameType | None) -> None:
-    """The signal uvicorn re-raises after a completed graceful shutdown: nothing left to do."""
+def _exit_cleanly(sig: int, frame: FrameType | None) -> None:
+    """SIGTERM/SIGINT outside uvicorn's own handling: after its graceful shutdown (it re-raises the
+    signal it stopped on) nothing is left to do; before it serves, there is nothing to drain."""
+    raise SystemExit(0)
 
 
 def _exit_zero_after_shutdown() -> None:
-    # uvicorn re-raises the signal it stopped on once shutdown is complete; with the default handler
-    # that would end a clean shutdown with status 143. Its handler restores this one before re-raising.
+    # With the default handler uvicorn's re-raised signal would end a clean shutdown with status 143.
+    # uvicorn restores this handler before re-raising.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _already_handled)
+        signal.signal(sig, _exit_cleanly)
 
 
 def run_single(app: Any, options: dict[str, Any]) -> None:
