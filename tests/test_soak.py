@@ -222,7 +222,8 @@ def _check_rates_stay_flat(name: str, rows: list[Row]) -> None:
             if outcome == "rate_limited" and SOAK_S / ROWS < 60:
                 continue  # a paced lane over a one-minute sliding window: 30 s admitted, 30 s refused
             r1, r2 = first[(lane, outcome)] / max(n1, 1), second[(lane, outcome)] / max(n2, 1)
-            assert r2 <= r1 * 1.25 + 0.02, f"{name}: {lane}/{outcome} rose from {r1:.3f} to {r2:.3f} of requests"
+            slack = 0.02 + 3 / max(n2, 1)  # a short run's lanes see only part of their cycle
+            assert r2 <= r1 * 1.25 + slack, f"{name}: {lane}/{outcome} rose from {r1:.3f} to {r2:.3f} of requests"
     made = Counter()
     for r in measured:
         made.update({outcome: r.outcome(outcome) for outcome in EXPECTED_ERRORS})
@@ -259,8 +260,10 @@ async def test_soak_keeps_memory_fds_and_error_rates_flat(
         for name, (on_redis, embedder) in PROXIES.items():
             policy = policy_yaml(name, fast.url, slow.url, f"{soak_prefix}{name}", embedder)
             proxies[name] = _launch_proxy(tmp_path, policy, REDIS_URL if on_redis else None)
+        started = time.monotonic()
         for server in proxies.values():
             _wait_serving(server)
+        print(f"\nthree proxies serving after {time.monotonic() - started:.1f} s")
         base, rows, tallies, after = await _soak(proxies, soak_mocks)
         for name in proxies:
             print("\n" + _table(name, base[name], rows[name]) + f"\nafter the load: {after[name].fds} fds")
@@ -282,5 +285,7 @@ async def test_soak_keeps_memory_fds_and_error_rates_flat(
         assert fast.stats()["faults_pending"] == 0  # every injected fault met the request it was meant for
         assert slow.stats()["calls"].get("stream_cancelled", 0) > 0  # the disconnects reached the upstream
     finally:
+        for server in proxies.values():
+            server.proc.terminate()  # all at once: each drains its connections before it exits
         for server in proxies.values():
             server.stop()
