@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from proxy.errors import Forbidden, Unauthorized
+from proxy.errors import Forbidden, ProxyError, Unauthorized
 from proxy.steps.auth import presented_key
+
+_JSON = (b"content-type", b"application/json")
 
 
 def require_master_key(headers: Mapping[str, str], master_key: str | None) -> None:
@@ -15,3 +18,30 @@ def require_master_key(headers: Mapping[str, str], master_key: str | None) -> No
     key = presented_key({k.lower(): v for k, v in headers.items()})
     if key is None or not hmac.compare_digest(key.encode(), master_key.encode()):
         raise Unauthorized("Admin endpoints need the master key.")
+
+
+class AdminGuard:
+    """ASGI wrapper: every /admin path checks the master key before anything else runs.
+
+    The handlers check it too, but FastAPI validates query parameters and redirects trailing slashes before a
+    handler runs: without this guard an anonymous caller got a 400 or a 307 where it should get a 401.
+    """
+
+    def __init__(self, app: Any, master_key: Callable[[], str | None]):
+        self.app = app
+        self.master_key = master_key
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path == "/admin" or path.startswith("/admin/"):
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                try:
+                    require_master_key(headers, self.master_key())
+                except ProxyError as e:
+                    extra = [(k.encode(), v.encode()) for k, v in e.headers.items()]
+                    start = {"type": "http.response.start", "status": e.status, "headers": [_JSON, *extra]}
+                    await send(start)
+                    await send({"type": "http.response.body", "body": e.body()})
+                    return
+        await self.app(scope, receive, send)

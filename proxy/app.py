@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from proxy.admin_auth import require_master_key
+from proxy.admin_auth import AdminGuard, require_master_key
 from proxy.config import PolicyFile, load_policy_file
 from proxy.config.reload import Reloader
 from proxy.errors import ProxyError, Unauthorized
@@ -326,7 +326,7 @@ def create_app(
         redis_url if redis_url is not None else os.environ.get("LLM_PROXY_REDIS_URL") or None,
         master_key if master_key is not None else os.environ.get("LLM_PROXY_MASTER_KEY") or None,
     )
-    return _CountingGateway(state, build_ops_app(state))
+    return _CountingGateway(state, AdminGuard(build_ops_app(state), lambda: state.master_key))
 
 
 class _CountingGateway(Gateway):

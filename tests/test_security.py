@@ -318,6 +318,21 @@ def test_admin_endpoints_refuse_without_the_master_key(secure, method, path, who
     assert httpx.get(secure.url + "/admin/kb/private", headers=ADMIN).json()["total"] == 0
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "params"),
+    [
+        ("GET", "/admin/spend", {"days": "abc"}),  # FastAPI would answer 422/400 before the handler
+        ("GET", "/admin/savings", {"days": "-"}),
+        ("POST", "/admin/kb/", {}),  # Starlette would redirect the trailing slash (307)
+        ("GET", "/admin/no-such-route", {}),  # nor tell an anonymous caller which admin routes exist
+    ],
+)
+def test_admin_refuses_before_looking_at_the_request(secure, method, path, params):
+    r = httpx.request(method, secure.url + path, params=params, follow_redirects=False)
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_admin_endpoints_are_off_without_a_master_key(tmp_path, upstream, prefix):
     policy = _policy(upstream.url, prefix + "off", tmp_path / "requests.jsonl")
     port = free_port()
