@@ -98,7 +98,7 @@ def _proxy_headers(ctx: RequestContext, with_cost: bool) -> list[tuple[bytes, by
     if ctx.policies:
         h.append((b"x-llm-proxy-policies", ",".join(ctx.policies).encode()))
     if with_cost:
-        h.append((b"x-llm-proxy-cost-usd", f"{ctx.cost:.9f}".encode()))
+        h.append((b"x-llm-proxy-cost-usd", f"{ctx.billed():.9f}".encode()))
         h.append((b"x-llm-proxy-saved-usd", f"{ctx.saved:.9f}".encode()))
     if ctx.extra_headers:
         h += ctx.extra_headers
@@ -225,7 +225,8 @@ class Gateway:
             ctx.error = e
             ctx.status = e.status
             if not ctx.cancelled:
-                await send_error(send, e, _proxy_headers(ctx, False))
+                # A refused or failed request still tells its cost when it spent something (an embedding).
+                await send_error(send, e, _proxy_headers(ctx, ctx.embeddings is not None and ctx.billed() > 0))
         except asyncio.CancelledError:
             ctx.cancelled = True
             ctx.status = 499

@@ -85,6 +85,13 @@ class RequestContext:
             self._user_text = _user_text(self.body)
         return self._user_text
 
+    def billed(self) -> float:
+        """What this request costs its team: the answer, plus the embeddings made to decide it on a
+        retrieval miss (recorded as spend of the embedding model; on a hit they are the answer's cost)."""
+        if self.embeddings is None or self.route == "retrieval":
+            return self.cost
+        return self.cost + self.embeddings.cost()
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 

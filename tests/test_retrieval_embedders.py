@@ -26,6 +26,7 @@ from tests.conftest import (
     policy_yaml,
     start_process,
     start_proxy,
+    team_spend,
     wait_for,
 )
 
@@ -122,6 +123,26 @@ def test_a_lookup_costs_its_embedding_and_only_where_generating_costs_more(proxy
     )
     # Embedding calls are spend too: the miss above recorded none (not worth it), the hit its own cost.
     assert admin_spend(proxy)["teams"]["alpha"]["spend_usd"] > 0
+
+
+def test_a_miss_tells_its_lookup_embedding_in_the_cost_header(proxy: Server, emock: MockUpstream) -> None:
+    def spend() -> tuple[float, float]:
+        alpha = team_spend(proxy, "alpha")
+        return alpha["spend_usd"], alpha["by_model"].get("embed", {}).get("spend_usd", 0.0)
+
+    before, embed_before = spend()
+    headers, reply = ask(
+        proxy, f"a question nobody asked before {time.time()}", model=CACHED_MODEL, extra_headers=CACHE
+    )
+    assert headers["x-llm-proxy-route"] == "upstream" and reply.choices[0].message.content
+    told = float(headers["x-llm-proxy-cost-usd"])
+    # The team paid for the answer and for the cache lookup's embedding: the header says both.
+    _, embed_after = wait_for(
+        lambda: (s := spend())[0] == pytest.approx(before + told, rel=1e-9, abs=1e-12) and s,
+        "the request's spend to equal its cost header",
+        timeout=10,
+    )
+    assert embed_after > embed_before  # the lookup was priced, so the header holds more than the answer
 
 
 def test_an_embedder_that_is_down_sends_requests_upstream(proxy: Server, emock: MockUpstream) -> None:

@@ -72,7 +72,7 @@ class LogRequests:
             "policies": ctx.policies,
             "prompt_tokens": ctx.prompt_tokens,
             "usage": {"prompt_tokens": ctx.input_tokens, "completion_tokens": ctx.output_tokens},
-            "cost_usd": ctx.cost,
+            "cost_usd": ctx.billed(),
             "saved_usd": ctx.saved,
             "body": {**body, "model": ctx.model_requested},
         }
