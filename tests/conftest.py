@@ -3,6 +3,7 @@ Redis with a per-run key prefix, and the official openai SDK as the client."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -213,14 +214,22 @@ def proxy(session_tmp: Path, mock_upstream: MockUpstream) -> Iterator[Server]:
     server.stop()
 
 
+@contextlib.contextmanager
+def private_redis_keys(prefix: str) -> Iterator[str]:
+    """Keys of this test's own on the shared Redis: every key starting with `prefix` is deleted after."""
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(f"{prefix}*", count=1000):
+            client.delete(key)
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def redis_prefix() -> Iterator[str]:
-    prefix = f"llmptest{uuid.uuid4().hex[:8]}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}:*", count=1000):
-        client.delete(key)
-    client.close()
+    with private_redis_keys(f"llmptest{uuid.uuid4().hex[:8]}") as prefix:
+        yield prefix
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import MASTER_KEY, REDIS_URL, Server, start_proxy, wait_for
+from tests.conftest import MASTER_KEY, REDIS_URL, Server, private_redis_keys, start_proxy, wait_for
 from tests.recording_upstream import RecordingUpstream
 
 CASES = 500
@@ -114,12 +114,8 @@ def upstream() -> Iterator[RecordingUpstream]:
 
 @pytest.fixture(scope="module")
 def prefix() -> Iterator[str]:
-    name = f"llmpfuzz{uuid.uuid4().hex[:8]}"
-    yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{name}:*", count=1000):
-        client.delete(key)
-    client.close()
+    with private_redis_keys(f"llmpfuzz{uuid.uuid4().hex[:8]}") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from proxy.steps.upstream_fields import forbidden_field
-from tests.conftest import MASTER_KEY, REDIS_URL, Server, free_port, start_process, wait_for
+from tests.conftest import MASTER_KEY, REDIS_URL, Server, free_port, private_redis_keys, start_process, wait_for
 from tests.recording_upstream import RecordingUpstream
 
 RUN = uuid.uuid4().hex[:10]
@@ -115,12 +115,8 @@ def upstream() -> Iterator[RecordingUpstream]:
 
 @pytest.fixture(scope="module")
 def prefix() -> Iterator[str]:
-    name = f"llmpsec{RUN}"
-    yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{name}*", count=1000):
-        client.delete(key)
-    client.close()
+    with private_redis_keys(f"llmpsec{RUN}") as name:  # also every other proxy's prefix here starts with it
+        yield name
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ import aiohttp
 import httpx
 import psutil
 import pytest
-import redis
 
 from tests.conftest import (
     MASTER_KEY,
@@ -35,6 +34,7 @@ from tests.conftest import (
     MockUpstream,
     Server,
     free_port,
+    private_redis_keys,
     start_process,
     wait_for,
     wait_until_serving,
@@ -92,12 +92,8 @@ def soak_mocks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MockU
 
 @pytest.fixture(scope="module")
 def soak_prefix() -> Iterator[str]:
-    prefix = f"llmpsoak{uuid.uuid4().hex[:8]}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}*", count=1000):  # every proxy's prefix starts with it
-        client.delete(key)
-    client.close()
+    with private_redis_keys(f"llmpsoak{uuid.uuid4().hex[:8]}") as prefix:  # every proxy's prefix starts with it
+        yield prefix
 
 
 def _launch_proxy(tmp: Path, policy: str, redis_url: str | None) -> Server:
