@@ -26,7 +26,7 @@ from proxy.config import PolicyFile, load_policy_file
 from proxy.config.reload import Reloader
 from proxy.errors import ProxyError, Unauthorized
 from proxy.explain import explain
-from proxy.gateway import Gateway
+from proxy.gateway import Gateway, check_content_type
 from proxy.metrics_export import render_metrics, worker_started, worker_stopped
 from proxy.retrieval.admin import add_kb_routes
 from proxy.runtime import Runtime
@@ -267,8 +267,9 @@ def build_ops_app(state: ProxyState) -> FastAPI:
 
     @app.post("/v1/proxy/explain")
     async def proxy_explain(request: Request) -> Response:
-        body = parse_body(await request.body())
         headers = {k.lower(): v for k, v in request.headers.items()}
+        check_content_type(headers)  # as the endpoints it explains: JSON bodies only
+        body = parse_body(await request.body())
         # Authenticate as the real endpoints do: explain tells a team only about its own requests.
         out = await explain(state.runtime, body, headers=headers)
         if out["decision"] == "rejected" and out["error"]["status"] == 401:

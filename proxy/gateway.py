@@ -77,7 +77,7 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _check_content_type(headers: dict[str, str]) -> None:
+def check_content_type(headers: dict[str, str]) -> None:
     ctype = headers.get("content-type")
     if ctype is None:
         return
@@ -207,7 +207,7 @@ class Gateway:
         headers = _headers(scope)
         ctx = RequestContext(request_id=secrets.token_hex(12), endpoint=endpoint, headers=headers)
         try:
-            _check_content_type(headers)
+            check_content_type(headers)
             ctx.raw = await _read_body(receive, headers, runtime.policy.server.max_body_bytes)
             await runtime.pipeline.run_request(ctx)
             if ctx.answer is not None:

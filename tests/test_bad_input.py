@@ -118,6 +118,12 @@ def test_unsupported_content_type_gets_415(proxy, mock):
     _assert_openai_error(r, 415, "unsupported_media_type")
 
 
+def test_explain_refuses_what_the_endpoints_refuse(proxy, mock):
+    headers = {"content-type": "text/plain", **AUTH}
+    r = httpx.post(proxy.url + "/v1/proxy/explain", content=b"model=big", headers=headers)
+    _assert_openai_error(r, 415, "unsupported_media_type")
+
+
 def test_wrong_method_gets_405(proxy):
     _assert_openai_error(httpx.get(proxy.url + "/v1/chat/completions", headers=AUTH), 405)
 
