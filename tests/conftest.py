@@ -79,7 +79,8 @@ class Server:
                 self.proc.wait()
 
 
-def start_process(args: list[str], port: int, health_path: str, tmp: Path, env: dict[str, str] | None = None) -> Server:
+def launch_process(args: list[str], port: int, tmp: Path, env: dict[str, str] | None = None) -> Server:
+    """Start `llm-numbers-proxy ARGS` without waiting for it to serve (several can then start together)."""
     log_path = tmp / f"server-{port}.log"
     # A proxy uses Redis only when a test says so, whatever the calling shell has set.
     full_env = {k: v for k, v in os.environ.items() if k != "LLM_PROXY_REDIS_URL"}
@@ -88,7 +89,12 @@ def start_process(args: list[str], port: int, health_path: str, tmp: Path, env: 
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
-    server = Server(proc, port, log_path)
+    return Server(proc, port, log_path)
+
+
+def start_process(args: list[str], port: int, health_path: str, tmp: Path, env: dict[str, str] | None = None) -> Server:
+    server = launch_process(args, port, tmp, env)
+    proc = server.proc
     try:
         wait_until_serving(server.url + health_path, proc)
     except Exception:
@@ -191,20 +197,26 @@ def policy_yaml(mock_url: str, extra: str = "") -> str:
     ) + textwrap.dedent(extra)
 
 
-def start_proxy(tmp: Path, policy: str, redis_url: str | None = None, env: dict[str, str] | None = None) -> Server:
+def launch_proxy(tmp: Path, policy: str, redis_url: str | None = None, env: dict[str, str] | None = None) -> Server:
+    """A proxy on `policy` (written next to its log), started but not yet waited for."""
     port = free_port()
     config = tmp / f"policy-{port}.yaml"
     config.write_text(policy)
     full_env = {"LLM_PROXY_MASTER_KEY": MASTER_KEY, **(env or {})}
     if redis_url:
         full_env["LLM_PROXY_REDIS_URL"] = redis_url
-    return start_process(
-        ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
-        port,
-        "/healthz",
-        tmp,
-        full_env,
-    )
+    args = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+    return launch_process(args, port, tmp, full_env)
+
+
+def start_proxy(tmp: Path, policy: str, redis_url: str | None = None, env: dict[str, str] | None = None) -> Server:
+    server = launch_proxy(tmp, policy, redis_url, env)
+    try:
+        wait_until_serving(server.url + "/healthz", server.proc)
+    except Exception:
+        server.stop()
+        raise RuntimeError(f"could not start a proxy:\n{server.log()}") from None
+    return server
 
 
 @pytest.fixture(scope="session")

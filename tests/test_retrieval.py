@@ -5,7 +5,6 @@ call counts prove which requests reached it, and the openai SDK as the client.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -23,6 +22,7 @@ from tests.conftest import (
     Server,
     client_for,
     free_port,
+    launch_proxy,
     policy_yaml,
     start_process,
     wait_for,
@@ -71,20 +71,7 @@ def launch_proxies(tmp: Path, policy: str, n: int, redis_url: str | None = None)
     model is loaded (several seconds each on a busy machine, more than conftest's start-up wait)."""
     servers = []
     for _ in range(n):
-        port = free_port()
-        config = tmp / f"policy-{port}.yaml"
-        config.write_text(policy)
-        env = {k: v for k, v in os.environ.items() if k != "LLM_PROXY_REDIS_URL"}
-        env["LLM_PROXY_MASTER_KEY"] = MASTER_KEY
-        if redis_url:
-            env["LLM_PROXY_REDIS_URL"] = redis_url
-        log_path = tmp / f"server-{port}.log"
-        args = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        servers.append(Server(proc, port, log_path))
+        servers.append(launch_proxy(tmp, policy, redis_url))
     try:
         for s in servers:
             wait_until_serving(s.url + "/healthz", s.proc, timeout=180)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -30,10 +28,10 @@ import pytest
 from tests.conftest import (
     MASTER_KEY,
     REDIS_URL,
-    ROOT,
     MockUpstream,
     Server,
     free_port,
+    launch_proxy,
     private_redis_keys,
     start_process,
     wait_for,
@@ -94,24 +92,6 @@ def soak_mocks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MockU
 def soak_prefix() -> Iterator[str]:
     with private_redis_keys(f"llmpsoak{uuid.uuid4().hex[:8]}") as prefix:  # every proxy's prefix starts with it
         yield prefix
-
-
-def _launch_proxy(tmp: Path, policy: str, redis_url: str | None) -> Server:
-    """Start a proxy without waiting for it (three start together: the local embedder takes a while)."""
-    port = free_port()
-    config = tmp / f"policy-{port}.yaml"
-    config.write_text(policy)
-    env = {k: v for k, v in os.environ.items() if k != "LLM_PROXY_REDIS_URL"}
-    env["LLM_PROXY_MASTER_KEY"] = MASTER_KEY
-    if redis_url:
-        env["LLM_PROXY_REDIS_URL"] = redis_url
-    log_path = tmp / f"server-{port}.log"
-    args = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    return Server(proc, port, log_path)
 
 
 def _wait_serving(server: Server) -> None:
@@ -254,7 +234,8 @@ async def test_soak_keeps_memory_fds_and_error_rates_flat(
     try:
         for name, (on_redis, embedder) in PROXIES.items():
             policy = policy_yaml(name, fast.url, slow.url, f"{soak_prefix}{name}", embedder)
-            proxies[name] = _launch_proxy(tmp_path, policy, REDIS_URL if on_redis else None)
+            # Three start together: the local embedder takes a while to load.
+            proxies[name] = launch_proxy(tmp_path, policy, REDIS_URL if on_redis else None)
         started = time.monotonic()
         for server in proxies.values():
             _wait_serving(server)
