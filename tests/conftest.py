@@ -226,16 +226,21 @@ def proxy(session_tmp: Path, mock_upstream: MockUpstream) -> Iterator[Server]:
     server.stop()
 
 
+def delete_redis_keys(prefix: str, url: str = REDIS_URL) -> None:
+    """Delete every key starting with `prefix` (from the shared Redis unless `url` names another)."""
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(f"{prefix}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
 @contextlib.contextmanager
 def private_redis_keys(prefix: str) -> Iterator[str]:
     """Keys of this test's own on the shared Redis: every key starting with `prefix` is deleted after."""
     try:
         yield prefix
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(f"{prefix}*", count=1000):
-            client.delete(key)
-        client.close()
+        delete_redis_keys(prefix)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import REDIS_URL, admin_spend, policy_yaml, start_proxy
+from tests.conftest import REDIS_URL, admin_spend, delete_redis_keys, policy_yaml, start_proxy
 from tests.redis_servers import OwnCluster, OwnRedis
 
 BODY = {"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32}
@@ -52,10 +52,7 @@ async def _burst(urls: list[str], key: str, n: int, body: dict | None = None) ->
 
 
 def _cleanup(prefix: str, url: str = REDIS_URL) -> None:
-    client = redis.Redis.from_url(url)
-    for k in client.scan_iter(f"{prefix}:*"):
-        client.delete(k)
-    client.close()
+    delete_redis_keys(f"{prefix}:", url)
 
 
 @pytest.fixture

@@ -19,7 +19,16 @@ import pytest
 import redis
 
 from proxy.steps.upstream_fields import forbidden_field
-from tests.conftest import MASTER_KEY, REDIS_URL, Server, free_port, private_redis_keys, start_process, wait_for
+from tests.conftest import (
+    MASTER_KEY,
+    REDIS_URL,
+    Server,
+    delete_redis_keys,
+    free_port,
+    private_redis_keys,
+    start_process,
+    wait_for,
+)
 from tests.recording_upstream import RecordingUpstream
 
 RUN = uuid.uuid4().hex[:10]
@@ -435,10 +444,7 @@ def test_keys_and_prompts_never_reach_logs_metrics_error_bodies_or_the_store(tmp
         store = _store_dump(prefix)
     finally:
         server.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(f"{prefix}*", count=1000):
-            client.delete(key)
-        client.close()
+        delete_redis_keys(prefix)
     logs = server.log()
     if log_level == "debug":
         assert "DEBUG" in logs  # the debug level really was on
@@ -469,10 +475,7 @@ def test_prompts_reach_the_request_log_only_when_the_policy_opts_in(tmp_path, up
         metrics = httpx.get(server.url + "/metrics").text
     finally:
         server.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(f"{prefix}*", count=1000):
-            client.delete(key)
-        client.close()
+        delete_redis_keys(prefix)
     assert PROMPT in request_log.read_text()
     assert CANARY_KEY not in request_log.read_text()
     assert "PROMPT-CANARY" not in server.log() and "PROMPT-CANARY" not in metrics
