@@ -236,7 +236,7 @@ async def _at_once_overhead(calls: int = 4000, block: int = 100) -> tuple[float,
     from aiohttp import web
 
     from proxy.config.models import ModelConfig
-    from proxy.mock_upstream import build_mock_app
+    from proxy.fakes.mock_upstream import build_mock_app
     from proxy.upstream.batcher import MicroBatcher
     from proxy.upstream.openai_compat import OpenAICompatUpstream
 
@@ -266,7 +266,7 @@ def _ceiling(batch: int = 25) -> dict[str, tuple[float, float]]:
     """The models called in-process: one batch of `batch` versus `batch` calls of one (seconds)."""
     import torch
 
-    from proxy.reference_backend import Embedder, Generator, minilm_path, tiny_causal_lm
+    from proxy.fakes.reference_backend import Embedder, Generator, minilm_path, tiny_causal_lm
 
     torch.set_num_threads(1)
     model, tokenizer = tiny_causal_lm()

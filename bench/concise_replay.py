@@ -6,7 +6,7 @@ the score. The exams with both arms for a model are used (10 × 100 questions, t
 set excluded as it repeats them).
 
 Two views per model:
-  * full arms: every question in both arms, through proxy.savings.realised_saving — the estimate
+  * full arms: every question in both arms, through proxy.services.holdout_stats.realised_saving — the estimate
     must contain the paired reduction (ratio of totals over the same questions) in its 95% CI;
   * the proxy's own mechanism: each question lands in the hold-out arm with probability 5% (by a
     hash of its id, as requests are split), so only 5% of the CoT answers are observed.
@@ -25,8 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from proxy.savings import ArmStats, realised_saving
-from proxy.steps.concise import holdout_bucket
+from proxy.services.holdout_stats import ArmStats, holdout_bucket, realised_saving
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "concise_cot" / "details"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from bench.hot_path import BODY, KEY, full_policy
 from proxy.config import load_policy_file
-from proxy.pipeline import Endpoint, RequestContext
-from proxy.runtime import Runtime
-from proxy.steps.request_log import RequestLogWriter
+from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.pipeline.runtime import Runtime
+from proxy.services.request_log import RequestLogWriter
 from proxy.store.memory import MemoryStore
 
 HEADERS = {"authorization": f"Bearer {KEY}", "content-type": "application/json", "host": "127.0.0.1"}

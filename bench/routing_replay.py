@@ -27,8 +27,8 @@ from pathlib import Path
 import orjson
 
 from proxy.config import parse_policy_text
-from proxy.explain import explain
-from proxy.runtime import Runtime
+from proxy.pipeline.explain import explain
+from proxy.pipeline.runtime import Runtime
 from proxy.store.memory import MemoryStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    from proxy.serving import run_single, run_workers
+    from proxy.http.serving import run_single, run_workers
 
     try:
         load_policy_file(args.config)  # fail before binding the port, with every error listed
@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=args.graceful_timeout,
     )
     if args.workers > 1:
-        from proxy.metrics_export import prepare_multiprocess_dir, remove_multiprocess_dir
+        from proxy.http.metrics_export import prepare_multiprocess_dir, remove_multiprocess_dir
 
         # Each worker keeps its metric values in files there; /metrics, on any worker, reads them all.
         metrics_dir = prepare_multiprocess_dir()
@@ -84,7 +84,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _runtime(config: str):
     """A runtime for decisions only (no upstream session, embedded store); None after printing errors."""
-    from proxy.runtime import Runtime
+    from proxy.pipeline.runtime import Runtime
     from proxy.store.memory import MemoryStore
 
     try:
@@ -99,7 +99,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     import orjson
 
-    from proxy.explain import explain
+    from proxy.pipeline.explain import explain
 
     runtime = _runtime(args.config)
     if runtime is None:
@@ -129,7 +129,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     import orjson
 
-    from proxy.explain import replay, replay_table
+    from proxy.pipeline.explain import replay, replay_table
 
     runtime = _runtime(args.config)
     if runtime is None:
@@ -151,14 +151,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
-    from proxy.steps.auth import hash_key
+    from proxy.services.keyring import hash_key
 
     print(hash_key(args.key))
     return 0
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
-    from proxy.mock_upstream import MockState, run_mock_upstream
+    from proxy.fakes.mock_upstream import MockState, run_mock_upstream
 
     state = MockState(
         latency_s=args.latency_ms / 1000,
@@ -174,7 +174,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_reference_backend(args: argparse.Namespace) -> int:
-    from proxy.reference_backend import run  # torch and transformers load only here
+    from proxy.fakes.reference_backend import run  # torch and transformers load only here
 
     return run(args)
 

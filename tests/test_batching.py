@@ -26,8 +26,8 @@ from aiohttp import web
 
 from proxy.config import ConfigError, parse_policy_text
 from proxy.config.models import ModelConfig
-from proxy.mock_upstream import build_mock_app
-from proxy.tokens import counter_for
+from proxy.fakes.mock_upstream import build_mock_app
+from proxy.services.tokens import counter_for
 from proxy.upstream.batcher import MicroBatcher
 from proxy.upstream.openai_compat import OpenAICompatUpstream
 from tests.conftest import ROOT, TEAM_KEYS, MockUpstream, Server, client_for, free_port, start_proxy, wait_until_serving

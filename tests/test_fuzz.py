@@ -623,7 +623,7 @@ async def test_a_refused_requests_rate_limit_undo_lands_in_the_window_that_count
     """A request counted in the last instant of a minute and refused by a later step in the next one
     is taken back out of the minute that counted it (the clock is set: a boundary cannot be awaited)."""
     from proxy.config.models import PolicyFile
-    from proxy.pipeline import RequestContext
+    from proxy.pipeline.context import RequestContext
     from proxy.steps.limits import EnforceRateLimits
     from proxy.store.base import LimitWindow
     from proxy.store.memory import MemoryStore

@@ -40,7 +40,7 @@ def test_a_litellm_provider_imports_litellm(tmp_path):
 
 TOKENIZER_PROBE = """
 import asyncio, sys
-from proxy import tokens
+from proxy.services import tokens
 from proxy.app import create_app
 app = create_app(sys.argv[1])
 async def main():
@@ -71,7 +71,7 @@ def test_tokenizers_load_on_first_count_without_their_python_ranks():
 
 
 def test_an_unknown_tokenizer_fails_when_the_runtime_is_built_not_on_a_request():
-    from proxy.tokens import TokenCounter
+    from proxy.services.tokens import TokenCounter
 
     with pytest.raises(ValueError, match="no_such_base"):
         TokenCounter("no_such_base")

@@ -159,7 +159,7 @@ def test_workers_below_one_are_refused(tmp_path: Path):
 
 
 def test_a_worker_that_died_without_cleanup_leaves_no_live_gauges(tmp_path: Path):
-    from proxy.metrics_export import sweep_dead_workers
+    from proxy.http.metrics_export import sweep_dead_workers
 
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()

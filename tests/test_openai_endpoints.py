@@ -80,7 +80,7 @@ def test_stream_from_upstream_without_usage_counts_completion_tokens(proxy, mock
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "stream_options" not in mock.stats()["last_bodies"][-1]
-    from proxy.tokens import counter_for
+    from proxy.services.tokens import counter_for
 
     after = team_spend(proxy, "alpha")["by_model"]["nousage"]["output_tokens"]
     assert after - before == counter_for("mock-nousage").text(text)

@@ -483,7 +483,7 @@ def test_prompts_reach_the_request_log_only_when_the_policy_opts_in(tmp_path, up
 
 def test_virtual_keys_are_held_hashed(secure):
     from proxy.config import load_policy_file
-    from proxy.steps.auth import KeyRing
+    from proxy.services.keyring import KeyRing
 
     policy_file = next(Path(secure.log_path.parent).glob(f"policy-{secure.port}.yaml"))
     ring = KeyRing(load_policy_file(str(policy_file)).teams)

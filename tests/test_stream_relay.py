@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import orjson
 
-from proxy.streaming import StreamAccount
-from proxy.tokens import counter_for
+from proxy.services.tokens import counter_for
+from proxy.wire.sse import StreamAccount
 
 
 def _event(data: dict) -> bytes:

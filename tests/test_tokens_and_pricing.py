@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from proxy.config import parse_policy_text
-from proxy.pricing import PriceBook
-from proxy.tokens import TokenCounter, counter_for, encoding_name_for
+from proxy.services.pricing import PriceBook
+from proxy.services.tokens import TokenCounter, counter_for, encoding_name_for
 
 # The example from OpenAI's cookbook "How to count tokens with tiktoken".
 COOKBOOK_MESSAGES = [

@@ -248,7 +248,7 @@ class PolicyFile(_Strict):
     def _route_errors(
         self, where: tuple[str | int, ...], route: RouteAction, teams: list[str] | None
     ) -> list[tuple[tuple[str | int, ...], str]]:
-        from proxy.pricing import PriceBook  # the price book reads litellm's map: only when routes exist
+        from proxy.services.pricing import PriceBook  # the price book reads litellm's map: only when routes exist
 
         errors: list[tuple[tuple[str | int, ...], str]] = []
         fields = [("to",)] if route.to else []

@@ -28,7 +28,7 @@ import numpy as np
 
 from proxy import metrics
 from proxy.errors import ProxyError
-from proxy.pipeline import Endpoint, RequestContext
+from proxy.pipeline.context import Endpoint, RequestContext
 
 log = logging.getLogger("llm_proxy.retrieval")
 

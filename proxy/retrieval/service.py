@@ -14,8 +14,7 @@ import numpy as np
 from proxy import metrics
 from proxy.config.models import PolicyFile
 from proxy.config.policies import TaskConfig
-from proxy.pipeline import RequestContext
-from proxy.pricing import PriceBook
+from proxy.pipeline.context import RequestContext
 from proxy.retrieval.collection import Collection
 from proxy.retrieval.embedders import (
     Embedder,
@@ -26,9 +25,10 @@ from proxy.retrieval.embedders import (
     embed_for_request,
 )
 from proxy.retrieval.query import query_from_chat
+from proxy.services.pricing import PriceBook
+from proxy.services.tokens import counter_for
 from proxy.store.base import Store
 from proxy.store.collections import CollectionStore, collection_store
-from proxy.tokens import counter_for
 
 log = logging.getLogger("llm_proxy.retrieval")
 

@@ -10,8 +10,8 @@ import logging
 
 from proxy import metrics
 from proxy.config.models import PolicyFile
-from proxy.pipeline import RequestContext
-from proxy.pricing import PriceBook
+from proxy.pipeline.context import RequestContext
+from proxy.services.pricing import PriceBook
 from proxy.store.base import Store, StoreUnavailable, Usage, to_nano, utc_day
 
 log = logging.getLogger("llm_proxy.accounting")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.config.policies import PolicyConfig
-from proxy.pricing import PriceBook
+from proxy.services.pricing import PriceBook
 from proxy.steps.concise import Concise
 from proxy.steps.reject import Reject
 from proxy.steps.retrieve import Retrieve

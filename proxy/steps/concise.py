@@ -9,27 +9,18 @@ requests: the output tokens they would have used, at the requested model's outpu
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
 from proxy import metrics
 from proxy.config.policies import ConciseAction
-from proxy.pipeline import Endpoint, RequestContext
-from proxy.savings import ArmStats, SavingEstimate, realised_saving
+from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.services.holdout_stats import HOLDOUT, TREATED, ArmStats, SavingEstimate, holdout_bucket, realised_saving
 
-TREATED = "treated"
-HOLDOUT = "holdout"
 _STATS_TTL_S = 5.0
 # Until both arms have enough samples, look again sooner: the first estimate should not wait long.
 _NO_ESTIMATE_TTL_S = 1.0
 _MESSAGE_FRAMING_TOKENS = 4
-
-
-def holdout_bucket(request_id: str) -> float:
-    """A uniform number in [0, 1) fixed by the request id."""
-    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def _contains(content: Any, text: str) -> bool:

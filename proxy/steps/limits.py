@@ -12,7 +12,7 @@ import time
 from proxy import metrics
 from proxy.config.models import LimitsConfig, PolicyFile
 from proxy.errors import RateLimited
-from proxy.pipeline import RequestContext
+from proxy.pipeline.context import RequestContext
 from proxy.store.base import WINDOW_S, LimitWindow, Store
 
 

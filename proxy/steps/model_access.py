@@ -6,7 +6,7 @@ from fnmatch import fnmatchcase
 
 from proxy.config.models import PolicyFile
 from proxy.errors import Forbidden, InvalidRequest, ModelNotFound
-from proxy.pipeline import Endpoint, RequestContext
+from proxy.pipeline.context import Endpoint, RequestContext
 
 
 def allowed_models(policy: PolicyFile) -> dict[str, frozenset[str]]:

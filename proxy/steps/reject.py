@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from proxy.config.policies import RejectAction
 from proxy.errors import PolicyRejected
-from proxy.pipeline import RequestContext
+from proxy.pipeline.context import RequestContext
 
 
 class Reject:

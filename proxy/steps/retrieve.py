@@ -19,7 +19,7 @@ import orjson
 
 from proxy import metrics
 from proxy.config.policies import RetrieveAction
-from proxy.pipeline import Endpoint, RequestContext
+from proxy.pipeline.context import Endpoint, RequestContext
 from proxy.store.base import StoreUnavailable, Usage, to_nano, utc_day
 
 log = logging.getLogger("llm_proxy.retrieval")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.config.policies import RouteAction
-from proxy.pipeline import RequestContext
+from proxy.pipeline.context import RequestContext
 
 
 class Route:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.config.policies import FieldRule, SetAction
-from proxy.pipeline import RequestContext
+from proxy.pipeline.context import RequestContext
 
 
 def _apply_rule(value: Any, rule: FieldRule) -> Any:

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from proxy.errors import InvalidRequest
-from proxy.pipeline import Endpoint, RequestContext
+from proxy.pipeline.context import Endpoint, RequestContext
 from proxy.steps.upstream_fields import forbidden_field
+from proxy.wire.json_body import parse_body
 
 _JSON_TYPES = {str: "a string", bool: "a boolean", float: "a number", list: "an array", dict: "an object"}
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_N = 128
-# orjson parses up to 1024 levels but serialises at most 255; the proxy re-serialises every body it
-# forwards or logs (inside one more object), so deeper bodies are refused here with a clear 400.
-MAX_DEPTH = 128
 # OpenAI's limits for `metadata`: at most 16 pairs of strings, keys up to 64 and values up to 512 chars.
 _METADATA_PAIRS, _METADATA_KEY, _METADATA_VALUE = 16, 64, 512
 
@@ -89,20 +85,6 @@ def _check_prompt(value: Any, name: str) -> None:
     )
 
 
-def _depth_over(value: Any, limit: int) -> bool:
-    """Whether `value` nests arrays and objects deeper than `limit` (iterative: no recursion limit)."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(v, dict):
-            stack.extend((x, depth + 1) for x in v.values() if isinstance(x, dict | list))
-        elif isinstance(v, list):
-            stack.extend((x, depth + 1) for x in v if isinstance(x, dict | list))
-    return False
-
-
 def _check_metadata(metadata: Any) -> None:
     if metadata is None:
         return
@@ -118,20 +100,6 @@ def _check_metadata(metadata: Any) -> None:
             f"{_METADATA_KEY} characters, values up to {_METADATA_VALUE}).",
             param="metadata",
         )
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object the proxy can also serialise again, or a 400."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e.args[0]}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    # Counting brackets is cheap and bounds the depth from above: most bodies skip the walk.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth_over(body, MAX_DEPTH):
-        raise InvalidRequest(f"The request body nests arrays and objects deeper than {MAX_DEPTH} levels.")
-    return body
 
 
 class ValidateRequest:

@@ -21,11 +21,11 @@ import orjson
 
 from proxy import metrics
 from proxy.errors import BadGateway, ProxyError, RateLimited, UpstreamHTTPError
-from proxy.pipeline import Endpoint
-from proxy.streaming import counted_reply_tokens
-from proxy.tokens import TokenCounter, counter_for
+from proxy.pipeline.context import Endpoint
+from proxy.services.tokens import TokenCounter, counter_for
 from proxy.upstream.openai_compat import OpenAICompatUpstream, StreamHandle, UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError
+from proxy.wire.sse import counted_reply_tokens
 
 log = logging.getLogger("llm_proxy.batcher")
 

@@ -15,7 +15,7 @@ import aiohttp
 from proxy import metrics
 from proxy.config.models import ModelConfig, PolicyFile, RetryConfig
 from proxy.errors import BadGateway, ProxyError
-from proxy.pipeline import RequestContext
+from proxy.pipeline.context import RequestContext
 from proxy.upstream.batcher import BatchedReply, MicroBatcher
 from proxy.upstream.openai_compat import OpenAICompatUpstream, UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError, call_with_retries

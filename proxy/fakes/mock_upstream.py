@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.tokens import counter_for
+from proxy.services.tokens import counter_for
 
 _WORDS = (
     "the proxy counts every token and prices each request so that spend stays within budget while "

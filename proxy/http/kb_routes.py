@@ -13,11 +13,11 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from proxy.admin_auth import require_master_key
 from proxy.errors import InvalidRequest, NotFound, PayloadTooLarge, ProxyError, StoreDown
+from proxy.http.admin_auth import require_master_key
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyState
+    from proxy.http.state import ProxyState
 
 MAX_UPSERT_BYTES = 32 * 1024 * 1024
 MAX_UPSERT_ENTRIES = 10_000

@@ -11,7 +11,7 @@ torch, transformers and sentence-transformers are imported only here, and only w
 the proxy itself never loads them (`pip install 'llm-numbers-proxy[backend]'`).
 """
 
-from proxy.reference_backend.models import Embedder, Generator, minilm_path, tiny_causal_lm
-from proxy.reference_backend.server import ReferenceBackend, build_backend, run
+from proxy.fakes.reference_backend.models import Embedder, Generator, minilm_path, tiny_causal_lm
+from proxy.fakes.reference_backend.server import ReferenceBackend, build_backend, run
 
 __all__ = ["Embedder", "Generator", "ReferenceBackend", "build_backend", "minilm_path", "run", "tiny_causal_lm"]

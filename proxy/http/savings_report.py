@@ -8,8 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 from proxy.config.models import PolicyFile
-from proxy.savings import ArmStats, realised_saving
-from proxy.steps.concise import HOLDOUT, TREATED
+from proxy.services.holdout_stats import HOLDOUT, TREATED, ArmStats, realised_saving
 from proxy.store.base import NANO, Store, utc_day
 
 

@@ -23,12 +23,12 @@ from proxy.errors import (
     ProxyError,
     UnsupportedMediaType,
 )
-from proxy.pipeline import Endpoint, RequestContext
-from proxy.streaming import StreamAccount, completion_as_events, counted_reply_tokens
+from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.wire.sse import StreamAccount, completion_as_events, counted_reply_tokens
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyState
-    from proxy.runtime import Runtime
+    from proxy.http.state import ProxyState
+    from proxy.pipeline.runtime import Runtime
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -173,18 +173,28 @@ class Gateway:
         self.fallback = fallback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            endpoint = _ENDPOINTS.get(path)
-            if endpoint is not None:
-                if scope["method"] != "POST":
-                    await send_error(send, MethodNotAllowed(f"Use POST for {path}."))
-                    return
-                await self._handle(endpoint, scope, receive, send)
+        if scope["type"] != "http":
+            await self.fallback(scope, receive, send)
+            return
+        in_flight = self.state.in_flight  # counted for `ProxyState.stop`, which waits for them to settle
+        in_flight.count += 1
+        try:
+            await self._route(scope, receive, send)
+        finally:
+            in_flight.leave()
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        endpoint = _ENDPOINTS.get(path)
+        if endpoint is not None:
+            if scope["method"] != "POST":
+                await send_error(send, MethodNotAllowed(f"Use POST for {path}."))
                 return
-            if path in _MODELS_PATHS and scope["method"] == "GET":
-                await self._list_models(scope, send)
-                return
+            await self._handle(endpoint, scope, receive, send)
+            return
+        if path in _MODELS_PATHS and scope["method"] == "GET":
+            await self._list_models(scope, send)
+            return
         await self.fallback(scope, receive, send)
 
     async def _list_models(self, scope: Scope, send: Send) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from proxy import metrics
 from proxy.config.models import PolicyFile
 from proxy.config.policies import TaskConfig, WhenConfig
-from proxy.pipeline import RequestContext
+from proxy.pipeline.context import RequestContext
 from proxy.steps.actions import ActionDeps, build_action
 
 ExampleMatcher = Callable[[RequestContext, str], Awaitable[bool]]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from proxy.config.models import PolicyFile
 from proxy.errors import ContextLengthExceeded
-from proxy.pipeline import Endpoint, RequestContext
-from proxy.pricing import PriceBook
-from proxy.tokens import TokenCounter, counter_for
+from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.services.pricing import PriceBook
+from proxy.services.tokens import TokenCounter, counter_for
 
 
 class CountTokens:

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from proxy.tokens import TokenCounter
+from proxy.services.tokens import TokenCounter
 
 
 def _payloads(event: bytes) -> list[bytes]:

@@ -7,10 +7,19 @@ up across replicas in the store. The realised saving is 1 − mean(treated)/mean
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
 Z_95 = 1.959963984540054
+TREATED = "treated"
+HOLDOUT = "holdout"
+
+
+def holdout_bucket(request_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the request id."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.reference_backend.models import (
+from proxy.fakes.reference_backend.models import (
     DEFAULT_MAX_TOKENS,
     EMBEDDING_MODEL_NAME,
     MAX_N,

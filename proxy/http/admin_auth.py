@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.errors import Forbidden, ProxyError, Unauthorized
-from proxy.steps.auth import presented_key
+from proxy.services.keyring import presented_key
 
 _JSON = (b"content-type", b"application/json")
 

@@ -8,18 +8,20 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from proxy.config.models import PolicyFile
-from proxy.pipeline import Pipeline
-from proxy.pricing import PriceBook
+from proxy.pipeline.context import Pipeline
+from proxy.services.keyring import KeyRing
+from proxy.services.pricing import PriceBook
+from proxy.services.request_log import RequestLogWriter
 from proxy.steps.accounting import RecordUsage
 from proxy.steps.actions import ActionDeps
-from proxy.steps.auth import Authenticate, KeyRing
+from proxy.steps.apply_policies import ApplyPolicies, TaskClassifier
+from proxy.steps.auth import Authenticate
 from proxy.steps.budget import EnforceBudget
+from proxy.steps.count_tokens import CountTokens
 from proxy.steps.limits import EnforceRateLimits
+from proxy.steps.log_request import LogRequests
 from proxy.steps.model_access import ResolveModel, allowed_models
-from proxy.steps.policies import ApplyPolicies, TaskClassifier
-from proxy.steps.request_log import LogRequests, RequestLogWriter
 from proxy.steps.retrieve import SettleRetrieval
-from proxy.steps.tokens import CountTokens
 from proxy.steps.validate import ValidateRequest
 from proxy.store.base import Store
 from proxy.upstream.dispatch import Dispatcher

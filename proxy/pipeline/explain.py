@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 
 from proxy.errors import ProxyError
-from proxy.pipeline import Endpoint, RequestContext
-from proxy.runtime import Runtime
+from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.pipeline.runtime import Runtime
 
 DEFAULT_EXPECTED_OUTPUT = 256
 # Fields of a traffic line that describe the request rather than being part of its body.

@@ -1,0 +1,137 @@
+"""The objects one proxy process lives on: store, upstream session, the current runtime, the reloader,
+the requests in flight. Built by the app factory (`proxy.app`), never global."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from proxy.config import PolicyFile
+from proxy.config.reload import Reloader
+from proxy.pipeline.runtime import Runtime
+from proxy.services.request_log import RequestLogWriter
+from proxy.store import Store, build_store
+
+if TYPE_CHECKING:
+    from proxy.retrieval.service import Retrieval
+
+log = logging.getLogger("llm_proxy")
+
+# How long shutdown waits for requests still settling (store writes, bounded by the store's own
+# timeouts and the fail-open journal) before it closes the store under them.
+SETTLE_ON_SHUTDOWN_S = 10.0
+
+
+class InFlight:
+    """The HTTP requests being served. uvicorn cancels requests still running past its graceful
+    timeout and goes straight on to the lifespan shutdown; a cancelled request still settles (releases
+    its reservation, records what a stream relayed), so the store must stay open until it has."""
+
+    __slots__ = ("_idle", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: asyncio.Event | None = None
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self, timeout: float) -> bool:
+        if self.count == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class ProxyState:
+    """The objects one proxy process lives on; built by the factory, never global."""
+
+    def __init__(self, policy: PolicyFile, config_path: str | None, redis_url: str | None, master_key: str | None):
+        self.config_path = config_path
+        self.master_key = master_key
+        self.store: Store = build_store(redis_url, policy.store)
+        self.session: aiohttp.ClientSession | None = None
+        self.reloader: Reloader | None = None
+        self.request_log: RequestLogWriter | None = None
+        self.started_at = time.time()
+        self._policy = policy
+        self.retrieval: Retrieval | None = None  # built when a policy file first uses collections
+        self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "")
+        self.in_flight = InFlight()
+
+    async def start(self) -> None:
+        start_store = getattr(self.store, "start", None)
+        if start_store is not None:
+            await start_store()
+        connector = aiohttp.TCPConnector(
+            limit=self._policy.server.max_connections, ttl_dns_cache=300, keepalive_timeout=30
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, skip_auto_headers=["User-Agent"]
+        )
+        self.apply_policy(self._policy)
+        if self.runtime.retrieval is not None:
+            await self.runtime.retrieval.warm()
+        if self.runtime.keyring.plaintext_keys:
+            log.warning(
+                "SECURITY: %d virtual key(s) in %s are stored in plaintext; store them as sha256:<hex> "
+                "(llm-numbers-proxy hash-key KEY prints the form).",
+                self.runtime.keyring.plaintext_keys,
+                self.config_path,
+            )
+        if self.config_path:
+            self.reloader = Reloader(self.config_path, self.apply_policy)
+            self.reloader.start(watch=self._policy.server.watch_config)
+
+    def _log_writer(self, policy: PolicyFile) -> RequestLogWriter | None:
+        path = policy.log.requests
+        if path is None:
+            return None
+        if self.request_log is None or self.request_log.path != path:
+            if self.request_log is not None:
+                self.request_log.flush()
+            self.request_log = RequestLogWriter(path)
+        return self.request_log
+
+    def apply_policy(self, policy: PolicyFile) -> None:
+        """Build a complete runtime for `policy`, then swap it in (one assignment)."""
+        runtime = Runtime(
+            policy,
+            self.store,
+            self.session,
+            self.config_path or "",
+            self._log_writer(policy),
+            retrieval=self._retrieval_for(policy),
+        )
+        self._policy = policy
+        self.runtime = runtime
+
+    def _retrieval_for(self, policy: PolicyFile) -> Retrieval | None:
+        if self.retrieval is None and (policy.collections or any(t.examples for t in policy.tasks.values())):
+            from proxy.retrieval.service import Retrieval
+
+            self.retrieval = Retrieval(self.store, policy.store.key_prefix)
+        return self.retrieval
+
+    async def stop(self) -> None:
+        if not await self.in_flight.drained(SETTLE_ON_SHUTDOWN_S):
+            log.error("shutting down with %d requests not settled", self.in_flight.count)
+        if self.retrieval is not None:
+            await self.retrieval.close()
+        if self.request_log is not None:
+            self.request_log.flush()
+        if self.reloader is not None:
+            await self.reloader.stop()
+        if self.session is not None:
+            await self.session.close()
+        await self.store.close()

@@ -1,0 +1,1 @@
+"""Plain objects built once per runtime and shared by steps: key ring, estimator, budget ledger, ..."""
