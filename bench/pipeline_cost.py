@@ -15,24 +15,30 @@ import tempfile
 import time
 from pathlib import Path
 
+import orjson
+
 from bench.hot_path import BODY, KEY, full_policy
 from proxy.config import load_policy_file
-from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.pipeline.context import RequestContext
 from proxy.pipeline.runtime import Runtime
 from proxy.services.request_log import RequestLogWriter
 from proxy.store.memory import MemoryStore
+from proxy.upstream.reply import UpstreamReply
+from proxy.wire.chat import CHAT
 
 HEADERS = {"authorization": f"Bearer {KEY}", "content-type": "application/json", "host": "127.0.0.1"}
 USAGE = {"prompt_tokens": 20, "completion_tokens": 16, "total_tokens": 36}
+REPLY = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}], "usage": USAGE}
+RAW_REPLY = orjson.dumps(REPLY)
 
 
 async def _one(runtime: Runtime) -> None:
-    ctx = RequestContext(request_id=secrets.token_hex(12), endpoint=Endpoint.CHAT, headers=HEADERS)
+    ctx = RequestContext(request_id=secrets.token_hex(12), endpoint=CHAT.endpoint, headers=HEADERS, wire=CHAT)
     ctx.raw = BODY
     try:
         await runtime.pipeline.run_request(ctx)
         ctx.answered_by = ctx.model
-        ctx.input_tokens, ctx.output_tokens, ctx.usage_known = USAGE["prompt_tokens"], USAGE["completion_tokens"], True
+        ctx.reply = UpstreamReply(REPLY, RAW_REPLY).read_usage()
         await runtime.pipeline.run_response(ctx)
     finally:
         await runtime.pipeline.run_settle(ctx)

@@ -104,6 +104,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     runtime = _runtime(args.config)
     if runtime is None:
         return 1
+    if args.steps:
+        print(orjson.dumps({"steps": runtime.pipeline.describe()}, option=orjson.OPT_INDENT_2).decode())
+        return 0
     try:
         body = orjson.loads(sys.stdin.buffer.read())
     except orjson.JSONDecodeError as e:
@@ -206,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=_default_config())
     e.add_argument("--key", help="a virtual key: explain as its team")
     e.add_argument("--team", help="explain as this team (instead of a key)")
+    e.add_argument("--steps", action="store_true", help="print the request path (the pipeline's steps) instead")
     e.set_defaults(fn=cmd_explain)
 
     r = sub.add_parser("replay", help="project spend and savings of a policy over recorded traffic (JSONL)")

@@ -46,7 +46,7 @@ app = create_app(sys.argv[1])
 async def main():
     await app.state.start()
     idle = tokens.get_encoding.cache_info().currsize
-    counter = app.state.runtime.tokens.counter("gpt-4o")
+    counter = app.state.runtime.estimator.counter("gpt-4o")
     n = counter.chat_prompt([{"role": "user", "content": "hello there"}])
     enc = tokens.get_encoding(counter.encoding_name)
     await app.state.stop()

@@ -18,7 +18,7 @@ import openai
 import pytest
 import redis
 
-from proxy.steps.upstream_fields import forbidden_field
+from proxy.wire.upstream_fields import forbidden_field
 from tests.conftest import (
     MASTER_KEY,
     REDIS_URL,

@@ -248,18 +248,15 @@ class PolicyFile(_Strict):
     def _route_errors(
         self, where: tuple[str | int, ...], route: RouteAction, teams: list[str] | None
     ) -> list[tuple[tuple[str | int, ...], str]]:
-        from proxy.services.pricing import PriceBook  # the price book reads litellm's map: only when routes exist
-
         errors: list[tuple[tuple[str | int, ...], str]] = []
         fields = [("to",)] if route.to else []
         fields += [("on_budget_pressure", i, "to") for i in range(len(route.on_budget_pressure))]
-        prices = PriceBook(self.models)
         for field, target in zip(fields, route.targets(), strict=True):
             path = (*where, "route", *field)
             if target not in self.models:
                 errors.append((path, f"unknown model '{target}'"))
                 continue
-            if route.min_cost_multiple is not None and not prices.is_known(target):
+            if route.min_cost_multiple is not None and not self._priced(target):
                 errors.append((path, f"the price of '{target}' is unknown: set models.{target}.price"))
             for team, cfg in self.teams.items():
                 if teams is not None and team not in teams:
@@ -267,6 +264,17 @@ class PolicyFile(_Strict):
                 if not any(fnmatchcase(target, g) for g in cfg.models):
                     errors.append((path, f"team '{team}' may not use '{target}' (add it to teams.{team}.models)"))
         return errors
+
+    def _priced(self, name: str) -> bool:
+        """The model's price is known: set in the policy file or found in litellm's packaged map."""
+        from proxy.config.price_map import has_price  # reads the map: only when a route needs a price
+
+        cfg = self.models[name]
+        return (
+            cfg.price is not None
+            or has_price(cfg.upstream_model or name, cfg.provider)
+            or has_price(name, cfg.provider)
+        )
 
     def _policy_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
         errors: list[tuple[tuple[str | int, ...], str]] = []

@@ -7,9 +7,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.errors import Forbidden, ProxyError, Unauthorized
+from proxy.http.asgi import request_headers, send_error
 from proxy.services.keyring import presented_key
-
-_JSON = (b"content-type", b"application/json")
 
 
 def require_master_key(headers: Mapping[str, str], master_key: str | None) -> None:
@@ -35,13 +34,9 @@ class AdminGuard:
         if scope["type"] == "http":
             path = scope["path"]
             if path == "/admin" or path.startswith("/admin/"):
-                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
                 try:
-                    require_master_key(headers, self.master_key())
+                    require_master_key(request_headers(scope), self.master_key())
                 except ProxyError as e:
-                    extra = [(k.encode(), v.encode()) for k, v in e.headers.items()]
-                    start = {"type": "http.response.start", "status": e.status, "headers": [_JSON, *extra]}
-                    await send(start)
-                    await send({"type": "http.response.body", "body": e.body()})
+                    await send_error(send, e)
                     return
         await self.app(scope, receive, send)

@@ -1,8 +1,10 @@
 """The OpenAI-compatible endpoints as a raw ASGI app: the hot path.
 
 FastAPI's routing, dependency injection and response classes cost more CPU per request than the
-whole proxy budget allows, so the four OpenAI endpoints are served here directly; everything else
-(ops, admin) falls through to the FastAPI app.
+whole proxy budget allows, so the API endpoints are served here directly; everything else (ops,
+admin) falls through to the FastAPI app. The gateway only carries: it picks the wire adapter for the
+path, reads the body, runs the pipeline, relays the upstream's reply (or the answer a step made), and
+settles. Formats, usage and accounting belong to the adapters and the steps.
 """
 
 from __future__ import annotations
@@ -10,80 +12,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from proxy import metrics
-from proxy.errors import (
-    BadGateway,
-    MethodNotAllowed,
-    PayloadTooLarge,
-    ProxyError,
-    UnsupportedMediaType,
+from proxy.errors import MethodNotAllowed, ProxyError
+from proxy.http.asgi import (
+    SSE_HEADERS,
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    check_content_type,
+    read_body,
+    request_headers,
+    send_error,
+    send_json,
+    send_sse,
 )
-from proxy.pipeline.context import Endpoint, RequestContext
-from proxy.wire.sse import StreamAccount, completion_as_events, counted_reply_tokens
+from proxy.pipeline.context import RequestContext
+from proxy.upstream.reply import stream_reply
+from proxy.wire.adapter import WireAdapter
+from proxy.wire.formats import BY_PATH
+from proxy.wire.sse import StreamAccount
 
 if TYPE_CHECKING:
     from proxy.http.state import ProxyState
     from proxy.pipeline.runtime import Runtime
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
 log = logging.getLogger("llm_proxy.gateway")
 
-_ENDPOINTS = {
-    "/v1/chat/completions": Endpoint.CHAT,
-    "/v1/completions": Endpoint.COMPLETIONS,
-    "/v1/embeddings": Endpoint.EMBEDDINGS,
-    "/chat/completions": Endpoint.CHAT,
-    "/completions": Endpoint.COMPLETIONS,
-    "/embeddings": Endpoint.EMBEDDINGS,
-}
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
-_JSON = (b"content-type", b"application/json")
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-
-
-async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def check_content_type(headers: dict[str, str]) -> None:
-    ctype = headers.get("content-type")
-    if ctype is None:
-        return
-    media = ctype.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedMediaType(f"Unsupported content type '{media}': send the request body as application/json.")
 
 
 def _proxy_headers(ctx: RequestContext, with_cost: bool) -> list[tuple[bytes, bytes]]:
@@ -103,34 +63,6 @@ def _proxy_headers(ctx: RequestContext, with_cost: bool) -> list[tuple[bytes, by
     if ctx.extra_headers:
         h += ctx.extra_headers
     return h
-
-
-async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [_JSON, *headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_sse(send: Send, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_error(send: Send, error: ProxyError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
-    await _send_json(send, error.status, error.body(), headers + (extra or []))
-
-
-def _apply_usage(ctx: RequestContext, usage: Any) -> bool:
-    if not isinstance(usage, dict):
-        return False
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not isinstance(prompt, int):
-        return False
-    ctx.input_tokens = prompt
-    ctx.output_tokens = completion if isinstance(completion, int) else 0
-    ctx.usage_known = True
-    return True
 
 
 class _ClientWatch:
@@ -185,12 +117,12 @@ class Gateway:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
-        endpoint = _ENDPOINTS.get(path)
-        if endpoint is not None:
+        wire = BY_PATH.get(path)
+        if wire is not None:
             if scope["method"] != "POST":
                 await send_error(send, MethodNotAllowed(f"Use POST for {path}."))
                 return
-            await self._handle(endpoint, scope, receive, send)
+            await self._handle(wire, scope, receive, send)
             return
         if path in _MODELS_PATHS and scope["method"] == "GET":
             await self._list_models(scope, send)
@@ -199,7 +131,7 @@ class Gateway:
 
     async def _list_models(self, scope: Scope, send: Send) -> None:
         runtime = self.state.runtime
-        ctx = RequestContext(request_id=secrets.token_hex(12), endpoint="models", headers=_headers(scope))
+        ctx = RequestContext(request_id=secrets.token_hex(12), endpoint="models", headers=request_headers(scope))
         try:
             await runtime.authenticate.on_request(ctx)
         except ProxyError as e:
@@ -210,23 +142,20 @@ class Gateway:
             {"id": m, "object": "model", "created": created, "owned_by": runtime.policy.models[m].provider}
             for m in runtime.models_for(ctx.team or "")
         ]
-        await _send_json(send, 200, orjson.dumps({"object": "list", "data": data}), [])
+        await send_json(send, 200, orjson.dumps({"object": "list", "data": data}), [])
 
-    async def _handle(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(self, wire: WireAdapter, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self.state.runtime  # this request keeps this runtime even if a reload swaps it
-        headers = _headers(scope)
-        ctx = RequestContext(request_id=secrets.token_hex(12), endpoint=endpoint, headers=headers)
+        headers = request_headers(scope)
+        ctx = RequestContext(request_id=secrets.token_hex(12), endpoint=wire.endpoint, headers=headers, wire=wire)
         try:
             check_content_type(headers)
-            ctx.raw = await _read_body(receive, headers, runtime.policy.server.max_body_bytes)
+            ctx.raw = await read_body(receive, headers, runtime.policy.server.max_body_bytes)
             await runtime.pipeline.run_request(ctx)
             if ctx.answer is not None:
                 await runtime.pipeline.run_response(ctx)
-                if ctx.stream and ctx.answer.get("object") == "chat.completion":
-                    events = completion_as_events(ctx.answer, ctx.include_usage)
-                    await _send_sse(send, events, _proxy_headers(ctx, True))
-                else:
-                    await _send_json(send, 200, orjson.dumps(ctx.answer), _proxy_headers(ctx, True))
+                body, is_sse = wire.answer_bytes(ctx.answer, ctx.stream, ctx.include_usage)
+                await (send_sse if is_sse else _send_ok)(send, body, _proxy_headers(ctx, True))
             elif ctx.stream:
                 await self._stream(ctx, runtime, receive, send)
             else:
@@ -243,7 +172,7 @@ class Gateway:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
-            # Raised by _read_body: the client left before its body was complete. Nobody is left to
+            # Raised by read_body: the client left before its body was complete. Nobody is left to
             # answer, and it is not the proxy's error to log (uvicorn would print a traceback).
         except Exception:
             log.exception("unexpected error in request %s", ctx.request_id)
@@ -254,7 +183,7 @@ class Gateway:
             await runtime.pipeline.run_settle(ctx)
 
     async def _forward(self, ctx: RequestContext, runtime: Runtime, receive: Receive, send: Send) -> None:
-        ctx.dispatched = True
+        ctx.sent_upstream = True
         watch = _ClientWatch(receive, ctx)
         try:
             reply = await runtime.dispatcher.send(ctx)
@@ -264,29 +193,23 @@ class Gateway:
             return
         finally:
             watch.done()
-        data = reply.data
-        if not _apply_usage(ctx, data.get("usage")):
-            if ctx.endpoint == Endpoint.EMBEDDINGS:
-                if not isinstance(data.get("data"), list):
-                    raise BadGateway("The upstream's embeddings reply has no 'data' list.")
-            elif not isinstance(data.get("choices"), list):
-                raise BadGateway("The upstream's reply has no 'choices' list.")
-            ctx.input_tokens = ctx.prompt_tokens
-            if ctx.endpoint != Endpoint.EMBEDDINGS:
-                ctx.output_tokens = counted_reply_tokens(data, runtime.tokens.counter(ctx.answered_by))
-        ctx.reply = data
+        if reply.usage is None:  # a reply without usage must at least be this format's reply
+            ctx.wire.check_reply(reply.data)
+        if reply.batched:
+            ctx.route = "batch"
+        ctx.reply = reply
         await runtime.pipeline.run_response(ctx)
-        await _send_json(send, 200, reply.raw, _proxy_headers(ctx, True))
+        await send_json(send, 200, reply.raw, _proxy_headers(ctx, True))
 
     async def _stream(self, ctx: RequestContext, runtime: Runtime, receive: Receive, send: Send) -> None:
-        ctx.dispatched = True
+        ctx.sent_upstream = True
         handle = await runtime.dispatcher.open_stream(ctx)
         # From here on the response belongs to this stream: no retry, no fallback, no JSON error.
         account = StreamAccount(ctx.include_usage)
         watch = _ClientWatch(receive, ctx)
         try:
             await send(
-                {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + _proxy_headers(ctx, False)}
+                {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + _proxy_headers(ctx, False)}
             )
             first = True
             async for events in handle.events():
@@ -309,8 +232,9 @@ class Gateway:
         finally:
             watch.done()
             handle.close()
-            if not _apply_usage(ctx, account.usage):
-                ctx.input_tokens = ctx.prompt_tokens
-                ctx.output_tokens = account.counted_output_tokens(runtime.tokens.counter(ctx.answered_by))
-            ctx.reply = account.relayed
+            ctx.reply = stream_reply(account.relayed, account.usage)
             await runtime.pipeline.run_response(ctx)
+
+
+async def _send_ok(send: Send, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send_json(send, 200, body, headers)

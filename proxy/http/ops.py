@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proxy.config import PolicyFile
 from proxy.errors import ProxyError, Unauthorized
 from proxy.http.admin_auth import require_master_key
-from proxy.http.gateway import check_content_type
+from proxy.http.asgi import check_content_type
 from proxy.http.kb_routes import add_kb_routes
 from proxy.http.metrics_export import render_metrics, worker_started, worker_stopped
 from proxy.http.savings_report import savings_report

@@ -1,26 +1,45 @@
-"""The request pipeline: an ordered list of steps over one RequestContext.
+"""The request context: what one request carries through the pipeline, from the canonical request the
+wire adapter made to the outcome the settle hooks record.
 
-A step is a small object with up to three hooks: `on_request(ctx)` before the upstream call (it may
-raise a ProxyError to answer the client, or set `ctx.answer` to answer without an upstream call),
-`on_response(ctx)` once the answer and its usage are known, and `on_settle(ctx)` after the client
-has its response, successful or not (release what was reserved, record what was spent).
-Steps read and write the context; they never call each other.
+Fields shared by several steps live on the context itself; state a step keeps for its own later hook
+lives in that step's typed slot (`ctx.budget`, `ctx.limits`, `ctx.lookups`, ...), written and read by
+that step alone.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from proxy.errors import ProxyError
+from proxy.wire.adapter import Endpoint
+from proxy.wire.content import user_text
+from proxy.wire.usage import TokenUsage
+
+__all__ = ["BudgetSlot", "Endpoint", "LimitSlot", "RequestContext"]
+
+if TYPE_CHECKING:
+    from proxy.retrieval.embedders import RequestEmbeddings
+    from proxy.store.base import BudgetScope, LimitWindow
+    from proxy.upstream.reply import UpstreamReply
+    from proxy.wire.adapter import WireAdapter
 
 
-class Endpoint:
-    CHAT = "chat"
-    COMPLETIONS = "completions"
-    EMBEDDINGS = "embeddings"
+@dataclass(slots=True, eq=False)
+class BudgetSlot:
+    """EnforceBudget's: the scopes it reserved in and how much, settled to the real cost."""
+
+    scopes: list[BudgetScope]
+    reserved_nano: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class LimitSlot:
+    """EnforceRateLimits': the windows that counted this request, and when (an undo goes there)."""
+
+    windows: list[LimitWindow]
+    hit_at: float
 
 
 @dataclass(slots=True, eq=False)
@@ -28,6 +47,7 @@ class RequestContext:
     request_id: str
     endpoint: str
     headers: dict[str, str]
+    wire: WireAdapter | None = None  # the format the client speaks (None for explain's canned bodies)
     started: float = field(default_factory=time.perf_counter)
     # who
     team: str | None = None
@@ -51,38 +71,41 @@ class RequestContext:
     route: str = "upstream"
     answered_by: str | None = None  # the model that answered (after fallbacks)
     answer: dict[str, Any] | None = None  # set by a step to answer without an upstream call
-    input_tokens: int = 0
-    output_tokens: int = 0
-    usage_known: bool = False
+    sent_upstream: bool = False  # the gateway handed the request to the dispatcher
+    reply: UpstreamReply | None = None  # the upstream's normalised reply, once it has answered
+    usage: TokenUsage | None = None  # the real usage, reported by the upstream or counted
     cost: float = 0.0
     saved: float = 0.0
     upstream_seconds: float = 0.0
     status: int = 200
     error: ProxyError | None = None
     cancelled: bool = False
-    dispatched: bool = False  # the request went (or was about to go) upstream
     dry_run: bool = False  # explain/replay: decide, change no state, call nothing
-    # state owned by steps, read back in their own on_settle
-    budget_scopes: list[Any] = field(default_factory=list)
-    reserved_nano: int = 0
-    limit_windows: list[Any] = field(default_factory=list)
-    limits_hit_at: float = 0.0  # when the limit windows counted this request (an undo goes there)
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     saved_by_policy: dict[str, float] = field(default_factory=dict)
     routed_by: list[str] = field(default_factory=list)  # policies that changed the model
     fallback_to_requested: bool = False  # if the routed model fails, try the one the client asked for
     experiments: dict[str, str] = field(default_factory=dict)  # policy -> arm (treated / holdout)
-    # retrieval: the request's embeddings (shared by every step that embeds), the lookups made, and
-    # the upstream's answer (parsed JSON, or the relayed SSE events of a stream) for the semantic cache
-    embeddings: Any = None
-    retrieval: Any = None
-    reply: Any = None
+    # the embeddings made to decide this request (task matching, retrieval), shared by every step that embeds
+    embeddings: RequestEmbeddings | None = None
+    # per-step slots, made by their step when it has something to keep (most requests need few of them)
+    budget: BudgetSlot | None = None
+    limits: LimitSlot | None = None
+    lookups: list[Any] | None = None  # Retrieve's lookups (proxy.steps.retrieve.Lookup)
     _user_text: str | None = None
+
+    @property
+    def input_tokens(self) -> int:
+        return self.usage.input if self.usage is not None else 0
+
+    @property
+    def output_tokens(self) -> int:
+        return self.usage.output if self.usage is not None else 0
 
     def user_text(self) -> str:
         """The text of the request's user messages (or prompt/input), computed once."""
         if self._user_text is None:
-            self._user_text = _user_text(self.body)
+            self._user_text = user_text(self.body)
         return self._user_text
 
     def billed(self) -> float:
@@ -97,64 +120,3 @@ class RequestContext:
 
     def overhead(self) -> float:
         return max(0.0, self.elapsed() - self.upstream_seconds)
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
-
-
-def _user_text(body: dict[str, Any]) -> str:
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        return "\n".join(
-            _content_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"
-        )
-    value = body.get("prompt", body.get("input"))
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "\n".join(v for v in value if isinstance(v, str))
-    return ""
-
-
-class Step(Protocol):
-    async def on_request(self, ctx: RequestContext) -> None: ...
-
-
-class Pipeline:
-    def __init__(self, steps: list[Any], concurrent_settle: bool = True):
-        self.steps = steps
-        self._concurrent_settle = concurrent_settle
-        self._request_hooks = [s.on_request for s in steps if hasattr(s, "on_request")]
-        self._response_hooks = [s.on_response for s in steps if hasattr(s, "on_response")]
-        self._settle_hooks = [s.on_settle for s in reversed(steps) if hasattr(s, "on_settle")]
-
-    async def run_request(self, ctx: RequestContext) -> None:
-        for hook in self._request_hooks:
-            await hook(ctx)
-            if ctx.answer is not None:
-                return
-
-    async def run_response(self, ctx: RequestContext) -> None:
-        for hook in self._response_hooks:
-            await hook(ctx)
-
-    async def run_settle(self, ctx: RequestContext) -> None:
-        # Settle hooks are independent (each releases or records what its own step did), so with a
-        # networked store they run together: their store writes then share one round trip. With the
-        # in-process store nothing waits, and one task per hook would cost more than the hooks.
-        if not self._concurrent_settle or len(self._settle_hooks) == 1:
-            failed: Exception | None = None
-            for hook in self._settle_hooks:
-                try:
-                    await hook(ctx)
-                except Exception as e:  # as with gather, a failing hook does not stop the others
-                    failed = failed or e
-            if failed is not None:
-                raise failed
-        elif self._settle_hooks:
-            await asyncio.gather(*(hook(ctx) for hook in self._settle_hooks))

@@ -14,6 +14,7 @@ import orjson
 from proxy.errors import ProxyError
 from proxy.pipeline.context import Endpoint, RequestContext
 from proxy.pipeline.runtime import Runtime
+from proxy.wire.formats import BY_ENDPOINT
 
 DEFAULT_EXPECTED_OUTPUT = 256
 # Fields of a traffic line that describe the request rather than being part of its body.
@@ -21,6 +22,7 @@ _REPLAY_FIELDS = frozenset({"team", "key", "usage", "prompt_tokens", "endpoint",
 
 
 def endpoint_of(body: dict[str, Any]) -> str:
+    """The endpoint a bare request body belongs to (explain and replay get bodies, not paths)."""
     if "messages" in body:
         return Endpoint.CHAT
     if "input" in body:
@@ -38,8 +40,13 @@ async def explain(
     output_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The decision for one request body, as JSON-able data."""
+    endpoint = endpoint_of(body)
     ctx = RequestContext(
-        request_id=secrets.token_hex(12), endpoint=endpoint_of(body), headers=headers or {}, dry_run=True
+        request_id=secrets.token_hex(12),
+        endpoint=endpoint,
+        headers=headers or {},
+        wire=BY_ENDPOINT[endpoint],
+        dry_run=True,
     )
     ctx.raw = orjson.dumps(body)
     ctx.team = team

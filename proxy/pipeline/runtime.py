@@ -1,26 +1,33 @@
-"""The runtime: everything built from one policy file. Hot reload swaps it whole; a request keeps
-the runtime it started with until it ends."""
+"""The runtime: everything built from one policy file, services first, then the steps over them in
+the order a request crosses them. Hot reload swaps it whole; a request keeps the runtime it started
+with until it ends."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from proxy.config.models import PolicyFile
-from proxy.pipeline.context import Pipeline
+from proxy.pipeline.actions import build_action
+from proxy.pipeline.deps import ActionDeps
+from proxy.pipeline.step import Pipeline, PolicyAction, Step
+from proxy.services.budget_ledger import BudgetLedger
+from proxy.services.embedding_client import EmbeddingClient
+from proxy.services.estimator import Estimator
 from proxy.services.keyring import KeyRing
 from proxy.services.pricing import PriceBook
 from proxy.services.request_log import RequestLogWriter
+from proxy.services.tasks import TaskClassifier
+from proxy.services.team_models import allowed_models
 from proxy.steps.accounting import RecordUsage
-from proxy.steps.actions import ActionDeps
-from proxy.steps.apply_policies import ApplyPolicies, TaskClassifier
+from proxy.steps.apply_policies import ApplyPolicies
 from proxy.steps.auth import Authenticate
 from proxy.steps.budget import EnforceBudget
 from proxy.steps.count_tokens import CountTokens
 from proxy.steps.limits import EnforceRateLimits
 from proxy.steps.log_request import LogRequests
-from proxy.steps.model_access import ResolveModel, allowed_models
+from proxy.steps.model_access import ResolveModel
 from proxy.steps.retrieve import SettleRetrieval
 from proxy.steps.validate import ValidateRequest
 from proxy.store.base import Store
@@ -42,47 +49,43 @@ class Runtime:
     ):
         self.policy = policy
         self.source = source
+        # services: plain objects shared by the steps
         self.prices = PriceBook(policy.models)
         self.keyring = KeyRing(policy.teams)
         self.allowed = allowed_models(policy)
-        self.tokens = CountTokens(policy, self.prices)
-        self.budget = EnforceBudget(policy, store, self.tokens.reprice, self.allowed)
+        self.estimator = Estimator(policy, self.prices)
+        self.ledger = BudgetLedger(policy, store)
+        self.dispatcher = Dispatcher(policy, session) if session is not None else None
+        self.embedding_client = EmbeddingClient(self.dispatcher, self.estimator)
         # Retrieval (collections, tasks by examples) is bound only when the policy file uses it, so the
         # base proxy never imports numpy or an embedding model.
         self.retrieval = None
         if retrieval is not None and (policy.collections or any(t.examples for t in policy.tasks.values())):
-            self.retrieval = retrieval.bind(policy, self._send, self.prices)
+            self.retrieval = retrieval.bind(policy, self.embedding_client, self.prices)
         self.tasks = TaskClassifier(policy.tasks, self.retrieval.tasks.matches if self.retrieval else None)
-        deps = ActionDeps(
-            prices=self.prices,
-            allowed=self.allowed,
-            extras={"retrieval": self.retrieval},
-            store=store,
-            tokens=self.tokens,
-            budget_fraction=self.budget.used_fraction,
-        )
+        deps = ActionDeps(self.prices, self.allowed, store, self.estimator, self.ledger, self.retrieval)
+        rules = [(p, build_action(p, deps)) for p in policy.policies]
+        # Actions with work after the answer (conciseness measures its arms) are steps of their own.
+        followers: list[PolicyAction] = [a for _, a in rules if a.hooks()]
+        # steps, in the order a request crosses them
         self.authenticate = Authenticate(self.keyring)
-        self.pipeline = Pipeline(
-            [
-                self.authenticate,
-                ValidateRequest(),
-                ResolveModel(policy, self.allowed),
-                self.tokens,
-                EnforceRateLimits(policy, store),
-                ApplyPolicies(policy, deps, self.tasks, self.budget.used_fraction, self.tokens.reprice),
-                self.budget,
-                RecordUsage(policy, self.prices, store),
-            ]
-            + ([SettleRetrieval(store, self.budget)] if self.retrieval is not None else [])
-            + ([LogRequests(policy.log, log_writer)] if log_writer is not None else []),
-            # Only a networked store (or retrieval, which may embed remotely) makes settle hooks wait.
-            concurrent_settle=store.name != "memory" or self.retrieval is not None,
-        )
-        self.dispatcher = Dispatcher(policy, session) if session is not None else None
-
-    async def _send(self, ctx: Any) -> Any:
-        """An upstream call on behalf of a step (an embedding), with this runtime's retries and fallbacks."""
-        return await self.dispatcher.send(ctx)
+        steps: list[Step] = [
+            self.authenticate,
+            ValidateRequest(),
+            ResolveModel(policy, self.allowed),
+            CountTokens(self.estimator),
+            EnforceRateLimits(policy, store),
+            ApplyPolicies(rules, self.tasks, self.ledger, self.estimator),
+            *followers,
+            EnforceBudget(self.ledger, self.estimator, self.allowed),
+            RecordUsage(policy, self.estimator, store),
+        ]
+        if self.retrieval is not None:
+            steps.append(SettleRetrieval(store))
+        if log_writer is not None:
+            steps.append(LogRequests(policy.log, log_writer))
+        # Only a networked store (or retrieval, which may embed remotely) makes settle hooks wait.
+        self.pipeline = Pipeline(steps, concurrent_settle=store.name != "memory" or self.retrieval is not None)
 
     def models_for(self, team: str) -> list[str]:
         return sorted(self.allowed.get(team, ()))

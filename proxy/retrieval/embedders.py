@@ -13,7 +13,6 @@ import asyncio
 import importlib.util
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import threading
@@ -28,7 +27,6 @@ import numpy as np
 
 from proxy import metrics
 from proxy.errors import ProxyError
-from proxy.pipeline.context import Endpoint, RequestContext
 
 log = logging.getLogger("llm_proxy.retrieval")
 
@@ -287,11 +285,10 @@ class LocalEmbedder:
 class ModelEmbedder:
     """A `models:` entry with mode: embedding, called through the runtime's dispatcher."""
 
-    def __init__(self, name: str, upstream_model: str, send, prices, timeout_s: float):
+    def __init__(self, name: str, upstream_model: str, client: EmbeddingClient, timeout_s: float):
         self.name = name
         self._upstream_model = upstream_model
-        self._send = send  # async (RequestContext) -> UpstreamReply: the runtime's dispatcher
-        self._prices = prices
+        self._client = client  # the runtime's embedding client: its dispatcher, prices and counters
         self._timeout = timeout_s
         self._dim: int | None = None
         self._probe: asyncio.Task[None] | None = None
@@ -317,12 +314,9 @@ class ModelEmbedder:
             raise EmbedderDown("error", str(e)) from e
 
     async def embed(self, texts: list[str]) -> Embedding:
-        ctx = RequestContext(request_id=secrets.token_hex(12), endpoint=Endpoint.EMBEDDINGS, headers={})
-        ctx.model = ctx.model_requested = self.name
-        ctx.body = {"model": self.name, "input": texts}
         started = time.perf_counter()
         try:
-            reply = await asyncio.wait_for(self._send(ctx), self._timeout)
+            reply = await asyncio.wait_for(self._client.embed(self.name, texts), self._timeout)
         except TimeoutError:
             metrics.EMBEDDER_ERRORS.labels(self.name, "timeout").inc()
             raise EmbedderDown("timeout", f"embedder '{self.name}' did not answer within {self._timeout}s") from None
@@ -331,15 +325,10 @@ class ModelEmbedder:
             raise EmbedderDown("upstream", f"embedder '{self.name}' failed: {e.message}") from None
         vectors = self._vectors(reply.data, len(texts))
         metrics.EMBEDDING_DURATION.labels(self.name).observe(time.perf_counter() - started)
-        usage = reply.data.get("usage")
-        tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        if not isinstance(tokens, int):
-            tokens = sum(max(1, len(t) // 4) for t in texts)
-        model = ctx.answered_by or self.name
         if self._dim is not None and vectors.shape[1] != self._dim:
             log.warning("embedder '%s' changed dimension %d -> %d", self.name, self._dim, vectors.shape[1])
         self._dim = vectors.shape[1]
-        return Embedding(vectors, tokens, self._prices.cost(model, tokens))
+        return Embedding(vectors, reply.tokens, reply.cost)
 
     def _vectors(self, data: dict[str, Any], n: int) -> np.ndarray:
         rows = data.get("data")
@@ -378,8 +367,23 @@ class RequestEmbeddings:
     def cost(self) -> float:
         return sum(c.cost for c in self.calls)
 
+    def tokens(self) -> int:
+        return sum(c.tokens for c in self.calls)
 
-async def embed_for_request(ctx: RequestContext, embedder: Embedder, text: str) -> np.ndarray:
+
+class EmbeddingClient(Protocol):
+    """Embedding calls through the runtime (proxy.services.embedding_client.EmbeddingClient)."""
+
+    async def embed(self, model: str, texts: list[str]) -> Any: ...
+
+
+class EmbeddingHolder(Protocol):
+    """Where a request keeps its embeddings (the RequestContext)."""
+
+    embeddings: RequestEmbeddings | None
+
+
+async def embed_for_request(ctx: EmbeddingHolder, embedder: Embedder, text: str) -> np.ndarray:
     """The embedding of `text` by `embedder` for this request: computed on first use, then shared."""
     shared = ctx.embeddings
     if shared is None:

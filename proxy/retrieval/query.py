@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from proxy.wire.content import text_only
+
 _SPACE = re.compile(r"\s+")
 _TRAILING = re.compile(r"[\s?!.。？！]+$")
 _SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -33,19 +35,6 @@ class RetrievalQuery:
     key: str  # text_key(text)
 
 
-def _content_text(content: Any) -> str | None:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for p in content:
-            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                return None  # images, audio, files: not a text lookup
-            parts.append(p["text"])
-        return "\n".join(parts)
-    return None
-
-
 def query_from_chat(body: dict[str, Any], system_prompt: str = "match") -> RetrievalQuery | None:
     """The query of a chat request, or None when the request is not a text question from a user."""
     messages = body.get("messages")
@@ -54,7 +43,7 @@ def query_from_chat(body: dict[str, Any], system_prompt: str = "match") -> Retri
     last = messages[-1]
     if not isinstance(last, dict) or last.get("role") != "user":
         return None
-    text = _content_text(last.get("content"))
+    text = text_only(last.get("content"))
     if text is None or not text.strip():
         return None
     before = []
@@ -64,7 +53,7 @@ def query_from_chat(body: dict[str, Any], system_prompt: str = "match") -> Retri
         role = m.get("role")
         if role in _SYSTEM_ROLES and system_prompt == "ignore":
             continue
-        content = _content_text(m.get("content"))
+        content = text_only(m.get("content"))
         if content is None and (m.get("tool_calls") or m.get("content") is not None):
             content = orjson.dumps(m, option=orjson.OPT_SORT_KEYS).decode()
         before.append((role, normalize(content or "")))

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
 from proxy import metrics
 from proxy.config.models import PolicyFile
 from proxy.config.policies import TaskConfig
-from proxy.pipeline.context import RequestContext
 from proxy.retrieval.collection import Collection
 from proxy.retrieval.embedders import (
     Embedder,
     EmbedderDown,
+    EmbeddingClient,
+    EmbeddingHolder,
     LocalEmbedder,
     LocalModel,
     ModelEmbedder,
@@ -32,7 +33,14 @@ from proxy.store.collections import CollectionStore, collection_store
 
 log = logging.getLogger("llm_proxy.retrieval")
 
-Send = Callable[[RequestContext], Awaitable[Any]]
+
+class TaskRequest(EmbeddingHolder, Protocol):
+    """What matching a task by its examples reads of a request (the RequestContext)."""
+
+    endpoint: str
+    body: dict[str, Any]
+
+    def user_text(self) -> str: ...
 
 
 def uses_retrieval(policy: PolicyFile) -> bool:
@@ -54,7 +62,7 @@ class Retrieval:
             model = self._local_models[path] = LocalModel(path, threads)
         return model
 
-    def bind(self, policy: PolicyFile, send: Send, prices: PriceBook) -> RetrievalRuntime:
+    def bind(self, policy: PolicyFile, client: EmbeddingClient, prices: PriceBook) -> RetrievalRuntime:
         """The embedders, collections and example tasks of `policy` (collections kept across reloads)."""
         settings = policy.retrieval
         count = counter_for("text-embedding-3-small").text
@@ -68,9 +76,7 @@ class Retrieval:
                     embedders[name] = LocalEmbedder(model, price, count, settings.embed_timeout_s)
                 else:
                     cfg = policy.models[name]
-                    embedders[name] = ModelEmbedder(
-                        name, cfg.upstream_model or name, send, prices, settings.embed_timeout_s
-                    )
+                    embedders[name] = ModelEmbedder(name, cfg.upstream_model or name, client, settings.embed_timeout_s)
             return embedders[name]
 
         for name in list(self.collections):
@@ -156,7 +162,7 @@ class ExampleTasks:
                 known = self._examples[task] = (embedder.identity, vectors)
         return known[1]
 
-    async def matches(self, ctx: RequestContext, task: str) -> bool:
+    async def matches(self, ctx: TaskRequest, task: str) -> bool:
         cfg = self._tasks.get(task)
         if cfg is None:
             return False

@@ -6,16 +6,10 @@ litellm's map is read as a JSON file found next to its package, without importin
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
-
-import orjson
 
 from proxy.config.models import ModelConfig
-
-_PRICE_MAP_FILE = "model_prices_and_context_window_backup.json"
+from proxy.config.price_map import lookup_names, packaged_price_map
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,30 +25,6 @@ class ModelPrice:
 
 
 UNKNOWN_PRICE = ModelPrice(0.0, 0.0, source="unknown")
-
-
-@cache
-def packaged_price_map() -> dict[str, dict]:
-    """litellm's price map as shipped in its wheel; empty when litellm is not installed."""
-    spec = importlib.util.find_spec("litellm")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    for location in spec.submodule_search_locations:
-        path = Path(location) / _PRICE_MAP_FILE
-        if path.is_file():
-            data = orjson.loads(path.read_bytes())
-            data.pop("sample_spec", None)
-            return data
-    return {}
-
-
-def _lookup_names(name: str, provider: str) -> list[str]:
-    names = [name, f"{provider}/{name}"]
-    if name.startswith("ft:"):
-        # Fine-tuned OpenAI models: "ft:gpt-4o-mini-2024-07-18:org::id" is priced as "ft:gpt-4o-mini-2024-07-18".
-        base = ":".join(name.split(":")[:2])
-        names += [base, f"{provider}/{base}"]
-    return names
 
 
 class PriceBook:
@@ -85,7 +55,7 @@ class PriceBook:
 
     def lookup(self, name: str, provider: str = "openai") -> ModelPrice | None:
         """Price of any model in the packaged map (not only configured ones)."""
-        for key in _lookup_names(name, provider):
+        for key in lookup_names(name, provider):
             entry = self._map.get(key)
             if entry and ("input_cost_per_token" in entry or "output_cost_per_token" in entry):
                 return ModelPrice(

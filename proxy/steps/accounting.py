@@ -11,7 +11,8 @@ import logging
 from proxy import metrics
 from proxy.config.models import PolicyFile
 from proxy.pipeline.context import RequestContext
-from proxy.services.pricing import PriceBook
+from proxy.pipeline.step import Step
+from proxy.services.estimator import Estimator
 from proxy.store.base import Store, StoreUnavailable, Usage, to_nano, utc_day
 
 log = logging.getLogger("llm_proxy.accounting")
@@ -19,10 +20,13 @@ log = logging.getLogger("llm_proxy.accounting")
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
-class RecordUsage:
-    def __init__(self, policy: PolicyFile, prices: PriceBook, store: Store):
+class RecordUsage(Step):
+    """Price the real usage; record spend, tokens and savings (the request's embeddings included)."""
+
+    def __init__(self, policy: PolicyFile, estimator: Estimator, store: Store):
         self._models = policy.models
-        self._prices = prices
+        self._estimator = estimator
+        self._prices = estimator.prices
         self._store = store
 
     async def on_response(self, ctx: RequestContext) -> None:
@@ -33,7 +37,7 @@ class RecordUsage:
         cost + saved, so both reconcile with usage exactly.
         """
         model = ctx.answered_by or ctx.model
-        ctx.cost = self._prices.cost(model, ctx.input_tokens, ctx.output_tokens)
+        ctx.cost = self._estimator.cost(model, ctx.usage) if ctx.usage is not None else 0.0
         requested = ctx.model_requested
         if ctx.routed_by and requested in self._models and requested != model and ctx.route != "retrieval":
             saving = max(0.0, self._prices.cost(requested, ctx.input_tokens, ctx.output_tokens) - ctx.cost)
@@ -47,14 +51,20 @@ class RecordUsage:
         metrics.child(metrics.REQUESTS, team, requested, ctx.route, _STATUS_CLASS.get(ctx.status // 100, "5xx")).inc()
         metrics.child(metrics.OPERATION_DURATION, requested, ctx.route).observe(ctx.elapsed())
         metrics.child(metrics.OVERHEAD, ctx.route).observe(ctx.overhead())
-        if ctx.team is None or not (ctx.input_tokens or ctx.output_tokens or ctx.saved):
+        if ctx.team is None:
+            return
+        if ctx.embeddings is not None and ctx.route != "retrieval":
+            await self._record_embeddings(ctx, team)  # a hit's cost is the embedding: recorded below
+        used = ctx.usage
+        input_tokens, output_tokens = (used.input, used.output) if used is not None else (0, 0)
+        if not (input_tokens or output_tokens or ctx.saved):
             return
         model = ctx.answered_by or ctx.model
-        metrics.child(metrics.TOKENS, team, model, "input").inc(ctx.input_tokens)
-        metrics.child(metrics.TOKENS, team, model, "output").inc(ctx.output_tokens)
-        metrics.child(metrics.TOKEN_USAGE, model, "input").observe(ctx.input_tokens)
-        if ctx.output_tokens:
-            metrics.child(metrics.TOKEN_USAGE, model, "output").observe(ctx.output_tokens)
+        metrics.child(metrics.TOKENS, team, model, "input").inc(input_tokens)
+        metrics.child(metrics.TOKENS, team, model, "output").inc(output_tokens)
+        metrics.child(metrics.TOKEN_USAGE, model, "input").observe(input_tokens)
+        if output_tokens:
+            metrics.child(metrics.TOKEN_USAGE, model, "output").observe(output_tokens)
         metrics.child(metrics.SPEND, team, model).inc(ctx.cost)
         for policy, saved in ctx.saved_by_policy.items():
             if saved > 0:
@@ -63,8 +73,8 @@ class RecordUsage:
             team,
             model,
             to_nano(ctx.cost),
-            ctx.input_tokens,
-            ctx.output_tokens,
+            input_tokens,
+            output_tokens,
             to_nano(ctx.saved),
             tuple((p, to_nano(v)) for p, v in ctx.saved_by_policy.items()),
         )
@@ -72,3 +82,17 @@ class RecordUsage:
             await self._store.record_usage(usage, utc_day())
         except StoreUnavailable as e:
             log.error("could not record spend for team %s: %s", team, e)
+
+    async def _record_embeddings(self, ctx: RequestContext, team: str) -> None:
+        """The embeddings made to decide the request, as spend of their embedding models."""
+        for call in ctx.embeddings.calls:
+            if call.embedder == "local" and not call.cost:
+                continue
+            metrics.TOKENS.labels(team, call.embedder, "input").inc(call.tokens)
+            metrics.SPEND.labels(team, call.embedder).inc(call.cost)
+            try:
+                await self._store.record_usage(
+                    Usage(team, call.embedder, to_nano(call.cost), call.tokens, 0), utc_day()
+                )
+            except StoreUnavailable as e:
+                log.error("could not record embedding spend for team %s: %s", team, e)

@@ -7,41 +7,22 @@ Matchers are compiled once per policy file. A policy that acts is recorded on th
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 from fnmatch import translate
-from typing import Any
 
 from proxy import metrics
-from proxy.config.models import PolicyFile
-from proxy.config.policies import TaskConfig, WhenConfig
+from proxy.config.policies import PolicyConfig, WhenConfig
 from proxy.pipeline.context import RequestContext
-from proxy.steps.actions import ActionDeps, build_action
-
-ExampleMatcher = Callable[[RequestContext, str], Awaitable[bool]]
-
-
-class TaskClassifier:
-    """Named request classes: regex patterns over the user's text; examples through an embedder."""
-
-    def __init__(self, tasks: dict[str, TaskConfig], by_examples: ExampleMatcher | None = None):
-        self._patterns = {name: [re.compile(p) for p in t.patterns] for name, t in tasks.items()}
-        self._has_examples = {name for name, t in tasks.items() if t.examples}
-        self._by_examples = by_examples
-
-    async def matches(self, ctx: RequestContext, task: str) -> bool:
-        text = ctx.user_text()
-        if any(p.search(text) for p in self._patterns.get(task, ())):
-            return True
-        if task in self._has_examples and self._by_examples is not None:
-            return await self._by_examples(ctx, task)
-        return False
+from proxy.pipeline.step import PolicyAction, Step
+from proxy.services.budget_ledger import BudgetLedger
+from proxy.services.estimator import Estimator
+from proxy.services.tasks import TaskClassifier
 
 
 class _Matcher:
-    def __init__(self, when: WhenConfig, tasks: TaskClassifier, budget_fraction: Callable[[RequestContext], Any]):
+    def __init__(self, when: WhenConfig, tasks: TaskClassifier, ledger: BudgetLedger):
         self._when = when
         self._tasks = tasks
-        self._budget_fraction = budget_fraction
+        self._ledger = ledger
         self._headers = {k.lower(): v for k, v in (when.headers or {}).items()}
         self._teams = frozenset(when.teams) if when.teams is not None else None
         self._endpoints = frozenset(when.endpoints) if when.endpoints is not None else None
@@ -79,37 +60,24 @@ class _Matcher:
         w = self._when
         if w.task is not None and not await self._tasks.matches(ctx, w.task):
             return False
-        return not (w.budget_used_above is not None and await self._budget_fraction(ctx) <= w.budget_used_above)
+        return not (
+            w.budget_used_above is not None
+            and await self._ledger.used_fraction(ctx.team, ctx.key_id) <= w.budget_used_above
+        )
 
 
-class ApplyPolicies:
+class ApplyPolicies(Step):
+    """Evaluate `policies:` in order; each whose `when:` matches applies its action."""
+
     def __init__(
         self,
-        policy: PolicyFile,
-        deps: ActionDeps,
+        rules: list[tuple[PolicyConfig, PolicyAction]],
         tasks: TaskClassifier,
-        budget_fraction: Callable[[RequestContext], Awaitable[float]],
-        reprice: Callable[[RequestContext], None],
+        ledger: BudgetLedger,
+        estimator: Estimator,
     ):
-        self._rules = [
-            (p.name, p.action, _Matcher(p.when, tasks, budget_fraction), build_action(p, deps)) for p in policy.policies
-        ]
-        self._reprice = reprice
-        # Actions that follow a request to its end (measure, cache, settle) have their own hooks.
-        self._response_hooks = {name: a.on_response for name, _, _, a in self._rules if hasattr(a, "on_response")}
-        self._settle_hooks = {name: a.on_settle for name, _, _, a in self._rules if hasattr(a, "on_settle")}
-
-    async def on_response(self, ctx: RequestContext) -> None:
-        for name in ctx.policies:
-            hook = self._response_hooks.get(name)
-            if hook is not None:
-                await hook(ctx)
-
-    async def on_settle(self, ctx: RequestContext) -> None:
-        for name in ctx.policies:
-            hook = self._settle_hooks.get(name)
-            if hook is not None:
-                await hook(ctx)
+        self._rules = [(p.name, p.action, _Matcher(p.when, tasks, ledger), action) for p, action in rules]
+        self._estimator = estimator
 
     async def on_request(self, ctx: RequestContext) -> None:
         if not self._rules:
@@ -131,4 +99,4 @@ class ApplyPolicies:
                     return
         finally:
             if ctx.model != model or max_tokens != (ctx.body.get("max_tokens"), ctx.body.get("max_completion_tokens")):
-                self._reprice(ctx)
+                self._estimator.reprice(ctx)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from proxy.errors import Unauthorized
 from proxy.pipeline.context import RequestContext
+from proxy.pipeline.step import Step
 from proxy.services.keyring import KeyRing, presented_key
 
 
-class Authenticate:
+class Authenticate(Step):
     """First step: who is calling. Missing or unknown key → 401."""
 
     def __init__(self, keyring: KeyRing):

@@ -15,6 +15,8 @@ from typing import Any
 from proxy import metrics
 from proxy.config.policies import ConciseAction
 from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.pipeline.deps import ActionDeps
+from proxy.pipeline.step import PolicyAction
 from proxy.services.holdout_stats import HOLDOUT, TREATED, ArmStats, SavingEstimate, holdout_bucket, realised_saving
 
 _STATS_TTL_S = 5.0
@@ -39,13 +41,15 @@ def _appended(content: Any, text: str) -> Any:
     return f"{content}\n\n{text}"
 
 
-class Concise:
-    def __init__(self, cfg: ConciseAction, name: str, deps: Any):
+class Concise(PolicyAction):
+    """Inject the conciseness instruction (or hold the request out); measure the saving of both arms."""
+
+    def __init__(self, cfg: ConciseAction, name: str, deps: ActionDeps):
         self.cfg = cfg
         self.name = name
         self._prices = deps.prices
         self._store = deps.store
-        self._tokens = deps.tokens
+        self._estimator = deps.estimator
         self._opt_out = cfg.opt_out_header.lower() if cfg.opt_out_header else None
         self._estimates: dict[str, tuple[float, SavingEstimate | None]] = {}
         self._instruction_tokens: dict[str, int] = {}  # model -> tokens the instruction adds (counted once)
@@ -72,7 +76,7 @@ class Concise:
         if self._inject(ctx):
             added = self._instruction_tokens.get(ctx.model)
             if added is None:
-                added = self._tokens.counter(ctx.model).text(self.cfg.instruction) + _MESSAGE_FRAMING_TOKENS
+                added = self._estimator.counter(ctx.model).text(self.cfg.instruction) + _MESSAGE_FRAMING_TOKENS
                 self._instruction_tokens[ctx.model] = added
             ctx.prompt_tokens += added
         if self.cfg.max_tokens and not (ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")):

@@ -1,6 +1,7 @@
 """Rate limits per team and per key: requests and tokens per minute, sliding window, shared via the store.
 
-Prompt tokens count when the request arrives; completion tokens are added when it settles. A request
+Prompt tokens count when the request arrives; completion tokens (and the tokens of embeddings the proxy
+made to decide the request) are added when it settles. A request
 that never reaches the upstream (rejected by a later step) is taken back out of the windows.
 """
 
@@ -12,7 +13,8 @@ import time
 from proxy import metrics
 from proxy.config.models import LimitsConfig, PolicyFile
 from proxy.errors import RateLimited
-from proxy.pipeline.context import RequestContext
+from proxy.pipeline.context import LimitSlot, RequestContext
+from proxy.pipeline.step import Step
 from proxy.store.base import WINDOW_S, LimitWindow, Store
 
 
@@ -40,7 +42,9 @@ _HEADER_NAMES = {
 _RESET = f"{WINDOW_S}s".encode()
 
 
-class EnforceRateLimits:
+class EnforceRateLimits(Step):
+    """Count the request and its prompt tokens in every rpm/tpm window (429 past a limit); add the rest after."""
+
     def __init__(self, policy: PolicyFile, store: Store):
         self._teams = policy.teams
         self._store = store
@@ -91,8 +95,7 @@ class EnforceRateLimits:
                     f"x-ratelimit-reset-{kind}": f"{wait}s",
                 },
             )
-        ctx.limit_windows = windows
-        ctx.limits_hit_at = now
+        ctx.limits = LimitSlot(windows, now)
         seen = set()
         for w, used in zip(windows, result.used, strict=True):
             kind = _header_kind(w)
@@ -107,17 +110,17 @@ class EnforceRateLimits:
             ]
 
     async def on_settle(self, ctx: RequestContext) -> None:
-        if not ctx.limit_windows:
+        if ctx.limits is None:
             return
-        if not ctx.dispatched:
+        windows = ctx.limits.windows
+        if not ctx.sent_upstream:
             # Taken back out of the window that counted it, even if a new minute began meanwhile.
-            undo = [LimitWindow(w.team, w.name, w.limit, -w.cost) for w in ctx.limit_windows]
-            await self._store.add_to_limits(undo, ctx.limits_hit_at)
-        elif ctx.output_tokens:
-            tpm = [
-                LimitWindow(w.team, w.name, w.limit, ctx.output_tokens)
-                for w in ctx.limit_windows
-                if w.name.endswith(":tpm")
-            ]
+            undo = [LimitWindow(w.team, w.name, w.limit, -w.cost) for w in windows]
+            await self._store.add_to_limits(undo, ctx.limits.hit_at)
+            return
+        # The output, and the embeddings the proxy made to decide the request, count as tokens too.
+        later = ctx.output_tokens + (ctx.embeddings.tokens() if ctx.embeddings is not None else 0)
+        if later:
+            tpm = [LimitWindow(w.team, w.name, w.limit, later) for w in windows if w.name.endswith(":tpm")]
             if tpm:
                 await self._store.add_to_limits(tpm, time.time())

@@ -12,12 +12,15 @@ import orjson
 
 from proxy.config.models import LogConfig
 from proxy.pipeline.context import RequestContext
+from proxy.pipeline.step import Step
 from proxy.services.request_log import RequestLogWriter
 
 _PROMPT_FIELDS = ("messages", "prompt", "input", "tools", "functions")
 
 
-class LogRequests:
+class LogRequests(Step):
+    """Append one JSON line per request to the request log (prompt text only when allowed)."""
+
     def __init__(self, cfg: LogConfig, writer: RequestLogWriter):
         self._include_prompts = cfg.include_prompts
         self._writer = writer

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
 from proxy.config.models import PolicyFile
 from proxy.errors import Forbidden, InvalidRequest, ModelNotFound
 from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.pipeline.step import Step
 
 
-def allowed_models(policy: PolicyFile) -> dict[str, frozenset[str]]:
-    """Team → the configured model names its `models:` globs admit."""
-    return {
-        team: frozenset(m for m in policy.models if any(fnmatchcase(m, pattern) for pattern in cfg.models))
-        for team, cfg in policy.teams.items()
-    }
+class ResolveModel(Step):
+    """The model exists, the team may use it, and it serves this endpoint (else 404, 403, 400)."""
 
-
-class ResolveModel:
     def __init__(self, policy: PolicyFile, allowed: dict[str, frozenset[str]]):
         self._models = policy.models
         self._allowed = allowed

@@ -5,9 +5,12 @@ from __future__ import annotations
 from proxy.config.policies import RejectAction
 from proxy.errors import PolicyRejected
 from proxy.pipeline.context import RequestContext
+from proxy.pipeline.step import PolicyAction
 
 
-class Reject:
+class Reject(PolicyAction):
+    """Refuse the request with the policy's message and status."""
+
     def __init__(self, cfg: RejectAction, name: str, _deps: object):
         self._message = cfg.message
         self._status = cfg.status

@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from proxy import metrics
 from proxy.config.policies import RetrieveAction
 from proxy.pipeline.context import Endpoint, RequestContext
-from proxy.store.base import StoreUnavailable, Usage, to_nano, utc_day
+from proxy.pipeline.deps import ActionDeps
+from proxy.pipeline.step import PolicyAction, Step
+from proxy.store.base import Store, StoreUnavailable
+from proxy.wire import sse
 
 log = logging.getLogger("llm_proxy.retrieval")
 
@@ -50,15 +51,17 @@ def _answerable(body: dict[str, Any]) -> bool:
     return not (isinstance(modalities, list) and any(m != "text" for m in modalities))
 
 
-class Retrieve:
-    def __init__(self, cfg: RetrieveAction, name: str, deps: Any):
+class Retrieve(PolicyAction):
+    """Answer from a collection (knowledge base or semantic cache) when the guarded matcher is sure."""
+
+    def __init__(self, cfg: RetrieveAction, name: str, deps: ActionDeps):
         from proxy.retrieval.matcher import Matcher
 
         self._cfg = cfg
         self._name = name
         self._prices = deps.prices
-        self._tokens = getattr(deps, "tokens", None)
-        self._retrieval = deps.extras.get("retrieval")  # RetrievalRuntime, or None (explain, replay)
+        self._estimator = deps.estimator
+        self._retrieval = deps.retrieval  # None when the policy file uses no retrieval
         self._matcher = Matcher(cfg.min_similarity, cfg.min_margin, cfg.decisive_tokens)
 
     def _count(self, result: str) -> None:
@@ -85,9 +88,9 @@ class Retrieve:
             self._count("unsupported")
             return False
         lookup = Lookup(self._name, collection, query, fill=self._cfg.cache)
-        if ctx.retrieval is None:
-            ctx.retrieval = []
-        ctx.retrieval.append(lookup)
+        if ctx.lookups is None:
+            ctx.lookups = []
+        ctx.lookups.append(lookup)
         now = time.time()
         exact = collection.exact(ctx.team, query, now)
         if exact is not None:  # the fast path: no embedding at all
@@ -134,7 +137,7 @@ class Retrieve:
         lookup.hit = True
         lookup.cost = ctx.embeddings.cost() if ctx.embeddings is not None else 0.0
         requested = ctx.model_requested or ctx.model
-        answer_tokens = self._tokens.counter(requested).text(entry.answer) if self._tokens else len(entry.answer) // 4
+        answer_tokens = self._estimator.counter(requested).text(entry.answer)
         counterfactual = self._prices.cost(requested, ctx.prompt_tokens, answer_tokens)
         ctx.saved_by_policy[self._name] = max(0.0, counterfactual - lookup.cost)
         ctx.route = "retrieval"
@@ -181,77 +184,48 @@ def _reply_answer(reply: Any) -> str | None:
     if isinstance(reply, list):
         parts: list[str] = []
         finished = False
-        for event in reply:
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                    continue
-                try:
-                    data = orjson.loads(line[5:])
-                except orjson.JSONDecodeError:
+        for data in sse.json_payloads(reply, strict=True):
+            if data is None:
+                return None  # a broken event: the answer is not known whole
+            for choice in data.get("choices") or ():
+                if choice.get("index", 0) != 0:
                     return None
-                for choice in data.get("choices") or ():
-                    if choice.get("index", 0) != 0:
-                        return None
-                    delta = choice.get("delta") or {}
-                    if delta.get("tool_calls"):
-                        return None
-                    if isinstance(delta.get("content"), str):
-                        parts.append(delta["content"])
-                    if choice.get("finish_reason") is not None:
-                        finished = choice["finish_reason"] == "stop"
+                delta = choice.get("delta") or {}
+                if delta.get("tool_calls"):
+                    return None
+                if isinstance(delta.get("content"), str):
+                    parts.append(delta["content"])
+                if choice.get("finish_reason") is not None:
+                    finished = choice["finish_reason"] == "stop"
         text = "".join(parts)
         return text if finished and text.strip() else None
     return None
 
 
-class SettleRetrieval:
-    """After the answer: price a retrieval hit, fill caches, account for the embeddings made."""
+class SettleRetrieval(Step):
+    """After the answer: price a retrieval hit; store cacheable upstream answers in their caches."""
 
-    def __init__(self, store: Any, budget: Any):
+    def __init__(self, store: Store):
         self._store = store
-        self._budget = budget
 
     async def on_response(self, ctx: RequestContext) -> None:
-        if ctx.route == "retrieval" and ctx.retrieval:
-            for lookup in ctx.retrieval:
+        if ctx.route == "retrieval" and ctx.lookups:
+            for lookup in ctx.lookups:
                 if lookup.hit:
                     ctx.cost = lookup.cost  # the embedding; nothing was generated
                     ctx.saved = sum(ctx.saved_by_policy.values())
 
     async def on_settle(self, ctx: RequestContext) -> None:
-        if ctx.embeddings is not None and ctx.embeddings.calls and ctx.team is not None:
-            await self._account_embeddings(ctx)
-        if ctx.retrieval and ctx.route != "retrieval":
-            for lookup in ctx.retrieval:
+        if ctx.route != "retrieval" and ctx.lookups:
+            for lookup in ctx.lookups:
                 if lookup.fill and lookup.vector is not None:
                     await self._fill(ctx, lookup)
 
-    async def _account_embeddings(self, ctx: RequestContext) -> None:
-        calls = ctx.embeddings.calls
-        total = sum(c.cost for c in calls)
-        if total > 0 and self._budget is not None:
-            scopes = [s for s, _ in self._budget.scopes(ctx, time.time())]
-            if scopes:
-                await self._store.settle_budget(scopes, 0, to_nano(total))
-        if ctx.route == "retrieval":
-            return  # a hit's cost is the embedding: recorded with the request itself
-        for call in calls:
-            if call.embedder == "local" and not call.cost:
-                continue
-            metrics.TOKENS.labels(ctx.team, call.embedder, "input").inc(call.tokens)
-            metrics.SPEND.labels(ctx.team, call.embedder).inc(call.cost)
-            try:
-                await self._store.record_usage(
-                    Usage(ctx.team, call.embedder, to_nano(call.cost), call.tokens, 0), utc_day()
-                )
-            except StoreUnavailable as e:
-                log.error("could not record embedding spend for team %s: %s", ctx.team, e)
-
     async def _fill(self, ctx: RequestContext, lookup: Lookup) -> None:
         name = lookup.collection.name
-        if ctx.status != 200 or ctx.error is not None or ctx.cancelled:
+        if ctx.status != 200 or ctx.error is not None or ctx.cancelled or ctx.reply is None:
             return
-        answer = _reply_answer(ctx.reply)
+        answer = _reply_answer(ctx.reply.events if ctx.reply.events is not None else ctx.reply.data)
         if answer is None:
             metrics.RETRIEVAL_CACHE_FILLS.labels(name, "not_cacheable").inc()
             return

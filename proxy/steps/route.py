@@ -8,24 +8,26 @@ target by how much of the team's budget is used. The saving is settled from real
 
 from __future__ import annotations
 
-from typing import Any
-
 from proxy.config.policies import RouteAction
 from proxy.pipeline.context import RequestContext
+from proxy.pipeline.deps import ActionDeps
+from proxy.pipeline.step import PolicyAction
 
 
-class Route:
-    def __init__(self, cfg: RouteAction, name: str, deps: Any):
+class Route(PolicyAction):
+    """Send the request to a cheaper model when the price book says it is worth it."""
+
+    def __init__(self, cfg: RouteAction, name: str, deps: ActionDeps):
         self._cfg = cfg
         self._name = name
         self._prices = deps.prices
         self._allowed = deps.allowed
-        self._budget_fraction = deps.budget_fraction
+        self._ledger = deps.ledger
         self._pressure = sorted(cfg.on_budget_pressure, key=lambda s: s.above, reverse=True)
 
     async def _target(self, ctx: RequestContext) -> str | None:
         if self._pressure:
-            used = await self._budget_fraction(ctx)
+            used = await self._ledger.used_fraction(ctx.team, ctx.key_id)
             for step in self._pressure:
                 if used > step.above:
                     return step.to

@@ -6,6 +6,7 @@ from typing import Any
 
 from proxy.config.policies import FieldRule, SetAction
 from proxy.pipeline.context import RequestContext
+from proxy.pipeline.step import PolicyAction
 
 
 def _apply_rule(value: Any, rule: FieldRule) -> Any:
@@ -21,7 +22,9 @@ def _apply_rule(value: Any, rule: FieldRule) -> Any:
     return value
 
 
-class SetFields:
+class SetFields(PolicyAction):
+    """Default, force or clamp request fields."""
+
     def __init__(self, cfg: SetAction, name: str, _deps: object):
         self._fields = cfg.fields
 

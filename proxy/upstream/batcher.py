@@ -21,11 +21,12 @@ import orjson
 
 from proxy import metrics
 from proxy.errors import BadGateway, ProxyError, RateLimited, UpstreamHTTPError
-from proxy.pipeline.context import Endpoint
 from proxy.services.tokens import TokenCounter, counter_for
-from proxy.upstream.openai_compat import OpenAICompatUpstream, StreamHandle, UpstreamReply
+from proxy.upstream.openai_compat import OpenAICompatUpstream, StreamHandle
+from proxy.upstream.reply import UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError
-from proxy.wire.sse import counted_reply_tokens
+from proxy.wire.adapter import Endpoint, is_int
+from proxy.wire.content import reply_text
 
 log = logging.getLogger("llm_proxy.batcher")
 
@@ -68,10 +69,6 @@ class _Group:
         self.rows = 0
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _rows(value: Any) -> tuple[str, list[Any]] | None:
     """(kind, rows) of a `prompt`/`input` value, or None when it cannot be merged with others."""
     if isinstance(value, str):
@@ -79,7 +76,7 @@ def _rows(value: Any) -> tuple[str, list[Any]] | None:
     if isinstance(value, list) and value:
         if all(isinstance(v, str) for v in value):
             return "text", value
-        if all(_is_int(v) for v in value):
+        if all(is_int(v) for v in value):
             return "tokens", [value]
         if all(isinstance(v, list) for v in value):
             return "tokens", value
@@ -87,7 +84,7 @@ def _rows(value: Any) -> tuple[str, list[Any]] | None:
 
 
 def _row_count(value: Any) -> int:
-    if isinstance(value, list) and value and not _is_int(value[0]):
+    if isinstance(value, list) and value and not is_int(value[0]):
         return len(value)
     return 1
 
@@ -97,9 +94,9 @@ def _usage_rows(value: Any, total: int) -> list[dict[str, int]] | None:
     if not isinstance(value, list) or len(value) != total:
         return None
     for u in value:
-        if not isinstance(u, dict) or not _is_int(u.get("prompt_tokens")):
+        if not isinstance(u, dict) or not is_int(u.get("prompt_tokens")):
             return None
-        if "completion_tokens" in u and not _is_int(u["completion_tokens"]):
+        if "completion_tokens" in u and not is_int(u["completion_tokens"]):
             return None
     return value
 
@@ -118,7 +115,7 @@ def _by_index(entries: Any, total: int, what: str) -> list[dict[str, Any]]:
     placed: list[dict[str, Any] | None] = [None] * total
     for e in entries:
         idx = e.get("index") if isinstance(e, dict) else None
-        if not _is_int(idx) or not 0 <= idx < total or placed[idx] is not None:
+        if not is_int(idx) or not 0 <= idx < total or placed[idx] is not None:
             raise _Misfit(f"a {what[:-1]} index ({orjson.dumps(idx).decode()}) is missing, repeated or out of range")
         placed[idx] = e
     return placed  # type: ignore[return-value]
@@ -412,7 +409,7 @@ class MicroBatcher:
                 rows = per_row[start : start + n]
                 usage = _usage(sum(u["prompt_tokens"] for u in rows), sum(u.get("completion_tokens", 0) for u in rows))
             else:
-                usage = _usage(self._counter.prompt(item.rows), counted_reply_tokens({"choices": own}, self._counter))
+                usage = _usage(self._counter.prompt(item.rows), self._counter.text(reply_text({"choices": own})))
             reply = {**base, "choices": own, "usage": usage}
             out.append(BatchedReply(reply, orjson.dumps(reply)))
             start += n
@@ -444,7 +441,7 @@ class MicroBatcher:
         """One entry of a batch endpoint reply: {"status_code": int, "body": object}."""
         status = entry.get("status_code") if isinstance(entry, dict) else None
         body = entry.get("body") if isinstance(entry, dict) else None
-        if not _is_int(status) or not isinstance(body, dict):
+        if not is_int(status) or not isinstance(body, dict):
             return BadGateway("The upstream's batch reply has a malformed entry for this request.")
         if status >= 400:
             raw = orjson.dumps(body)
@@ -458,9 +455,9 @@ class MicroBatcher:
         if not isinstance(body.get("choices"), list):
             return BadGateway("The upstream's batch reply for this request has no 'choices' list.")
         usage = body.get("usage")
-        if not isinstance(usage, dict) or not _is_int(usage.get("prompt_tokens")):
+        if not isinstance(usage, dict) or not is_int(usage.get("prompt_tokens")):
             prompt = self._counter.chat_prompt(
                 item.body["messages"], item.body.get("tools"), item.body.get("functions")
             )
-            body = {**body, "usage": _usage(prompt, counted_reply_tokens(body, self._counter))}
+            body = {**body, "usage": _usage(prompt, self._counter.text(reply_text(body)))}
         return BatchedReply(body, orjson.dumps(body))

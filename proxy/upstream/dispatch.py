@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -15,14 +16,42 @@ import aiohttp
 from proxy import metrics
 from proxy.config.models import ModelConfig, PolicyFile, RetryConfig
 from proxy.errors import BadGateway, ProxyError
-from proxy.pipeline.context import RequestContext
 from proxy.upstream.batcher import BatchedReply, MicroBatcher
-from proxy.upstream.openai_compat import OpenAICompatUpstream, UpstreamReply
+from proxy.upstream.openai_compat import OpenAICompatUpstream
+from proxy.upstream.reply import UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError, call_with_retries
 
 T = TypeVar("T")
 
 PASS_THROUGH_PROVIDERS = frozenset({"openai"})
+
+
+class Call(Protocol):
+    """What the dispatcher reads of a call (a RequestContext, or a DispatchRequest the proxy makes for
+    itself), and the two fields it writes back: who answered, and the time spent upstream."""
+
+    endpoint: str
+    model: str | None
+    model_requested: str | None
+    body: dict[str, Any]
+    include_usage: bool
+    fallback_to_requested: bool
+    answered_by: str | None
+    upstream_seconds: float
+
+
+@dataclass(slots=True, eq=False)
+class DispatchRequest:
+    """A call the proxy makes on its own behalf (an embedding for retrieval)."""
+
+    endpoint: str
+    model: str
+    body: dict[str, Any]
+    model_requested: str | None = None
+    include_usage: bool = False
+    fallback_to_requested: bool = False
+    answered_by: str | None = None
+    upstream_seconds: float = field(default=0.0)
 
 
 class Stream(Protocol):
@@ -60,7 +89,7 @@ class Dispatcher:
         }
         self._chain: dict[str, list[str]] = {name: [name, *cfg.fallbacks] for name, cfg in policy.models.items()}
 
-    async def _with_fallbacks(self, ctx: RequestContext, call: Callable[[Upstream], Awaitable[T]]) -> T:
+    async def _with_fallbacks(self, ctx: Call, call: Callable[[Upstream], Awaitable[T]]) -> T:
         chain = self._chain[ctx.model]
         requested = ctx.model_requested
         if ctx.fallback_to_requested and requested not in chain and requested in self._upstreams:
@@ -96,11 +125,12 @@ class Dispatcher:
         assert last is not None
         raise last
 
-    async def send(self, ctx: RequestContext) -> UpstreamReply:
+    async def send(self, ctx: Call) -> UpstreamReply:
+        """The normalised reply of the first model in the chain that answers (usage read from it)."""
         reply = await self._with_fallbacks(ctx, lambda u: u.send(ctx.endpoint, ctx.body))
         if isinstance(reply, BatchedReply):
-            ctx.route = "batch"
-        return reply
+            reply.batched = True
+        return reply.read_usage()
 
-    async def open_stream(self, ctx: RequestContext) -> Stream:
+    async def open_stream(self, ctx: Call) -> Stream:
         return await self._with_fallbacks(ctx, lambda u: u.open_stream(ctx.endpoint, ctx.body, ctx.include_usage))

@@ -17,7 +17,7 @@ import orjson
 
 from proxy.config.models import ModelConfig
 from proxy.errors import BadGateway, UpstreamHTTPError
-from proxy.upstream.openai_compat import UpstreamReply
+from proxy.upstream.reply import UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError
 
 _LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")

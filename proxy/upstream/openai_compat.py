@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -16,16 +15,11 @@ import orjson
 
 from proxy.config.models import ModelConfig
 from proxy.errors import BadGateway, UpstreamHTTPError
+from proxy.upstream.reply import UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError, parse_retry_after
 
 OPENAI_API_BASE = "https://api.openai.com/v1"
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
-
-
-@dataclass(slots=True)
-class UpstreamReply:
-    data: dict[str, Any]
-    raw: bytes
 
 
 class StreamHandle:

@@ -1,0 +1,91 @@
+"""The estimator: token counts and prices of a request, before the call (the worst case a budget
+reserves) and after it (the real usage, counted the upstream's way when it reported none)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from proxy.config.models import PolicyFile
+from proxy.errors import ContextLengthExceeded
+from proxy.services.pricing import PriceBook
+from proxy.services.tokens import TokenCounter, counter_for
+from proxy.wire import sse
+from proxy.wire.adapter import Endpoint
+from proxy.wire.formats import BY_ENDPOINT
+from proxy.wire.usage import TokenUsage, counted_usage, usage_from
+
+if TYPE_CHECKING:
+    from proxy.pipeline.context import RequestContext
+
+
+class Estimator:
+    def __init__(self, policy: PolicyFile, prices: PriceBook):
+        self.prices = prices
+        self._default_max_output = policy.server.default_max_output_tokens
+        self._counters: dict[str, TokenCounter] = {
+            name: counter_for(cfg.upstream_model or name, cfg.tokenizer) for name, cfg in policy.models.items()
+        }
+
+    def counter(self, model: str) -> TokenCounter:
+        return self._counters[model]
+
+    def count_prompt(self, ctx: RequestContext) -> None:
+        """Prompt tokens of the request for its model, checked against the model's context window."""
+        wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
+        n, prompts = wire.count_prompt(self._counters[ctx.model], ctx.body)
+        if ctx.known_prompt_tokens is not None:
+            n = ctx.known_prompt_tokens
+        limit = self.prices.price(ctx.model).max_input_tokens
+        if limit and n > limit * prompts:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, your request has {n} "
+                f"prompt tokens. Please reduce the length of the {wire.prompt_param}.",
+                param=wire.prompt_param,
+            )
+        ctx.prompt_tokens = n
+        ctx.prompt_count = prompts
+
+    def reprice(self, ctx: RequestContext) -> None:
+        """Worst-case output and cost estimate for the request as it stands (after policies changed it)."""
+        body = ctx.body
+        price = self.prices.price(ctx.model)
+        if ctx.endpoint == Endpoint.EMBEDDINGS:
+            ctx.max_output_tokens = 0
+        else:
+            per_choice = (
+                body.get("max_completion_tokens")
+                or body.get("max_tokens")
+                or price.max_output_tokens
+                or self._default_max_output
+            )
+            ctx.max_output_tokens = per_choice * (body.get("n") or 1) * ctx.prompt_count
+        ctx.cost_estimate = price.cost(ctx.prompt_tokens, ctx.max_output_tokens)
+
+    def real_usage(self, ctx: RequestContext) -> TokenUsage:
+        """The usage of what answered the request: the upstream's report, else counted by the answering
+        model's tokenizer (the prompt as counted before the call, the output from the generated text)."""
+        reply = ctx.reply
+        if reply is None:  # answered by a step (retrieval): its answer carries its own usage
+            answer = ctx.answer or {}
+            return usage_from(answer.get("usage")) or TokenUsage()
+        if reply.usage is not None:
+            return reply.usage
+        if ctx.endpoint == Endpoint.EMBEDDINGS:
+            return counted_usage(ctx.prompt_tokens, 0)
+        counter = self._counters[ctx.answered_by or ctx.model]
+        if reply.events is not None:
+            text = sse.generated_text(reply.events)
+        else:
+            text = (ctx.wire or BY_ENDPOINT[ctx.endpoint]).reply_text(reply.data or {})
+        return counted_usage(ctx.prompt_tokens, counter.text(text))
+
+    def cost(self, model: str, usage: TokenUsage) -> float:
+        return self.prices.cost(model, usage.input, usage.output)
+
+    def embedding_tokens(self, model: str, texts: list[str], reported: Any) -> int:
+        """Input tokens of an embedding call: as reported, else counted."""
+        usage = usage_from(reported)
+        if usage is not None:
+            return usage.input
+        counter = self._counters.get(model) or counter_for(model, None)
+        return sum(counter.text(t) for t in texts)

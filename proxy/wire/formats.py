@@ -1,0 +1,12 @@
+"""The wire formats the gateway serves, by path and by canonical endpoint."""
+
+from __future__ import annotations
+
+from proxy.wire.adapter import WireAdapter
+from proxy.wire.chat import CHAT
+from proxy.wire.completions import COMPLETIONS
+from proxy.wire.embeddings import EMBEDDINGS
+
+ADAPTERS: tuple[WireAdapter, ...] = (CHAT, COMPLETIONS, EMBEDDINGS)
+BY_PATH: dict[str, WireAdapter] = {path: a for a in ADAPTERS for path in a.paths}
+BY_ENDPOINT: dict[str, WireAdapter] = {a.endpoint: a for a in ADAPTERS}
