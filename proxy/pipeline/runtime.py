@@ -21,6 +21,7 @@ from proxy.steps.count_tokens import CountTokens
 from proxy.steps.limits import EnforceRateLimits
 from proxy.steps.log_request import LogRequests
 from proxy.steps.model_access import ResolveModel, allowed_models
+from proxy.steps.model_memory import FitModelMemory
 from proxy.steps.retrieve import SettleRetrieval
 from proxy.steps.validate import ValidateRequest
 from proxy.store.base import Store
@@ -62,6 +63,7 @@ class Runtime:
             budget_fraction=self.budget.used_fraction,
         )
         self.authenticate = Authenticate(self.keyring)
+        self.model_memory = FitModelMemory(policy)
         self.pipeline = Pipeline(
             [
                 self.authenticate,
@@ -70,6 +72,7 @@ class Runtime:
                 self.tokens,
                 EnforceRateLimits(policy, store),
                 ApplyPolicies(policy, deps, self.tasks, self.budget.used_fraction, self.tokens.reprice),
+                *([self.model_memory] if self.model_memory.memory else []),  # after routing, before the budget
                 self.budget,
                 RecordUsage(policy, self.prices, store),
             ]

@@ -49,6 +49,14 @@ def build_upstream(name: str, cfg: ModelConfig, session: aiohttp.ClientSession, 
     return LiteLLMUpstream(name, cfg)
 
 
+def _send(upstream: Upstream, ctx: RequestContext) -> Awaitable[UpstreamReply]:
+    if isinstance(upstream, MicroBatcher):
+        # The one place the batcher reads the context: the tokens a request holds in the model's memory
+        # (0 when nobody counted them, as for the proxy's own embedding calls: the batcher then counts).
+        return upstream.send(ctx.endpoint, ctx.body, (ctx.prompt_tokens + ctx.max_output_tokens) or None)
+    return upstream.send(ctx.endpoint, ctx.body)
+
+
 class Dispatcher:
     def __init__(self, policy: PolicyFile, session: aiohttp.ClientSession):
         connect = policy.server.connect_timeout_s
@@ -97,7 +105,7 @@ class Dispatcher:
         raise last
 
     async def send(self, ctx: RequestContext) -> UpstreamReply:
-        reply = await self._with_fallbacks(ctx, lambda u: u.send(ctx.endpoint, ctx.body))
+        reply = await self._with_fallbacks(ctx, lambda u: _send(u, ctx))
         if isinstance(reply, BatchedReply):
             ctx.route = "batch"
         return reply
