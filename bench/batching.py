@@ -124,16 +124,16 @@ def _emb_body(model: str, i: int) -> bytes:
 WORKLOADS = {"llm": ("/v1/completions", _llm_body), "emb": ("/v1/embeddings", _emb_body)}
 
 # The mixed workload: every MIXED_LONG_EVERY-th client sends long prompts, the others short ones.
-MIXED_CLIENTS = 16
+MIXED_CLIENTS = 8
 MIXED_LONG_EVERY = 4
-MIXED_NEW_TOKENS = 16
-MIXED_TOKEN_BUDGET = 240  # tokens in flight the notional GPU holds (below what count-only batches reach)
+MIXED_NEW_TOKENS = 8
+MIXED_TOKEN_BUDGET = 100  # tokens in flight the notional GPU holds (count-only batches reach ~230)
 MIXED_MAX_WAIT_MS = 50
 
 
 def _mixed_prompt(i: int, long: bool) -> str:
     if long:
-        return f"Document {i}: " + " ".join(f"clause {i}.{j} of a long contract about shipping terms" for j in range(8))
+        return f"Document {i}: " + " ".join(f"clause {i}.{j} of a long contract about shipping terms" for j in range(4))
     return f"Request {i}: a few words on {i * 7919 % 1000}."
 
 
