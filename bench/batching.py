@@ -7,7 +7,12 @@ thread) and embeddings from MiniLM (one input per request). For each, closed-loo
 `--seconds` (longer when latencies are long, at most `--max-window`). Also the direct ceiling: the model
 called in-process with one batch of 25 versus 25 calls of one, so the ratio has context.
 
-Usage: .venv/bin/python -m bench.batching [--seconds 10] [--max-window 60] [--write]
+A third workload, `mixed` (`--workloads mixed`): short and long completions prompts from closed-loop
+clients, batched by count only versus bounded by memory (the model's serving facts), through an in-process
+batcher to the same backend. A probe between the batcher and the backend counts the tokens (prompt plus
+max output) of every call in flight on its own, so the peak it reports does not rest on the batcher's books.
+
+Usage: .venv/bin/python -m bench.batching [--seconds 10] [--max-window 60] [--workloads emb,llm,mixed] [--write]
 """
 
 from __future__ import annotations
@@ -117,6 +122,176 @@ def _emb_body(model: str, i: int) -> bytes:
 
 
 WORKLOADS = {"llm": ("/v1/completions", _llm_body), "emb": ("/v1/embeddings", _emb_body)}
+
+# The mixed workload: every MIXED_LONG_EVERY-th client sends long prompts, the others short ones.
+MIXED_CLIENTS = 8
+MIXED_LONG_EVERY = 4
+MIXED_NEW_TOKENS = 8
+MIXED_TOKEN_BUDGET = 100  # tokens in flight the notional GPU holds (count-only batches reach ~230)
+MIXED_MAX_WAIT_MS = 50
+
+
+def _mixed_prompt(i: int, long: bool) -> str:
+    if long:
+        return f"Document {i}: " + " ".join(f"clause {i}.{j} of a long contract about shipping terms" for j in range(4))
+    return f"Request {i}: a few words on {i * 7919 % 1000}."
+
+
+def _mixed_facts() -> dict[str, Any]:
+    """Serving facts whose budget is MIXED_TOKEN_BUDGET tokens: 0.5B fp16 parameters (1 GB of weights), no
+    margin, 1 MB per token, and 1 GB + the budget of GPU memory. The tiny model on CPU has no such limit:
+    the budget stands for the GPU memory a real model would have left."""
+    gb = 1 + MIXED_TOKEN_BUDGET / 1000
+    return {"hardware": {"gpu_memory_gb": gb, "memory_margin": 0}, "params_b": 0.5, "kv_mb_per_token": 1}
+
+
+class _InFlightProbe:
+    """Between the batcher and the upstream: counts the tokens of every call in flight from its body."""
+
+    def __init__(self, inner: Any, counter: Any):
+        self.name, self.cfg, self._inner, self._counter = inner.name, inner.cfg, inner, counter
+        self.in_flight = self.peak = 0
+
+    async def send(self, endpoint: str, body: dict[str, Any]) -> Any:
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        tokens = sum(self._counter.prompt(p) for p in prompts) + body["max_tokens"] * len(prompts)
+        self.in_flight += tokens
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            return await self._inner.send(endpoint, body)
+        finally:
+            self.in_flight -= tokens
+
+
+async def _mixed_arm(backend_url: str, bounded: bool, seconds: float, max_window: float) -> dict[str, Any]:
+    """Closed-loop clients of short and long prompts through one in-process batcher; one window."""
+    from proxy.config.capacity import ModelMemory
+    from proxy.config.models import ModelConfig
+    from proxy.services.tokens import counter_for
+    from proxy.upstream.batcher import MicroBatcher
+    from proxy.upstream.openai_compat import OpenAICompatUpstream
+
+    cfg = ModelConfig(
+        api_base=backend_url + "/v1",
+        upstream_model="tiny-llama",
+        mode="completion",
+        batching={"mode": "completions", "max_batch_size": 64, "max_wait_ms": MIXED_MAX_WAIT_MS},
+        **(_mixed_facts() if bounded else {}),
+    )
+    counter = counter_for("tiny-llama")
+    done: list[tuple[float, float, bool]] = []  # (finished at, latency, long)
+    answered = [0] * MIXED_CLIENTS
+    stop = asyncio.Event()
+    counter_ids = iter(range(10**9))
+    connector = aiohttp.TCPConnector(limit=MIXED_CLIENTS)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        probe = _InFlightProbe(OpenAICompatUpstream("mixed", cfg, session, 5.0), counter)
+        batcher = MicroBatcher(probe)  # type: ignore[arg-type]
+
+        async def client(k: int) -> None:
+            long = k % MIXED_LONG_EVERY == 0
+            while not stop.is_set():
+                i = next(counter_ids)
+                body = {"model": "mixed", "prompt": _mixed_prompt(i, long), "max_tokens": MIXED_NEW_TOKENS}
+                body["temperature"] = 0
+                held = counter.prompt(body["prompt"]) + MIXED_NEW_TOKENS  # what the pipeline counts
+                t0 = time.perf_counter()
+                await batcher.send("completions", body, held)
+                t1 = time.perf_counter()
+                done.append((t1, t1 - t0, long))
+                answered[k] += 1
+
+        tasks = [asyncio.create_task(client(k)) for k in range(MIXED_CLIENTS)]
+        while not all(answered) and not any(t.done() for t in tasks):
+            await asyncio.sleep(0.05)  # warm-up: every client has had an answer
+        for t in tasks:
+            if t.done():
+                t.result()  # a client that failed: raise its error
+        warm = max(lat for _, lat, _ in done)
+        probe.peak = 0  # the window's peak, not the warm-up's
+        t_start = time.perf_counter()
+        await asyncio.sleep(min(max_window, max(seconds, 2 * warm)))
+        t_end = time.perf_counter()
+        stop.set()
+        await asyncio.gather(*tasks)
+        peak = probe.peak
+    memory = ModelMemory.of(ModelConfig(**_mixed_facts()))
+    assert memory is not None
+    window = [(lat, long) for finished, lat, long in done if t_start <= finished <= t_end]
+    return {"window": window, "window_s": t_end - t_start, "peak": peak, "budget": memory.token_budget}
+
+
+def _mixed_summary(res: dict[str, Any]) -> dict[str, Any]:
+    lat = sorted(x for x, _ in res["window"])
+    by_kind = {k: sorted(x for x, long in res["window"] if long == k) for k in (False, True)}
+
+    def p99(xs: list[float]) -> float:
+        return xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1000 if xs else float("nan")
+
+    return {
+        "n": len(lat),
+        "n_short": len(by_kind[False]),
+        "n_long": len(by_kind[True]),
+        "rps": MIXED_CLIENTS / statistics.fmean(lat),  # Little's law, closed loop
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": p99(lat),
+        "p99_short_ms": p99(by_kind[False]),
+        "p99_long_ms": p99(by_kind[True]),
+        "peak": res["peak"],
+        "budget": res["budget"],
+        "window_s": res["window_s"],
+    }
+
+
+async def _mixed(backend_url: str, seconds: float, max_window: float, rounds: int) -> list[str]:
+    """Count-only versus memory-bounded, alternating in rounds so drift of a shared machine hits both."""
+    runs: dict[str, list[dict[str, Any]]] = {"count-only": [], "memory-bounded": []}
+    for _ in range(rounds):
+        for arm in runs:
+            res = await _mixed_arm(backend_url, arm == "memory-bounded", seconds / rounds, max_window)
+            runs[arm].append(res)
+            s = _mixed_summary(res)
+            print(
+                f"mixed {arm}: {s['rps']:.2f} req/s, p99 {s['p99_ms']:.0f} ms, peak {s['peak']} tokens in flight "
+                f"(budget {s['budget']}), {s['n']} requests in {s['window_s']:.1f} s",
+                flush=True,
+            )
+    lines = [
+        f"Mixed completions, tiny random-weight Llama, {MIXED_CLIENTS} closed-loop clients (every "
+        f"{MIXED_LONG_EVERY}th sends long prompts), {MIXED_NEW_TOKENS} new tokens, `max_batch_size: 64`, "
+        f"`max_wait_ms: {MIXED_MAX_WAIT_MS}`; memory-bounded: a budget of {MIXED_TOKEN_BUDGET} tokens in flight:",
+        "",
+        "| batching | n (short / long) | req/s | p50 ms | p99 ms | p99 short ms | p99 long ms "
+        "| peak tokens in flight | budget | peak / budget |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, arm_runs in runs.items():
+        pooled = {
+            "window": [w for r in arm_runs for w in r["window"]],
+            "window_s": sum(r["window_s"] for r in arm_runs),
+            "peak": max(r["peak"] for r in arm_runs),
+            "budget": arm_runs[0]["budget"],
+        }
+        s = _mixed_summary(pooled)
+        lines.append(
+            f"| {arm} | {s['n']} ({s['n_short']} / {s['n_long']}) | {s['rps']:.2f} | {s['p50_ms']:.0f} "
+            f"| {s['p99_ms']:.0f} | {s['p99_short_ms']:.0f} | {s['p99_long_ms']:.0f} | {s['peak']} "
+            f"| {s['budget']} | {s['peak'] / s['budget']:.2f} |"
+        )
+    short, long = (_mixed_prompt(0, k) for k in (False, True))
+    from proxy.services.tokens import counter_for
+
+    c = counter_for("tiny-llama")
+    lines += [
+        "",
+        f"Tokens per request as the proxy counts them (prompt + max output): short {c.prompt(short)} + "
+        f"{MIXED_NEW_TOKENS}, long {c.prompt(long)} + {MIXED_NEW_TOKENS} (the backend's byte-level tokens: "
+        f"{len(short.encode())} / {len(long.encode())} prompt bytes). {rounds} alternating rounds per arm, "
+        "pooled; peak: the most tokens in flight a probe between the batcher and the backend saw in the "
+        "measured windows.",
+        "",
+    ]
+    return lines
 
 
 async def _metric(session: aiohttp.ClientSession, url: str, name: str, model: str) -> float:
@@ -402,17 +577,64 @@ async def main_async(
             f.write(header + table)
 
 
+def _commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    return r.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+async def mixed_main_async(seconds: float, max_window: float, write: bool, rounds: int) -> None:
+    load_before = os.getloadavg()[0]
+    port = _free_port()
+    backend_url = f"http://127.0.0.1:{port}"
+    backend = _spawn(["reference-backend", "--tiny", "--torch-threads", "1", "--no-embeddings", "--port", str(port)])
+    try:
+        await _wait(backend_url + "/healthz", backend)
+        lines = await _mixed(backend_url, seconds, max_window, rounds)
+    finally:
+        backend.terminate()
+        backend.wait(10)
+    lines.append(
+        f"Load average (1 min) of the machine, others' jobs included: {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end.\n"
+    )
+    table = "\n".join(lines)
+    print(table)
+    if write:
+        header = (
+            f"\n## Memory-bounded batching — {time.strftime('%Y-%m-%d')} — {platform.machine()}, "
+            f"{os.cpu_count()} cores (shared, loaded), Python {platform.python_version()}, commit {_commit()} "
+            f"(`python -m bench.batching --workloads mixed --seconds {seconds:g} --max-window {max_window:g} "
+            f"--rounds {rounds}`)\n\n"
+            "Closed-loop clients in the benchmark's process call one in-process micro-batcher (the proxy's, with "
+            "`max_concurrent_batches: 1`) that calls `llm-numbers-proxy reference-backend --tiny` (CPU, one torch "
+            "thread, one call at a time, left-padded batches) over loopback HTTP; each request passes the tokens "
+            "the pipeline would count (prompt + max_tokens). Count-only: the model has no serving facts; "
+            "memory-bounded: the same model with serving facts. Throughput is concurrency / mean latency "
+            "(Little's law); each run warms up until every client has an answer, then measures one window. "
+            "CPU only: no GPU machine was lent to this task, so the ≥ 10× goal with a real model on a GPU is "
+            "not measured here.\n\n"
+        )
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(header + table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0, help="shortest measurement window per run")
     ap.add_argument("--max-window", type=float, default=60.0, help="longest measurement window per run")
     ap.add_argument("--write", action="store_true", help="append the tables to bench/RESULTS.md")
-    ap.add_argument("--workloads", default="emb,llm", help="comma-separated: emb, llm")
+    ap.add_argument("--workloads", default="emb,llm", help="comma-separated: emb, llm, mixed")
+    ap.add_argument("--rounds", type=int, default=2, help="mixed: alternating rounds per arm")
     ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated levels")
     args = ap.parse_args()
     workloads = [w for w in args.workloads.split(",") if w]
     concurrency = [int(c) for c in args.concurrency.split(",") if c]
-    asyncio.run(main_async(args.seconds, args.max_window, args.write, workloads, concurrency))
+    if [w for w in workloads if w != "mixed"]:
+        others = [w for w in workloads if w != "mixed"]
+        asyncio.run(main_async(args.seconds, args.max_window, args.write, others, concurrency))
+    if "mixed" in workloads:
+        asyncio.run(mixed_main_async(args.seconds, args.max_window, args.write, args.rounds))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from proxy.config import ConfigError, load_policy_file
+from proxy.config import ConfigError, ConfigIssue, load_policy_file
 from proxy.retrieval.commands import add_kb_parser
 
 
@@ -37,11 +37,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from proxy.http.serving import run_single, run_workers
 
+    warnings: list[ConfigIssue] = []
     try:
-        load_policy_file(args.config)  # fail before binding the port, with every error listed
+        load_policy_file(args.config, warnings=warnings)  # fail before binding the port, with every error listed
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     os.environ["LLM_PROXY_CONFIG"] = args.config
     logging.getLogger().setLevel(args.log_level.upper())  # the proxy's own loggers follow --log-level too
     common = dict(
@@ -72,12 +75,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    warnings: list[ConfigIssue] = []
     try:
-        policy = load_policy_file(args.path)
+        policy = load_policy_file(args.path, warnings=warnings)
     except ConfigError as e:
         for issue in e.issues:
             print(issue, file=sys.stderr)
         return 1
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     print(f"{args.path}: OK ({len(policy.models)} models, {len(policy.teams)} teams, {len(policy.policies)} policies)")
     return 0
 

@@ -51,6 +51,12 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class ExceedsModelMemory(InvalidRequest):
+    """A request whose prompt plus max output tokens can never fit a self-hosted model's GPU memory."""
+
+    code = "exceeds_model_memory"
+
+
 class Unauthorized(ProxyError):
     status = 401
     type = "invalid_request_error"

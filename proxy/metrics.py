@@ -143,6 +143,24 @@ BATCHES_IN_FLIGHT = Gauge(
     ["model"],
     multiprocess_mode="livesum",
 )
+BATCH_MEMORY_RESERVED = Histogram(
+    "llm_proxy_batch_memory_reserved_mb",
+    "GPU memory (MB) an upstream call of the micro-batcher reserved: (prompt + max output tokens) x MB per token.",
+    ["model"],
+    buckets=(1, 4, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+)
+BATCH_MEMORY_IN_FLIGHT = Gauge(
+    "llm_proxy_batch_memory_in_flight_mb",
+    "GPU memory (MB) reserved by the micro-batcher's calls in flight, by model.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+BATCH_MEMORY_BUDGET = Gauge(
+    "llm_proxy_batch_memory_budget_mb",
+    "GPU memory (MB) a model has for requests in flight after its weights and safety margin, by model.",
+    ["model"],
+    multiprocess_mode="livemax",
+)
 BATCH_ITEM_ERRORS = Counter(
     "llm_proxy_batch_item_errors",
     "Requests of a batch that failed on their own while the rest of their batch succeeded, by model.",

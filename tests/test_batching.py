@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,11 +22,14 @@ from typing import Any
 import aiohttp
 import httpx
 import numpy as np
+import openai
+import orjson
 import pytest
 from aiohttp import web
 
 from proxy.config import ConfigError, parse_policy_text
 from proxy.config.models import ModelConfig
+from proxy.errors import ExceedsModelMemory
 from proxy.fakes.mock_upstream import build_mock_app
 from proxy.services.tokens import counter_for
 from proxy.upstream.batcher import MicroBatcher
@@ -34,6 +38,14 @@ from tests.conftest import ROOT, TEAM_KEYS, MockUpstream, Server, client_for, fr
 
 AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
 WAIT_S = 60.0
+# Serving facts that leave exactly 100 tokens in flight: 1.1 GB, no margin, 0.5B parameters at fp16 (1 GB of
+# weights), 1 MB per token. Two requests of a short prompt and 45 output tokens fit together, three do not.
+MEMORY_100_TOKENS = {
+    "hardware": {"gpu_memory_gb": 1.1, "memory_margin": 0},
+    "params_b": 0.5,
+    "dtype": "fp16",
+    "kv_mb_per_token": 1,
+}
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
@@ -116,6 +128,15 @@ def _policy(backend_url: str, mock_url: str) -> str:
             upstream_model: tiny-llama
             price: {{input_per_mtok: 0.1, output_per_mtok: 0.1}}
             batching: {{mode: batch_endpoint, max_wait_ms: 2}}
+          comp-mem:
+            {ref}
+            upstream_model: tiny-llama
+            mode: completion
+            hardware: {{gpu_memory_gb: 1.1, memory_margin: 0}}
+            params_b: 0.5
+            kv_mb_per_token: 1
+            price: {{input_per_mtok: 0.1, output_per_mtok: 0.1}}
+            batching: {{mode: completions, max_batch_size: 64, max_wait_ms: 2}}
           m-emb:
             {mock}
             upstream_model: mock-emb
@@ -147,10 +168,23 @@ def _policy(backend_url: str, mock_url: str) -> str:
             price: {{input_per_mtok: 0.02}}
             timeout_s: 1
             batching: {{mode: embeddings, max_wait_ms: 2}}
+          m-mem:
+            {mock}
+            upstream_model: mock-mem
+            mode: completion
+            hardware: {{gpu_memory_gb: 1.1, memory_margin: 0}}
+            params_b: 0.5
+            kv_mb_per_token: 1
+            price: {{input_per_mtok: 1, output_per_mtok: 2}}
+            batching: {{mode: completions, max_wait_ms: 2}}
         teams:
           alpha:
             keys: [{TEAM_KEYS["alpha"]}]
             models: ["*"]
+          beta:  # a budget so small that any reservation is refused
+            keys: [{TEAM_KEYS["beta"]}]
+            models: ["*"]
+            budget: {{usd: 0.0000001, period: none}}
         """
     )
 
@@ -544,6 +578,109 @@ def test_a_backend_that_never_answers_times_out_every_waiting_request(bproxy, mo
     assert queue_depth(bproxy, "m-slow") == 0
 
 
+# Batches bounded by the model's memory -------------------------------------------------------------
+
+
+def memory_in_flight(proxy: Server, model: str) -> float:
+    return metric(proxy, "llm_proxy_batch_memory_in_flight_mb", model=model)
+
+
+def test_memory_bounds_a_batch_of_completions_on_the_reference_backend(bproxy, ref):
+    # 100 tokens in flight; each request holds its prompt plus 45 output tokens: two per call, not four.
+    reserved = metric(bproxy, "llm_proxy_batch_memory_reserved_mb_count", model="comp-mem")
+    burst = reference_burst(bproxy, ref, "comp-mem")
+    body = {"model": "comp-mem", "max_tokens": 45, "temperature": 0}
+    try:
+        burst.start(lambda: post(bproxy, "/v1/completions", {**body, "prompt": "blocker"}))
+        futures = burst.queue(
+            [lambda i=i: post(bproxy, "/v1/completions", {**body, "prompt": f"q{i}"}) for i in range(4)]
+        )
+        assert memory_in_flight(bproxy, "comp-mem") == pytest.approx(45 + counter_for("tiny-llama").prompt("blocker"))
+        ref.control(hold=False)
+        replies = [f.result(timeout=WAIT_S) for f in futures]
+        assert burst.blocker.result(timeout=WAIT_S).status_code == 200
+    finally:
+        burst.close()
+    assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
+    assert all(len(r.json()["choices"][0]["text"]) == 45 for r in replies)
+    assert ref.stats()["rows"] == [1, 2, 2]  # count-only batching would have sent [1, 4]
+    assert metric(bproxy, "llm_proxy_batch_memory_reserved_mb_count", model="comp-mem") - reserved == 3
+    assert metric(bproxy, "llm_proxy_batch_memory_budget_mb", model="comp-mem") == pytest.approx(100)
+    wait_for(lambda: memory_in_flight(bproxy, "comp-mem") == 0, "the memory in flight to return to zero")
+
+
+def test_a_request_that_can_never_fit_gets_400_before_any_budget_is_reserved(bproxy, ref):
+    calls = ref.calls("/v1/completions")
+    spent = metric(bproxy, "llm_proxy_spend_usd_total", team="beta")
+    # Team beta's budget refuses any reservation (429): a 400 shows the memory check came first.
+    client = client_for(bproxy, "beta", timeout=WAIT_S)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="comp-mem", prompt="too long an answer", max_tokens=200)
+    assert e.value.status_code == 400
+    err = e.value.body
+    assert err["code"] == "exceeds_model_memory" and err["param"] == "max_tokens", err
+    assert "in the GPU memory of model 'comp-mem'" in err["message"] and "100 MB (100 tokens)" in err["message"]
+    with pytest.raises(openai.RateLimitError):  # a request that fits meets the budget, as usual
+        client.completions.create(model="comp-mem", prompt="fits", max_tokens=10)
+    assert ref.calls("/v1/completions") == calls
+    assert metric(bproxy, "llm_proxy_spend_usd_total", team="beta") == spent
+    assert queue_depth(bproxy, "comp-mem") == 0 and memory_in_flight(bproxy, "comp-mem") == 0
+    r = post(bproxy, "/v1/proxy/explain", {"model": "comp-mem", "prompt": "too long an answer", "max_tokens": 200})
+    explained = r.json()
+    assert explained["decision"] == "rejected" and explained["error"]["code"] == "exceeds_model_memory"
+    assert explained["model_memory"]["fits"] is False and explained["model_memory"]["budget_tokens"] == 100
+    assert explained["model_memory"]["tokens"] == explained["prompt_tokens"] + 200
+
+
+class RawClient:
+    """An HTTP client that can hang up at a moment the test chooses (a socket it closes)."""
+
+    def __init__(self, proxy: Server, body: dict):
+        data = orjson.dumps(body)
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH['Authorization']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        self.sock = socket.create_connection(("127.0.0.1", proxy.port))
+        self.sock.sendall(head.encode() + data)
+
+    def hang_up(self) -> None:
+        self.sock.close()
+
+
+def test_clients_that_disconnect_mid_queue_and_mid_batch_leave_no_memory_reserved(bproxy, mock):
+    body = {"model": "m-mem", "max_tokens": 45}
+    mock.fault(hold=True, count=2, model="mock-mem")  # the first call, then the first batch, wait for release
+    pool = ThreadPoolExecutor(max_workers=4)
+    try:
+        at_once = RawClient(bproxy, {**body, "prompt": "at once"})
+        wait_for(lambda: mock.stats()["held"] == 1, "the mock to hold the first call")
+        queued_gone = RawClient(bproxy, {**body, "prompt": "hangs up queued"})
+        wait_for(lambda: queue_depth(bproxy, "m-mem") == 1, "a request to queue")
+        batch_gone = RawClient(bproxy, {**body, "prompt": "hangs up in its batch"})
+        wait_for(lambda: queue_depth(bproxy, "m-mem") == 2, "a request to queue")
+        stays = []
+        for i in range(2):
+            stays.append(pool.submit(post, bproxy, "/v1/completions", {**body, "prompt": f"stays {i}"}))
+            wait_for(lambda n=3 + i: queue_depth(bproxy, "m-mem") == n, "a request to queue")
+        queued_gone.hang_up()
+        wait_for(lambda: queue_depth(bproxy, "m-mem") == 3, "the queued request to leave the queue")
+        at_once.hang_up()  # its call is cancelled: its memory frees and the next batch (two requests) leaves
+        wait_for(lambda: mock.stats()["calls"].get("/v1/completions") == 2, "the next batch to reach the mock")
+        assert mock.stats()["last_bodies"][-1]["prompt"] == ["hangs up in its batch", "stays 0"]
+        batch_gone.hang_up()
+        httpx.post(mock.url + "/mock/release")
+        replies = [f.result(timeout=WAIT_S) for f in stays]
+    finally:
+        httpx.post(mock.url + "/mock/release")
+        pool.shutdown(wait=False, cancel_futures=True)
+    assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
+    wait_for(lambda: memory_in_flight(bproxy, "m-mem") == 0, "the memory in flight to return to zero")
+    wait_for(lambda: queue_depth(bproxy, "m-mem") == 0, "the queue to empty")
+    sent = [b["prompt"] for b in mock.stats()["last_bodies"] if b.get("model") == "mock-mem"]
+    assert sent == ["at once", ["hangs up in its batch", "stays 0"], "stays 1"]  # never the one that hung up queued
+
+
 # The batcher on its own, against a real HTTP server on loopback ------------------------------------
 
 
@@ -553,12 +690,13 @@ class LoopbackMock:
     def __init__(self, session: aiohttp.ClientSession, base: str):
         self.session, self.base = session, base
 
-    def batcher(self, **batching: Any) -> MicroBatcher:
+    def batcher(self, facts: dict[str, Any] | None = None, **batching: Any) -> MicroBatcher:
         cfg = ModelConfig(
             api_base=self.base + "/v1",
             upstream_model="u",
             mode="embedding",
             batching={"mode": "embeddings", **batching},
+            **(facts or {}),
         )
         return MicroBatcher(OpenAICompatUpstream("unit-emb", cfg, self.session, 5.0))
 
@@ -570,9 +708,9 @@ class LoopbackMock:
         async with self.session.get(self.base + "/mock/stats") as r:
             return await r.json()
 
-    async def hold_blocker(self, batcher: MicroBatcher) -> asyncio.Task:
-        await self.post("/mock/faults", {"hold": True, "count": 1})
-        blocker = asyncio.create_task(batcher.send("embeddings", {"model": "unit-emb", "input": "blocker"}))
+    async def hold_blocker(self, batcher: MicroBatcher, holds: int = 1, tokens: int | None = None) -> asyncio.Task:
+        await self.post("/mock/faults", {"hold": True, "count": holds})
+        blocker = _send(batcher, "blocker", tokens)
 
         async def held() -> bool:
             return (await self.stats())["held"] == 1
@@ -593,8 +731,8 @@ async def loopback() -> Any:
         await runner.cleanup()
 
 
-def _send(batcher: MicroBatcher, text: str) -> asyncio.Task:
-    return asyncio.create_task(batcher.send("embeddings", {"model": "unit-emb", "input": text}))
+def _send(batcher: MicroBatcher, text: str, tokens: int | None = None) -> asyncio.Task:
+    return asyncio.create_task(batcher.send("embeddings", {"model": "unit-emb", "input": text}, tokens))
 
 
 async def _until(check: Callable[[], Any]) -> None:
@@ -687,3 +825,68 @@ def test_batching_on_an_openai_compatible_model_passes_check():
         {},
     )
     assert policy.models["m"].batching is not None
+
+
+async def test_a_memory_bounded_batch_takes_requests_in_order_while_their_tokens_fit(loopback):
+    batcher = loopback.batcher(MEMORY_100_TOKENS, max_wait_ms=2)
+    blocker = await loopback.hold_blocker(batcher, tokens=10)
+    assert batcher.tokens_in_flight == 10
+    tasks = [_send(batcher, name, tokens) for name, tokens in (("a", 40), ("b", 40), ("c", 40), ("d", 15))]
+
+    async def all_queued() -> bool:
+        return batcher._queued == 4
+
+    await _until(all_queued)
+    await loopback.post("/mock/release")
+    await asyncio.gather(blocker, *tasks)
+    stats = await loopback.stats()
+    # a + b = 80 tokens; c would make 120 of 100: it leads the next call. Count-only: one call of four.
+    assert [b["input"] for b in stats["last_bodies"]][-2:] == [["a", "b"], ["c", "d"]]
+    assert batcher.tokens_in_flight == 0 and batcher._queued == 0
+
+
+async def test_a_request_that_can_never_fit_is_refused_before_it_queues(loopback):
+    batcher = loopback.batcher(MEMORY_100_TOKENS)
+    with pytest.raises(ExceedsModelMemory) as e:
+        await _send(batcher, "x", 101)
+    assert e.value.status == 400 and "101 tokens" in e.value.message and "(100 tokens)" in e.value.message
+    with pytest.raises(ExceedsModelMemory):  # counted by the batcher itself when the caller did not count
+        await _send(batcher, "word " * 150)
+    assert batcher._queued == 0 and batcher.tokens_in_flight == 0
+    assert (await loopback.stats())["calls"].get("/v1/embeddings", 0) == 0
+    reply = await _send(batcher, "fits", 100)  # exactly the budget fits
+    assert len(reply.data["data"]) == 1 and batcher.tokens_in_flight == 0
+
+
+async def test_cancelled_requests_mid_queue_and_mid_batch_give_their_memory_back(loopback):
+    batcher = loopback.batcher(MEMORY_100_TOKENS, max_wait_ms=2)
+    blocker = await loopback.hold_blocker(batcher, holds=2, tokens=10)  # sent at once; then the next call holds
+    tasks = {name: _send(batcher, name, 40) for name in ("a", "b", "c")}
+
+    async def queued(n: int) -> bool:
+        return batcher._queued == n
+
+    await _until(lambda: queued(3))
+    tasks["b"].cancel()  # mid-queue
+    with pytest.raises(asyncio.CancelledError):
+        await tasks["b"]
+    assert batcher._queued == 2 and batcher.tokens_in_flight == 10
+    blocker.cancel()  # mid-call: its memory frees and the next batch (a + c) leaves
+
+    async def batch_sent() -> bool:
+        return (await loopback.stats())["calls"].get("/v1/embeddings") == 2
+
+    await _until(batch_sent)
+    assert batcher.tokens_in_flight == 80
+    tasks["a"].cancel()  # mid-batch: the backend still holds its share until the call ends
+    with pytest.raises(asyncio.CancelledError):
+        await tasks["a"]
+    assert batcher.tokens_in_flight == 80
+    await loopback.post("/mock/release")
+    assert len((await tasks["c"]).data["data"]) == 1
+
+    async def nothing_reserved() -> bool:
+        return batcher.tokens_in_flight == 0 and batcher._queued == 0
+
+    await _until(nothing_reserved)
+    assert [b["input"] for b in (await loopback.stats())["last_bodies"]][-2:] == ["blocker", ["a", "c"]]

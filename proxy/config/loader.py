@@ -29,10 +29,11 @@ class ConfigIssue:
     line: int
     path: str
     message: str
+    warning: bool = False  # served as written, but worth a look (`check` exits 0)
 
     def __str__(self) -> str:
         where = self.path or "(root)"
-        return f"{self.file}:{self.line}: {where}: {self.message}"
+        return f"{self.file}:{self.line}: {where}: {'warning: ' if self.warning else ''}{self.message}"
 
 
 class ConfigError(Exception):
@@ -99,8 +100,14 @@ class _Builder:
 _SCALAR_LOADER = yaml.SafeLoader("")
 
 
-def parse_policy_text(text: str, file: str = "<string>", env: Mapping[str, str] | None = None) -> PolicyFile:
-    """Parse and validate policy YAML; raise ConfigError listing every problem found."""
+def parse_policy_text(
+    text: str,
+    file: str = "<string>",
+    env: Mapping[str, str] | None = None,
+    warnings: list[ConfigIssue] | None = None,
+) -> PolicyFile:
+    """Parse and validate policy YAML; raise ConfigError listing every problem found. Warnings (a valid
+    file that will not do what it seems to say) go to `warnings` when a list is given."""
     env = os.environ if env is None else env
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -130,10 +137,15 @@ def parse_policy_text(text: str, file: str = "<string>", env: Mapping[str, str] 
         issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
     if issues:
         raise ConfigError(issues)
+    if warnings is not None:
+        for loc, msg in policy.capacity_warnings():
+            warnings.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg, warning=True))
     return policy
 
 
-def load_policy_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> PolicyFile:
+def load_policy_file(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None, warnings: list[ConfigIssue] | None = None
+) -> PolicyFile:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -141,4 +153,4 @@ def load_policy_file(path: str | os.PathLike[str], env: Mapping[str, str] | None
         raise ConfigError([ConfigIssue(str(p), 1, "", f"cannot read the policy file: {e.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigError([ConfigIssue(str(p), 1, "", "the policy file is not UTF-8 text")]) from None
-    return parse_policy_text(text, str(p), env)
+    return parse_policy_text(text, str(p), env, warnings)

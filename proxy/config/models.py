@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from proxy.config.capacity import BYTES_PER_PARAM, ModelMemory
 from proxy.config.policies import PolicyConfig, RouteAction, TaskConfig
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -44,6 +45,75 @@ class BatchingConfig(_Strict):
     mode: Literal["embeddings", "completions", "batch_endpoint"] = "completions"
 
 
+# A self-hosted model's serving facts ------------------------------------------------------------------
+# `hardware`, `params_b`, `dtype` and `kv_mb_per_token` on a model (proxy/config/capacity.py has the arithmetic).
+
+
+class HardwareConfig(_Strict):
+    """The GPUs a self-hosted model is served on."""
+
+    gpu_memory_gb: Annotated[float, Field(gt=0, le=2048)]  # per GPU (A10G 24, A100 40/80, H100 80, H200 141)
+    gpus: Annotated[int, Field(ge=1, le=64)] = 1  # the model is sharded over this many (tensor parallel)
+    # Fraction of GPU memory kept free: activations, the CUDA context, fragmentation.
+    memory_margin: Annotated[float, Field(ge=0, le=0.9)] = 0.1
+
+
+def _serving_errors(name: str, model: ModelConfig) -> list[tuple[tuple[str | int, ...], str]]:
+    where = ("models", name)
+    facts = [f for f in ("dtype", "kv_mb_per_token") if f in model.model_fields_set]
+    if model.hardware is not None and model.params_b is None:
+        return [((*where, "hardware"), "needs params_b: the model's parameters, in billions")]
+    if model.params_b is not None and model.hardware is None:
+        return [((*where, "params_b"), "needs hardware: {gpu_memory_gb: GB per GPU}")]
+    if model.hardware is None:
+        return [((*where, f), "has no effect without hardware and params_b") for f in facts]
+    memory = ModelMemory.of(model)
+    assert memory is not None
+    if memory.weights_gb > memory.gpu_memory_gb:
+        msg = (
+            f"the weights alone ({model.params_b:g}B parameters at {model.dtype}: {memory.weights_gb:g} GB) exceed "
+            f"the GPU memory ({memory.gpu_memory_gb:g} GB): quantise (dtype), or add GPUs (hardware.gpus)"
+        )
+        return [((*where, "params_b"), msg)]
+    if memory.token_budget < 1:
+        msg = (
+            f"the weights ({memory.weights_gb:g} GB) leave no memory for requests in {memory.usable_gb:g} GB "
+            f"(GPU memory less the {memory.margin:.0%} margin)"
+        )
+        return [((*where, "hardware"), msg)]
+    if model.max_output_tokens is not None and model.max_output_tokens > memory.token_budget:
+        msg = (
+            f"max_output_tokens {model.max_output_tokens} cannot fit: the model holds {memory.token_budget} tokens "
+            f"in flight ({memory.budget_mb:,.0f} MB at {memory.kv_mb_per_token:g} MB per token)"
+        )
+        return [((*where, "max_output_tokens"), msg)]
+    return []
+
+
+def _serving_warnings(name: str, model: ModelConfig) -> list[tuple[tuple[str | int, ...], str]]:
+    memory = ModelMemory.of(model)
+    window = model.max_input_tokens
+    if memory is None or window is None or memory.token_budget < 1:
+        return []
+    if window > memory.token_budget:
+        msg = (
+            f"one request at the context window ({window} tokens) cannot fit the {memory.token_budget} tokens the "
+            f"model holds in flight ({memory.budget_mb:,.0f} MB): longer requests get 400"
+        )
+        return [(("models", name, "max_input_tokens"), msg)]
+    if model.batching is None:
+        return []
+    size = model.batching.max_batch_size * model.batching.max_concurrent_batches
+    if size * window > memory.token_budget:
+        msg = (
+            f"{size} requests at the context window ({window} tokens) need {memory.mb(size * window):,.0f} MB; "
+            f"{memory.budget_mb:,.0f} MB is left after the weights: at full context about "
+            f"{memory.token_budget // window} fit at once, so memory, not max_batch_size, bounds the batch"
+        )
+        return [(("models", name, "batching", "max_batch_size"), msg)]
+    return []
+
+
 Provider = Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9_\-]+$")]
 
 
@@ -65,6 +135,18 @@ class ModelConfig(_Strict):
     stream_usage: bool = True
     headers: dict[str, str] = {}
     batching: BatchingConfig | None = None
+    # Serving facts of a self-hosted model (both hardware and params_b, or neither): bound batches by memory.
+    hardware: HardwareConfig | None = None
+    params_b: Annotated[float, Field(gt=0, le=10_000)] | None = None  # billions of parameters
+    dtype: str = "fp16"  # the weights' dtype: fp32 | fp16 | bf16 | int8 | int4
+    kv_mb_per_token: Annotated[float, Field(gt=0, le=1000)] | None = None  # default: from params_b and dtype
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_is_known(cls, v: str) -> str:
+        if v not in BYTES_PER_PARAM:
+            raise ValueError(f"unknown dtype '{v}' (known: {', '.join(BYTES_PER_PARAM)})")
+        return v
 
     @field_validator("api_base")
     @classmethod
@@ -232,6 +314,7 @@ class PolicyFile(_Strict):
                 elif fb == name:
                     errors.append((("models", name, "fallbacks", i), "a model cannot fall back to itself"))
             errors += _batching_errors(name, model)
+            errors += _serving_errors(name, model)
         owner: dict[str, str] = {}
         for name, team in self.teams.items():
             for i, m in enumerate(team.models):
@@ -244,6 +327,10 @@ class PolicyFile(_Strict):
         errors += self._policy_errors()
         errors += _retrieval_errors(self)
         return errors
+
+    def capacity_warnings(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """What `check` warns about but serves: batches that memory, not their size, will bound."""
+        return [w for name, model in self.models.items() for w in _serving_warnings(name, model)]
 
     def _route_errors(
         self, where: tuple[str | int, ...], route: RouteAction, teams: list[str] | None

@@ -85,6 +85,9 @@ async def explain(
         counterfactual_usd=counterfactual if out["decision"] != "rejected" else 0.0,
         saved_usd=max(0.0, counterfactual - projected) if out["decision"] != "rejected" else 0.0,
     )
+    memory = runtime.model_memory.memory.get(ctx.model or "")
+    if memory is not None:  # a self-hosted model with serving facts: the GPU memory the request would hold
+        out["model_memory"] = memory.describe(ctx.prompt_tokens + ctx.max_output_tokens)
     # The saving belongs to the policies that change what a request costs (route, retrieve, ...).
     savers = list(dict.fromkeys([*ctx.routed_by, *ctx.saved_by_policy]))
     out["saved_by_policy"] = {p: out["saved_usd"] / len(savers) for p in savers}

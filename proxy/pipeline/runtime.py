@@ -28,6 +28,7 @@ from proxy.steps.count_tokens import CountTokens
 from proxy.steps.limits import EnforceRateLimits
 from proxy.steps.log_request import LogRequests
 from proxy.steps.model_access import ResolveModel
+from proxy.steps.model_memory import FitModelMemory
 from proxy.steps.retrieve import SettleRetrieval
 from proxy.steps.validate import ValidateRequest
 from proxy.store.base import Store
@@ -69,6 +70,7 @@ class Runtime:
         followers: list[PolicyAction] = [a for _, a in rules if a.hooks()]
         # steps, in the order a request crosses them
         self.authenticate = Authenticate(self.keyring)
+        self.model_memory = FitModelMemory(policy)
         steps: list[Step] = [
             self.authenticate,
             ValidateRequest(),
@@ -77,6 +79,7 @@ class Runtime:
             EnforceRateLimits(policy, store),
             ApplyPolicies(rules, self.tasks, self.ledger, self.estimator),
             *followers,
+            *([self.model_memory] if self.model_memory.memory else []),  # after routing, before the budget
             EnforceBudget(self.ledger, self.estimator, self.allowed),
             RecordUsage(policy, self.estimator, store),
         ]

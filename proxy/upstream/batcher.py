@@ -3,7 +3,8 @@
 Many self-hosted servers run one request at a time; one call carrying 25 prompts costs them little more
 than one carrying a single prompt. The batcher wraps a model's OpenAI-compatible upstream and, per the
 model's `batching:` block, merges queued requests into one call and splits the reply back
-(docs/batching.md has the scheduling rules and the batch endpoint protocol).
+(docs/batching.md has the scheduling rules and the batch endpoint protocol). With the model's serving
+facts (`hardware`, `params_b`) a batch is also bounded by the GPU memory its tokens in flight hold.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import orjson
 
 from proxy import metrics
-from proxy.errors import BadGateway, ProxyError, RateLimited, UpstreamHTTPError
+from proxy.config.capacity import ModelMemory
+from proxy.errors import BadGateway, ExceedsModelMemory, ProxyError, RateLimited, UpstreamHTTPError
 from proxy.services.tokens import TokenCounter, counter_for
 from proxy.upstream.openai_compat import OpenAICompatUpstream, StreamHandle
 from proxy.upstream.reply import UpstreamReply
@@ -58,15 +60,17 @@ class _Item:
     key: Any  # requests merge only with requests of the same key
     enqueued: float
     future: asyncio.Future[_Outcome]
+    tokens: int  # prompt + max output tokens: what the request holds in the model's memory once sent
     sent: bool = False
 
 
 class _Group:
-    __slots__ = ("items", "rows")
+    __slots__ = ("items", "rows", "tokens")
 
     def __init__(self) -> None:
         self.items: deque[_Item] = deque()
         self.rows = 0
+        self.tokens = 0
 
 
 def _rows(value: Any) -> tuple[str, list[Any]] | None:
@@ -130,6 +134,10 @@ class MicroBatcher:
     of clients shares the next call instead of splitting into cohorts), or `max_wait_ms` after the
     later of its first request and the slot freeing. At low load that count is met by the request
     itself: a request that finds the queue empty and a slot free is sent at once, as it is.
+
+    With the model's serving facts, a call also leaves only while the tokens of all calls in flight fit
+    the model's memory budget: a batch takes requests in order while they fit, and a request that does
+    not fit what is left waits for a call to finish. A request that alone can never fit gets a 400.
     """
 
     def __init__(self, inner: OpenAICompatUpstream):
@@ -163,19 +171,39 @@ class MicroBatcher:
         self._batch_size = metrics.BATCH_SIZE.labels(self.name)
         self._queue_wait = metrics.BATCH_QUEUE_WAIT.labels(self.name)
         self._item_errors = metrics.BATCH_ITEM_ERRORS.labels(self.name)
+        self._memory = ModelMemory.of(cfg)
+        # Tokens reserved by calls in flight, and the most they may hold (no bound without serving facts).
+        self.tokens_in_flight = 0
+        self.token_budget = self._memory.token_budget if self._memory is not None else math.inf
+        if self._memory is not None:
+            self._memory_reserved = metrics.BATCH_MEMORY_RESERVED.labels(self.name)
+            self._memory_in_flight = metrics.BATCH_MEMORY_IN_FLIGHT.labels(self.name)
+            metrics.BATCH_MEMORY_BUDGET.labels(self.name).set(self._memory.budget_mb)
 
     # The Upstream protocol -------------------------------------------------------------------------
 
     async def open_stream(self, endpoint: str, body: dict[str, Any], include_usage: bool) -> StreamHandle:
         return await self._inner.open_stream(endpoint, body, include_usage)  # streams are never batched
 
-    async def send(self, endpoint: str, body: dict[str, Any]) -> UpstreamReply:
+    async def send(self, endpoint: str, body: dict[str, Any], held_tokens: int | None = None) -> UpstreamReply:
+        """`held_tokens`: the request's prompt plus max output tokens, as the pipeline counted them
+        (counted here when not given); they bound the batch when the model has serving facts."""
         if endpoint != self._endpoint:
             return await self._inner.send(endpoint, body)
+        tokens = 0
+        if self._memory is not None:
+            tokens = held_tokens if held_tokens is not None else self._held_tokens(body)
+            if (why := self._memory.misfit(self.name, tokens)) is not None:
+                raise ExceedsModelMemory(why, param="max_tokens")
         if self._returning:
             self._returning -= 1
-        if not self._queued and not self._returning and self._in_flight < self._batching.max_concurrent_batches:
-            return await self._send_at_once(body)
+        if (
+            not self._queued
+            and not self._returning
+            and self._in_flight < self._batching.max_concurrent_batches
+            and self.tokens_in_flight + tokens <= self.token_budget
+        ):
+            return await self._send_at_once(body, tokens)
         if self._queued >= self._batching.max_queue:
             seconds = self._retry_after()
             raise RateLimited(
@@ -183,7 +211,7 @@ class MicroBatcher:
                 f"retry after {seconds}s.",
                 headers={"retry-after": str(seconds)},
             )
-        item = self._enqueue(body)
+        item = self._enqueue(body, tokens)
         try:
             async with asyncio.timeout(self._timeout_s):
                 outcome = await item.future
@@ -200,7 +228,20 @@ class MicroBatcher:
 
     # Queue -----------------------------------------------------------------------------------------
 
-    def _enqueue(self, body: dict[str, Any]) -> _Item:
+    def _held_tokens(self, body: dict[str, Any]) -> int:
+        """Prompt plus max output tokens of a request whose caller did not count them."""
+        if self._mode == "batch_endpoint":
+            prompt = self._counter.chat_prompt(body.get("messages") or [], body.get("tools"), body.get("functions"))
+            rows = 1
+        else:
+            value = body.get(self._field or "")
+            prompt, rows = self._counter.prompt(value), _row_count(value)
+        if self._mode == "embeddings":
+            return prompt
+        per_choice = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.max_output_tokens or 0
+        return prompt + per_choice * (body.get("n") or 1) * rows
+
+    def _enqueue(self, body: dict[str, Any], tokens: int) -> _Item:
         loop = asyncio.get_running_loop()
         key: Any = None
         rows: list[Any] = [body]
@@ -212,12 +253,13 @@ class MicroBatcher:
                 kind, rows = parsed
                 rest = {k: v for k, v in body.items() if k not in _NOT_SAMPLING}
                 key = (kind, orjson.dumps(rest, option=orjson.OPT_SORT_KEYS))
-        item = _Item(body, rows, key, loop.time(), loop.create_future())
+        item = _Item(body, rows, key, loop.time(), loop.create_future(), tokens)
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group()
         group.items.append(item)
         group.rows += len(rows)
+        group.tokens += tokens
         self._queued += 1
         self._queue_depth.inc()
         self._pump()
@@ -229,6 +271,7 @@ class MicroBatcher:
             return
         group.items.remove(item)
         group.rows -= len(item.rows)
+        group.tokens -= item.tokens
         if not group.items:
             del self._groups[item.key]
         self._queued -= 1
@@ -244,7 +287,9 @@ class MicroBatcher:
             now = loop.time()
             if self._window_opened is None:
                 self._window_opened = now
-            group = next((g for g in self._groups.values() if g.rows >= self._max_rows), None)
+            left = self.token_budget - self.tokens_in_flight
+            # Full: its size cap is reached, or its tokens fill the memory left (waiting cannot grow it).
+            group = next((g for g in self._groups.values() if g.rows >= self._max_rows or g.tokens > left), None)
             if group is None:
                 group = min(self._groups.values(), key=lambda g: g.items[0].enqueued)
                 if self._returning:  # the clients of a finished call are not all back yet
@@ -253,18 +298,25 @@ class MicroBatcher:
                         self._timer = loop.call_at(deadline, self._pump)
                         return
                     self._returning = 0  # they are not coming: stop waiting for them
+            if group.items[0].tokens > left:
+                break  # the oldest request waits for memory: a finishing call frees it and pumps again
             self._window_opened = None
-            self._launch(self._take(group), now)
+            self._launch(self._take(group, left), now)
         self._window_opened = None
 
-    def _take(self, group: _Group) -> list[_Item]:
+    def _take(self, group: _Group, left: float) -> list[_Item]:
+        """The oldest requests of a group, in order, while they fit the size cap and the memory left."""
         taken: list[_Item] = []
-        rows = 0
-        while group.items and (not taken or rows + len(group.items[0].rows) <= self._max_rows):
-            item = group.items.popleft()
-            taken.append(item)
-            rows += len(item.rows)
+        rows = tokens = 0
+        while group.items:
+            head = group.items[0]
+            if taken and (rows + len(head.rows) > self._max_rows or tokens + head.tokens > left):
+                break
+            taken.append(group.items.popleft())
+            rows += len(head.rows)
+            tokens += head.tokens
         group.rows -= rows
+        group.tokens -= tokens
         if not group.items:
             del self._groups[taken[0].key]
         self._queued -= len(taken)
@@ -277,39 +329,47 @@ class MicroBatcher:
 
     # Calls -----------------------------------------------------------------------------------------
 
-    def _call_started(self, rows: int) -> float:
+    def _call_started(self, rows: int, tokens: int) -> float:
         self._in_flight += 1
         self._calls_in_flight.inc()
         self._batch_size.observe(rows)
+        if self._memory is not None:
+            self.tokens_in_flight += tokens
+            self._memory_reserved.observe(self._memory.mb(tokens))
+            self._memory_in_flight.set(self._memory.mb(self.tokens_in_flight))
         return asyncio.get_running_loop().time()
 
-    def _call_ended(self, started: float, requests: int) -> None:
+    def _call_ended(self, started: float, requests: int, tokens: int) -> None:
         self._returning += requests
         self._in_flight -= 1
         self._calls_in_flight.dec()
+        if self._memory is not None:
+            self.tokens_in_flight -= tokens
+            self._memory_in_flight.set(self._memory.mb(self.tokens_in_flight))
         self._call_seconds = 0.8 * self._call_seconds + 0.2 * (asyncio.get_running_loop().time() - started)
         self._pump()
 
-    async def _send_at_once(self, body: dict[str, Any]) -> BatchedReply:
+    async def _send_at_once(self, body: dict[str, Any], tokens: int) -> BatchedReply:
         rows = _row_count(body.get(self._field)) if self._field else 1
-        started = self._call_started(rows)
+        started = self._call_started(rows, tokens)
         self._queue_wait.observe(0.0)
         try:
             reply = await self._inner.send(self._endpoint, body)
-        finally:
-            self._call_ended(started, 1)
+        finally:  # cancelled (the client hung up) or not, its memory is released
+            self._call_ended(started, 1, tokens)
         return BatchedReply(reply.data, reply.raw)
 
     def _launch(self, items: list[_Item], now: float) -> None:
         for item in items:
             item.sent = True
             self._queue_wait.observe(now - item.enqueued)
-        started = self._call_started(sum(len(i.rows) for i in items))
-        task = asyncio.get_running_loop().create_task(self._run(items, started))
+        tokens = sum(i.tokens for i in items)
+        started = self._call_started(sum(len(i.rows) for i in items), tokens)
+        task = asyncio.get_running_loop().create_task(self._run(items, started, tokens))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, items: list[_Item], started: float) -> None:
+    async def _run(self, items: list[_Item], started: float, tokens: int) -> None:
         outcomes: list[_Outcome] | None = None
         try:
             if len(items) == 1:
@@ -321,7 +381,7 @@ class MicroBatcher:
         except Exception:  # a bug or a closed session: this batch's clients get a 502, the batcher goes on
             log.exception("batched call for model %s failed unexpectedly", self.name)
         finally:
-            self._call_ended(started, len(items))
+            self._call_ended(started, len(items), tokens)
             if outcomes is None:  # failed above, or cancelled (shutdown): nobody may wait forever
                 outcomes = [BadGateway("The batched upstream call was abandoned.") for _ in items]
             for item, outcome in zip(items, outcomes, strict=True):

@@ -36,6 +36,8 @@ class Call(Protocol):
     body: dict[str, Any]
     include_usage: bool
     fallback_to_requested: bool
+    prompt_tokens: int
+    max_output_tokens: int
     answered_by: str | None
     upstream_seconds: float
 
@@ -50,6 +52,8 @@ class DispatchRequest:
     model_requested: str | None = None
     include_usage: bool = False
     fallback_to_requested: bool = False
+    prompt_tokens: int = 0  # 0: not counted (the micro-batcher then counts for itself)
+    max_output_tokens: int = 0
     answered_by: str | None = None
     upstream_seconds: float = field(default=0.0)
 
@@ -76,6 +80,14 @@ def build_upstream(name: str, cfg: ModelConfig, session: aiohttp.ClientSession, 
     from proxy.upstream.litellm_adapter import LiteLLMUpstream
 
     return LiteLLMUpstream(name, cfg)
+
+
+def _send(upstream: Upstream, ctx: Call) -> Awaitable[UpstreamReply]:
+    if isinstance(upstream, MicroBatcher):
+        # The one place the batcher reads the context: the tokens a request holds in the model's memory
+        # (0 when nobody counted them, as for the proxy's own embedding calls: the batcher then counts).
+        return upstream.send(ctx.endpoint, ctx.body, (ctx.prompt_tokens + ctx.max_output_tokens) or None)
+    return upstream.send(ctx.endpoint, ctx.body)
 
 
 class Dispatcher:
@@ -127,7 +139,7 @@ class Dispatcher:
 
     async def send(self, ctx: Call) -> UpstreamReply:
         """The normalised reply of the first model in the chain that answers (usage read from it)."""
-        reply = await self._with_fallbacks(ctx, lambda u: u.send(ctx.endpoint, ctx.body))
+        reply = await self._with_fallbacks(ctx, lambda u: _send(u, ctx))
         if isinstance(reply, BatchedReply):
             reply.batched = True
         return reply.read_usage()
