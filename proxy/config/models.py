@@ -99,6 +99,9 @@ class ModelConfig(_Strict):
     api_key: str | None = None
     upstream_model: str | None = None
     mode: Literal["chat", "completion", "embedding"] = "chat"
+    # `responses`: the upstream serves OpenAI's Responses API (OpenAI, recent vLLM), so /v1/responses is
+    # forwarded to it as is; `chat`: it serves only Chat Completions and /v1/responses is translated.
+    api: Literal["chat", "responses"] = "chat"
     price: PriceConfig | None = None
     max_input_tokens: Annotated[int, Field(ge=1)] | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -278,6 +281,9 @@ class PolicyFile(_Strict):
                 elif fb == name:
                     errors.append((("models", name, "fallbacks", i), "a model cannot fall back to itself"))
             errors += _batching_errors(name, model)
+            if model.api == "responses" and (model.provider != "openai" or model.mode != "chat"):
+                msg = "api: responses needs provider: openai and mode: chat (other upstreams are translated)"
+                errors.append((("models", name, "api"), msg))
         owner: dict[str, str] = {}
         for name, team in self.teams.items():
             for i, m in enumerate(team.models):
