@@ -12,5 +12,5 @@ def test_api_responses_is_only_for_openai_compatible_chat_models():
     assert ok.models["m"].api == "responses"
     with pytest.raises(ConfigError, match="api: responses needs provider: openai"):
         parse_policy_text("models:\n  c: {provider: anthropic, api: responses}\n", "p.yaml", {})
-    with pytest.raises(ConfigError, match="models.m.api"):
+    with pytest.raises(ConfigError, match=r"models\.m\.api"):
         parse_policy_text("models:\n  m: {api: messages}\n", "p.yaml", {})
