@@ -420,6 +420,7 @@ class MessagesStream:
         self._calls: dict[int, int] = {}  # chat tool call index -> content block index
         self._stop_reason: str | None = None
         self._finished = False
+        self._text_prefix: tuple[int, bytes] = (-1, b"")
 
     def start(self) -> bytes:
         message = {
@@ -452,6 +453,16 @@ class MessagesStream:
     def _delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
         event = {"type": "content_block_delta", "index": self._index if index is None else index, "delta": delta}
         return named_event("content_block_delta", event)
+
+    def _text_delta(self, text: str) -> bytes:
+        # Text deltas are most of a stream's events: their fixed part is serialised once per block.
+        if self._text_prefix[0] != self._index:
+            fixed = orjson.dumps({"type": "content_block_delta", "index": self._index})[:-1]
+            self._text_prefix = (
+                self._index,
+                b"event: content_block_delta\ndata: " + fixed + b',"delta":{"type":"text_delta","text":',
+            )
+        return self._text_prefix[1] + orjson.dumps(text) + b"}}\n\n"
 
     def _call_delta(self, call: dict[str, Any]) -> bytes:
         fn = call.get("function") if isinstance(call.get("function"), dict) else {}
@@ -490,7 +501,7 @@ class MessagesStream:
                 if isinstance(delta.get("content"), str) and delta["content"]:
                     if self._open != "text":
                         out.append(self._begin("text", {"type": "text", "text": ""}))
-                    out.append(self._delta({"type": "text_delta", "text": delta["content"]}))
+                    out.append(self._text_delta(delta["content"]))
                 for call in delta.get("tool_calls") or ():
                     if isinstance(call, dict):
                         out.append(self._call_delta(call))

@@ -12,6 +12,8 @@ import secrets
 import time
 from typing import Any
 
+import orjson
+
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.wire.sse_events import SSEBuffer, chat_chunks, named_event
 from proxy.wire.usage import is_int
@@ -389,13 +391,13 @@ def error_event(error: ProxyError, sequence_number: int) -> bytes:
 
 
 class _OpenItem:
-    __slots__ = ("call", "index", "item", "text")
+    __slots__ = ("delta_prefix", "index", "item", "text")
 
     def __init__(self, item: dict[str, Any], index: int):
         self.item = item
         self.index = index
         self.text: list[str] = []
-        self.call: dict[str, Any] | None = None
+        self.delta_prefix = b""  # the bytes every delta event of this item starts with (built once)
 
 
 class ResponsesStream:
@@ -510,10 +512,16 @@ class ResponsesStream:
             else:
                 self._message = current
         current.text.append(delta)
-        where = {"item_id": current.item["id"], "output_index": current.index, "content_index": 0, "delta": delta}
-        if kind == "reasoning":
-            return out + self._event("response.reasoning_text.delta", **where)
-        return out + self._event("response.output_text.delta", **where, logprobs=[])
+        if not current.delta_prefix:
+            # Deltas are most of a stream's events: their fixed part is serialised once per item.
+            name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+            fixed = {"type": name, "item_id": current.item["id"], "output_index": current.index, "content_index": 0}
+            if kind == "text":
+                fixed["logprobs"] = []
+            current.delta_prefix = b"event: " + name.encode() + b"\ndata: " + orjson.dumps(fixed)[:-1] + b',"delta":'
+        event = current.delta_prefix + orjson.dumps(delta) + b',"sequence_number":%d}\n\n' % self._seq
+        self._seq += 1
+        return out + event
 
     def _call_delta(self, call: dict[str, Any]) -> bytes:
         index = call.get("index", 0)
