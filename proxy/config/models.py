@@ -21,11 +21,57 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PriceConfig(_Strict):
-    """USD per million tokens; overrides the packaged price book for one model."""
+PerMtok = Annotated[float, Field(ge=0)]
 
-    input_per_mtok: Annotated[float, Field(ge=0)]
-    output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+
+def _cache_read_errors(price: PriceConfig | PriceTierConfig) -> None:
+    if (
+        price.cached_input_per_mtok is not None
+        and price.input_per_mtok is not None
+        and price.cached_input_per_mtok > price.input_per_mtok
+    ):
+        # Every provider bills a cache read below a fresh token; more is a swapped pair of fields.
+        raise ValueError("cached_input_per_mtok is above input_per_mtok: a cache read never costs more")
+
+
+class PriceTierConfig(_Strict):
+    """Prices for every token of a request whose prompt is longer than `above_input_tokens` (e.g. Gemini and
+    Claude above 200k); a field left out keeps the model's flat price."""
+
+    above_input_tokens: Annotated[int, Field(ge=1)]
+    input_per_mtok: PerMtok | None = None
+    output_per_mtok: PerMtok | None = None
+    cached_input_per_mtok: PerMtok | None = None
+    cache_write_per_mtok: PerMtok | None = None
+    cache_write_1h_per_mtok: PerMtok | None = None
+    reasoning_per_mtok: PerMtok | None = None
+
+    @model_validator(mode="after")
+    def _cache_read_below_input(self) -> PriceTierConfig:
+        _cache_read_errors(self)
+        return self
+
+
+class PriceConfig(_Strict):
+    """USD per million tokens; overrides the packaged price book for one model. A cache read, cache write or
+    reasoning price left out is billed as input (reads, writes) or output (reasoning); a 1-hour cache write
+    left out as a 5-minute one."""
+
+    input_per_mtok: PerMtok
+    output_per_mtok: PerMtok = 0.0
+    cached_input_per_mtok: PerMtok | None = None  # prompt tokens read from the provider's cache
+    cache_write_per_mtok: PerMtok | None = None  # prompt tokens written to it (Anthropic: the 5-minute TTL)
+    cache_write_1h_per_mtok: PerMtok | None = None  # written with Anthropic's 1-hour TTL
+    reasoning_per_mtok: PerMtok | None = None  # reasoning tokens, when priced apart from output
+    tiers: list[PriceTierConfig] = []
+
+    @model_validator(mode="after")
+    def _tiers_ascend(self) -> PriceConfig:
+        _cache_read_errors(self)
+        thresholds = [t.above_input_tokens for t in self.tiers]
+        if thresholds != sorted(set(thresholds)):
+            raise ValueError("tiers must have strictly ascending above_input_tokens")
+        return self
 
 
 class RetryConfig(_Strict):
@@ -123,6 +169,9 @@ class ModelConfig(_Strict):
     api_key: str | None = None
     upstream_model: str | None = None
     mode: Literal["chat", "completion", "embedding"] = "chat"
+    # `responses`: the upstream serves OpenAI's Responses API (OpenAI, recent vLLM), so /v1/responses is
+    # forwarded to it as is; `chat`: it serves only Chat Completions and /v1/responses is translated.
+    api: Literal["chat", "responses"] = "chat"
     price: PriceConfig | None = None
     max_input_tokens: Annotated[int, Field(ge=1)] | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -315,6 +364,9 @@ class PolicyFile(_Strict):
                     errors.append((("models", name, "fallbacks", i), "a model cannot fall back to itself"))
             errors += _batching_errors(name, model)
             errors += _serving_errors(name, model)
+            if model.api == "responses" and (model.provider != "openai" or model.mode != "chat"):
+                msg = "api: responses needs provider: openai and mode: chat (other upstreams are translated)"
+                errors.append((("models", name, "api"), msg))
         owner: dict[str, str] = {}
         for name, team in self.teams.items():
             for i, m in enumerate(team.models):

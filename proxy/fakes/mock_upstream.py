@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.fakes.mock_agent_apis import register_agent_apis
 from proxy.services.tokens import counter_for
 
 _WORDS = (
@@ -492,7 +493,6 @@ def build_mock_app(state: MockState | None = None) -> web.Application:
         app.router.add_post(f"{prefix}/chat/completions", mock.chat)
         app.router.add_post(f"{prefix}/completions", mock.completions)
         app.router.add_post(f"{prefix}/embeddings", mock.embeddings)
-        app.router.add_post(f"{prefix}/messages", mock.anthropic_messages)
         app.router.add_post(f"{prefix}/batch/chat/completions", mock.batch_chat)
         app.router.add_get(f"{prefix}/models", mock.models)
     app.router.add_post("/mock/faults", mock.add_faults)
@@ -500,6 +500,9 @@ def build_mock_app(state: MockState | None = None) -> web.Application:
     app.router.add_post("/mock/reset", mock.reset)
     app.router.add_post("/mock/release", mock.release)
     app.router.add_post("/mock/config", mock.configure)
+    register_agent_apis(
+        app, mock, _reply_text, _prompt_text
+    )  # /v1/responses, /v1/messages, tool calls, cached and reasoning usage
     return app
 
 

@@ -157,6 +157,15 @@ class Store(Protocol):
     async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
         """(model, arm) -> (n, sum, sum of squares) of output tokens."""
 
+    async def put_conversation(self, team: str, response_id: str, data: bytes, ttl_s: float) -> None:
+        """Keep a stored response (its conversation so far) for `ttl_s`, readable only by `team`."""
+
+    async def get_conversation(self, team: str, response_id: str) -> bytes | None:
+        """A stored response of `team`, or None (never stored, expired, deleted, or another team's)."""
+
+    async def delete_conversation(self, team: str, response_id: str) -> bool:
+        """Forget a stored response of `team`; whether there was one."""
+
     async def healthy(self) -> bool: ...
 
     async def close(self) -> None: ...

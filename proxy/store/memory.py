@@ -5,7 +5,8 @@ Each method runs without an await inside, so on one event loop it is as atomic a
 
 from __future__ import annotations
 
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 
 from proxy.store.base import (
     BudgetScope,
@@ -20,11 +21,16 @@ from proxy.store.base import (
     window_position,
 )
 
+# Stored responses (`previous_response_id`) kept at most, oldest evicted first: memory stays bounded.
+MAX_CONVERSATIONS = 10_000
+
 
 class MemoryStore:
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, max_conversations: int = MAX_CONVERSATIONS) -> None:
+        self._conversations: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
+        self._max_conversations = max_conversations
         self._total: dict[str, dict[str, SpendLine]] = defaultdict(lambda: defaultdict(SpendLine))
         self._daily: dict[str, dict[str, dict[str, SpendLine]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(SpendLine))
@@ -117,6 +123,26 @@ class MemoryStore:
         if len(self._windows) > 4096:
             for key in [k for k in self._windows if k[2] < index - 1]:
                 del self._windows[key]
+
+    async def put_conversation(self, team: str, response_id: str, data: bytes, ttl_s: float) -> None:
+        key = (team, response_id)
+        self._conversations.pop(key, None)
+        self._conversations[key] = (time.monotonic() + ttl_s, data)
+        while len(self._conversations) > self._max_conversations:
+            self._conversations.popitem(last=False)
+
+    async def get_conversation(self, team: str, response_id: str) -> bytes | None:
+        entry = self._conversations.get((team, response_id))
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._conversations[(team, response_id)]
+            return None
+        return entry[1]
+
+    async def delete_conversation(self, team: str, response_id: str) -> bool:
+        entry = self._conversations.pop((team, response_id), None)
+        return entry is not None and entry[0] > time.monotonic()
 
     async def healthy(self) -> bool:
         return True

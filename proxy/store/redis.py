@@ -448,6 +448,24 @@ class RedisStore:
         keys = [self._window_key(w, index) for w in windows]
         await self._run(self._add, keys, [*(w.cost for w in windows), _WINDOW_TTL_S])
 
+    async def put_conversation(self, team: str, response_id: str, data: bytes, ttl_s: float) -> None:
+        try:
+            await self.client.set(self.team_key(team, f"resp:{response_id}"), data, px=max(1, round(ttl_s * 1000)))
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(str(e)) from e
+
+    async def get_conversation(self, team: str, response_id: str) -> bytes | None:
+        try:
+            return await self.client.get(self.team_key(team, f"resp:{response_id}"))
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(str(e)) from e
+
+    async def delete_conversation(self, team: str, response_id: str) -> bool:
+        try:
+            return bool(await self.client.delete(self.team_key(team, f"resp:{response_id}")))
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(str(e)) from e
+
     async def healthy(self) -> bool:
         try:
             return bool(await self.client.ping())

@@ -120,6 +120,26 @@ class FailurePolicyStore:
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
         return await self.inner.spend(teams, days)
 
+    async def put_conversation(self, team: str, response_id: str, data: bytes, ttl_s: float) -> None:
+        # Kept after the client has its answer: a failure only means a later turn cannot continue from it.
+        try:
+            await self.inner.put_conversation(team, response_id, data, ttl_s)
+        except StoreUnavailable as e:
+            log.warning("store unavailable: response %s not kept for previous_response_id (%s)", response_id[:12], e)
+
+    async def get_conversation(self, team: str, response_id: str) -> bytes | None:
+        # Never fail open here: answering without the earlier turns would silently be a different answer.
+        try:
+            return await self.inner.get_conversation(team, response_id)
+        except StoreUnavailable as e:
+            raise StoreDown("The shared store is unavailable (stored responses); try again shortly.") from e
+
+    async def delete_conversation(self, team: str, response_id: str) -> bool:
+        try:
+            return await self.inner.delete_conversation(team, response_id)
+        except StoreUnavailable as e:
+            raise StoreDown("The shared store is unavailable (stored responses); try again shortly.") from e
+
     async def healthy(self) -> bool:
         return await self.inner.healthy()
 

@@ -2,7 +2,8 @@
 
 Chat Completions and Completions report `prompt_tokens` / `completion_tokens` (with
 `prompt_tokens_details.cached_tokens` and `completion_tokens_details.reasoning_tokens`), the Responses API
-`input_tokens` / `output_tokens` (with `input_tokens_details` / `output_tokens_details`), Anthropic's
+`input_tokens` / `output_tokens` (with `input_tokens_details` / `output_tokens_details`; recent OpenAI models
+also report `cache_write_tokens` there), Anthropic's
 Messages `input_tokens` (uncached only) plus `cache_read_input_tokens` and `cache_creation_input_tokens`.
 `TokenUsage.input` is always every prompt token, cached or not, so prices can split it.
 """
@@ -64,6 +65,7 @@ def usage_from(usage: Any) -> TokenUsage | None:
             input=prompt,
             output=completion if is_int(completion) else 0,
             cached_input=_detail(usage, "prompt_tokens_details", "cached_tokens"),
+            cache_write=_detail(usage, "prompt_tokens_details", "cache_write_tokens"),
             reasoning=_detail(usage, "completion_tokens_details", "reasoning_tokens"),
         )
     if not is_int(usage.get("input_tokens")):
@@ -75,6 +77,7 @@ def usage_from(usage: Any) -> TokenUsage | None:
         input=usage["input_tokens"],
         output=output if is_int(output) else 0,
         cached_input=_detail(usage, "input_tokens_details", "cached_tokens"),
+        cache_write=_detail(usage, "input_tokens_details", "cache_write_tokens"),
         reasoning=_detail(usage, "output_tokens_details", "reasoning_tokens"),
     )
 

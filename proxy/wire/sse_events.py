@@ -1,0 +1,53 @@
+"""SSE framing shared by the translating adapters: named events out, chat-completion chunks in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+def named_event(name: str, data: dict[str, Any]) -> bytes:
+    """One SSE event with an `event:` line, as the Responses API and Anthropic's Messages API send them."""
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def chat_chunks(events: bytes) -> list[dict[str, Any]]:
+    """The JSON chunks in a run of chat-completion SSE events (`[DONE]` and comments skipped)."""
+    chunks: list[dict[str, Any]] = []
+    for line in events.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if not payload or payload == b"[DONE]":
+            continue
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(chunk, dict):
+            chunks.append(chunk)
+    return chunks
+
+
+class SSEBuffer:
+    """Reassembles SSE events from arbitrary byte runs: an upstream may split an event across reads."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The complete events in `self._pending + data` (ending with a blank line); the rest waits."""
+        data = (self._pending + data).replace(b"\r\n", b"\n")
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._pending = data
+            return b""
+        self._pending = data[cut + 2 :]
+        return data[: cut + 2]
+
+    def rest(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
