@@ -25,6 +25,7 @@ from proxy.services.request_log import RequestLogWriter
 from proxy.store.memory import MemoryStore
 from proxy.upstream.reply import UpstreamReply
 from proxy.wire.chat import CHAT
+from proxy.wire.usage import TokenUsage
 
 HEADERS = {"authorization": f"Bearer {KEY}", "content-type": "application/json", "host": "127.0.0.1"}
 USAGE = {"prompt_tokens": 20, "completion_tokens": 16, "total_tokens": 36}
@@ -38,7 +39,8 @@ async def _one(runtime: Runtime) -> None:
     try:
         await runtime.pipeline.run_request(ctx)
         ctx.answered_by = ctx.model
-        ctx.reply = UpstreamReply(REPLY, RAW_REPLY).read_usage()
+        # Usage as the dispatcher hands it over (reading it is the upstream layer's work, outside the pipeline).
+        ctx.reply = UpstreamReply(REPLY, RAW_REPLY, TokenUsage(USAGE["prompt_tokens"], USAGE["completion_tokens"]))
         await runtime.pipeline.run_response(ctx)
     finally:
         await runtime.pipeline.run_settle(ctx)

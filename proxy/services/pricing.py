@@ -115,10 +115,14 @@ class ModelPrice:
 
     def cost(self, usage: TokenUsage | int, output_tokens: int = 0) -> float:
         """USD for a request's usage; `cost(input_tokens, output_tokens)` prices plain (uncached) tokens."""
-        if not isinstance(usage, int):
-            return self.breakdown(usage).total
-        r = self.rates(usage)
-        return usage * r.input_per_token + output_tokens * r.output_per_token
+        if isinstance(usage, int):
+            if not self.tiers:  # the hot path: one flat rate per kind
+                return usage * self.input_per_token + output_tokens * self.output_per_token
+            r = self.rates(usage)
+            return usage * r.input_per_token + output_tokens * r.output_per_token
+        if not (self.tiers or usage.cached_input or usage.cache_write or usage.reasoning):
+            return usage.input * self.input_per_token + usage.output * self.output_per_token
+        return self.breakdown(usage).total
 
     def worst_case_cost(self, input_tokens: int, output_tokens: int, cache_writes: bool = False) -> float:
         """The most a request of this shape can cost: what a budget reserves. With `cache_writes` (the

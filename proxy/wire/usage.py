@@ -19,7 +19,8 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass costs ~5x to build, and one is built per request; treat it as a value.
+@dataclass(slots=True)
 class TokenUsage:
     input: int = 0  # every prompt token, cached ones and cache writes included
     output: int = 0  # every generated token, reasoning included
