@@ -31,22 +31,27 @@ from tests.conftest import (
 
 ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
 
-RETRIEVAL = """
+# Many examples: they are embedded at load, in batches, never on a request under the lookup timeout.
+_CITIES = [f"City{i}" for i in range(150)]
+WEATHER_EXAMPLES = ["Will it rain tomorrow?", "What is the weather forecast for the weekend?"] + [
+    f"What will the weather be like in {c} next week?" for c in _CITIES
+]
+RETRIEVAL = f"""
 collections:
-  faq: {kind: kb}
-  answers: {kind: cache, ttl_s: 600}
+  faq: {{kind: kb}}
+  answers: {{kind: cache, ttl_s: 600}}
 tasks:
-  weather: {examples: ["Will it rain tomorrow?", "What is the weather forecast for the weekend?"], min_similarity: 0.6}
+  weather: {{examples: {json.dumps(WEATHER_EXAMPLES)}, min_similarity: 0.6}}
 policies:
   - name: no-weather
-    when: {task: weather}
-    reject: {message: "Ask the weather service.", status: 403}
+    when: {{task: weather}}
+    reject: {{message: "Ask the weather service.", status: 403}}
   - name: faq
-    when: {models: [big]}
-    retrieve: {collection: faq, min_similarity: 0.85}  # low on purpose: the guards must catch near misses
+    when: {{models: [big]}}
+    retrieve: {{collection: faq, min_similarity: 0.85}}  # low on purpose: the guards must catch near misses
   - name: cache
-    when: {models: [big]}
-    retrieve: {collection: answers, cache: true}
+    when: {{models: [big]}}
+    retrieve: {{collection: answers, cache: true}}
 """
 
 
@@ -282,6 +287,12 @@ def test_kb_entries_expire(proxy1: Server, rmock: MockUpstream) -> None:
 
 
 def test_tasks_match_by_examples_with_the_local_embedder(proxy1: Server, rmock: MockUpstream) -> None:
+    # The examples were embedded at load, and readiness says so.
+    wait_for(lambda: httpx.get(proxy1.url + "/readyz").json()["tasks"]["weather"]["ready"], "the task examples")
+    assert httpx.get(proxy1.url + "/readyz").json()["tasks"]["weather"] == {
+        "ready": True,
+        "examples": len(WEATHER_EXAMPLES),
+    }
     client = client_for(proxy1)
     with pytest.raises(Exception) as e:
         client.chat.completions.create(
@@ -370,7 +381,8 @@ def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path)
     pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
     def calibrate(path: Path) -> subprocess.CompletedProcess:
-        args = ["kb", "calibrate", "--pairs", str(path), "--target-precision", "0.97", "--format", "json"]
+        # 16 equivalent pairs: right 16 times of 16, precision's 95% lower bound is 0.83 at most.
+        args = ["kb", "calibrate", "--pairs", str(path), "--target-precision", "0.75", "--format", "json"]
         return subprocess.run(
             [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
         )
@@ -379,7 +391,8 @@ def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     guarded = report["guarded"]
-    assert guarded["threshold"] is not None and guarded["precision"] >= 0.97 and guarded["recall"] > 0.5
+    assert guarded["threshold"] is not None and guarded["precision_low"] >= 0.7 and guarded["recall"] > 0.5
+    assert guarded["hits"] >= 10
     assert report["recall_cost"] == pytest.approx(1 - guarded["recall"])
     # Names decide these negatives: the guarded matcher keeps more recall than a plain threshold.
     assert guarded["recall"] >= report["threshold_only"]["recall"]

@@ -114,6 +114,7 @@ def build_ops_app(state: ProxyState) -> FastAPI:
         }
         if state.retrieval is not None:
             body["collections"] = state.retrieval.status()
+            body["tasks"] = state.retrieval.task_status()  # example embeddings: a task matches once ready
         return JSONResponse(body, status_code=200 if store_ok else 503)
 
     @app.get("/metrics")

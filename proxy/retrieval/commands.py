@@ -80,19 +80,23 @@ def cmd_kb_calibrate(args: argparse.Namespace) -> int:
     except EmbedderDown as e:
         print(e, file=sys.stderr)
         return 1
-    result, _, _ = calibrate(pairs, model.encode_blocking, args.target_precision)
+    result, _, _ = calibrate(pairs, model.encode_blocking, args.target_precision, args.confidence)
     report = result.as_dict()
     if args.format == "json":
         print(json.dumps(report, indent=2, default=float))
         return 0
-    print(f"{result.pairs} pairs, {result.equivalent} equivalent; target precision {args.target_precision:.3f}")
+    print(
+        f"{result.pairs} pairs, {result.equivalent} equivalent; target: the {args.confidence:.0%} lower bound "
+        f"of precision >= {args.target_precision:.3f}"
+    )
     for label, q in (("cosine threshold only", result.threshold_only), ("guarded matcher", result.guarded)):
         if q.threshold is None:
-            print(f"{label:<22} no threshold reaches the target on these pairs")
+            print(f"{label:<22} no threshold's lower bound reaches the target on these pairs (more pairs help)")
             continue
         print(
-            f"{label:<22} min_similarity {q.threshold:.4f}  precision {q.precision:.3f}  recall {q.recall:.3f}  "
-            f"false hits {q.false_hit_rate:.4f}  ({q.hits} hits)"
+            f"{label:<22} min_similarity {q.threshold:.4f}  precision {q.precision:.3f} "
+            f"[{q.precision_low:.3f}, {q.precision_high:.3f}]  recall {q.recall:.3f}  "
+            f"false hits {q.false_hit_rate:.4f}  (rests on {q.hits} hits)"
         )
     c = result.cache
     print(
@@ -121,7 +125,10 @@ def add_kb_parser(sub: argparse._SubParsersAction) -> None:
 
     cal = kb_sub.add_parser("calibrate", help="pick min_similarity/min_margin for a target precision")
     cal.add_argument("--pairs", required=True, help="labelled pairs: CSV a,b,score | TSV score,a,b | JSONL")
-    cal.add_argument("--target-precision", type=float, default=0.97)
+    cal.add_argument(
+        "--target-precision", type=float, default=0.97, help="the lower confidence bound of precision must reach it"
+    )
+    cal.add_argument("--confidence", type=float, default=0.95, help="of that one-sided lower bound (Clopper-Pearson)")
     cal.add_argument("--min-score", type=float, default=4.0, help="a scored pair is equivalent at this score")
     cal.add_argument("--model", help="a sentence-transformers folder (default: the packaged all-MiniLM-L6-v2)")
     cal.add_argument("--limit", type=int, help="use only the first N pairs")
