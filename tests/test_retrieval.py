@@ -380,9 +380,12 @@ def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
+    verifier = tmp_path / "verifier.json"
+
     def calibrate(path: Path) -> subprocess.CompletedProcess:
         # 16 equivalent pairs: right 16 times of 16, precision's 95% lower bound is 0.83 at most.
         args = ["kb", "calibrate", "--pairs", str(path), "--target-precision", "0.75", "--format", "json"]
+        args += ["--write-verifier", str(verifier)]
         return subprocess.run(
             [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
         )
@@ -396,6 +399,11 @@ def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path)
     assert report["recall_cost"] == pytest.approx(1 - guarded["recall"])
     # Names decide these negatives: the guarded matcher keeps more recall than a plain threshold.
     assert guarded["recall"] >= report["threshold_only"]["recall"]
+    # The verifier file it wrote names the embedder its cosines came from; a policy can use it.
+    from proxy.retrieval.verifier import load_verifier
+
+    assert load_verifier(verifier).embedder == "local:all-MiniLM-L6-v2"
+    assert report["verifier"]["embedder"] == "local:all-MiniLM-L6-v2" and report["verifier"]["hits"] >= 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": "x"}\n')
     done = calibrate(bad)

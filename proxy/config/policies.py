@@ -160,6 +160,16 @@ class RetrieveAction(_Strict):
     cache: bool = False
     # The answer length assumed for min_cost_multiple before an entry is found.
     expected_output_tokens: Annotated[int, Field(ge=0)] = 256
+    # A learned pair verifier (`llm-numbers-proxy kb calibrate --write-verifier FILE`), relative to the
+    # policy file: a hit also needs its probability; `min_similarity`/`min_margin` then apply only when given.
+    verifier: Annotated[str, Field(min_length=1)] | None = None
+    # An error bound: each entry answers only at similarities its verified outcomes (feedback, exact
+    # re-generations) show to be right, starting conservative; a collection whose realised error's
+    # lower bound exceeds this stops answering until reload.
+    max_error: Annotated[float, Field(gt=0, lt=0.5)] | None = None
+
+    def explicit(self, field: str) -> bool:
+        return field in self.model_fields_set
 
 
 class PolicyConfig(_Strict):

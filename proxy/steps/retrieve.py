@@ -51,18 +51,33 @@ def _answerable(body: dict[str, Any]) -> bool:
     return not (isinstance(modalities, list) and any(m != "text" for m in modalities))
 
 
+def _matcher(cfg: RetrieveAction, name: str) -> Any:
+    """The policy's matcher; with a verifier, its own floor unless min_similarity/min_margin are given."""
+    from proxy.retrieval.matcher import Matcher
+    from proxy.retrieval.verifier import VerifierError, load_verifier
+
+    if cfg.verifier is None:
+        return Matcher(cfg.min_similarity, cfg.min_margin, cfg.decisive_tokens)
+    try:
+        verifier = load_verifier(cfg.verifier)
+    except VerifierError as e:  # `check` read it; it changed since: answer nothing rather than guess
+        log.error("policy %s: %s; this policy answers nothing from retrieval until it is fixed", name, e)
+        return Matcher(2.0)
+    floor = cfg.min_similarity if cfg.explicit("min_similarity") else verifier.min_similarity
+    margin = cfg.min_margin if cfg.explicit("min_margin") else 0.0
+    return Matcher(floor, margin, cfg.decisive_tokens, verifier)
+
+
 class Retrieve(PolicyAction):
     """Answer from a collection (knowledge base or semantic cache) when the guarded matcher is sure."""
 
     def __init__(self, cfg: RetrieveAction, name: str, deps: ActionDeps):
-        from proxy.retrieval.matcher import Matcher
-
         self._cfg = cfg
         self._name = name
         self._prices = deps.prices
         self._estimator = deps.estimator
         self._retrieval = deps.retrieval  # None when the policy file uses no retrieval
-        self._matcher = Matcher(cfg.min_similarity, cfg.min_margin, cfg.decisive_tokens)
+        self._matcher = _matcher(cfg, name)
 
     def _count(self, result: str) -> None:
         metrics.RETRIEVAL_LOOKUPS.labels(self._cfg.collection, self._name, result).inc()
