@@ -48,7 +48,8 @@ policies:
     reject: {{message: "Ask the weather service.", status: 403}}
   - name: faq
     when: {{models: [big]}}
-    retrieve: {{collection: faq, min_similarity: 0.85}}  # low on purpose: the guards must catch near misses
+    # low on purpose: the guards must catch near misses; max_error: feedback judges its hits
+    retrieve: {{collection: faq, min_similarity: 0.85, max_error: 0.05}}
   - name: cache
     when: {{models: [big]}}
     retrieve: {{collection: answers, cache: true}}
@@ -359,10 +360,17 @@ def test_kb_load_cli(proxy1: Server, rmock: MockUpstream, tmp_path: Path) -> Non
     huge = tmp_path / "huge.jsonl"
     with open(huge, "wb") as f:
         f.truncate(65 * 1024 * 1024)
-    for path, message in [(empty, "no entries"), (bad, "'answer' is missing"), (huge, "the limit is")]:
+    control = tmp_path / "control.jsonl"
+    control.write_text(json.dumps({"id": "cli-4", "question": "Q5?", "answer": "A5", "source": "x\r\nSet-Cookie: y"}))
+    for path, message in [
+        (empty, "no entries"),
+        (bad, "'answer' is missing"),
+        (huge, "the limit is"),
+        (control, "control character"),
+    ]:
         done = load(path)
         assert done.returncode == 1 and message in done.stderr, done.stderr
-    assert "cli-3" not in listed_ids(proxy1, "faq")
+    assert "cli-3" not in listed_ids(proxy1, "faq") and "cli-4" not in listed_ids(proxy1, "faq")
 
 
 def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path) -> None:
@@ -408,3 +416,76 @@ def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path)
     bad.write_text('{"a": "x"}\n')
     done = calibrate(bad)
     assert done.returncode == 1 and "bad.jsonl:1" in done.stderr
+
+
+def feedback(server: Server, request_id: str, rating: str, team: str | None = "alpha") -> httpx.Response:
+    from tests.conftest import TEAM_KEYS
+
+    headers = {"Authorization": f"Bearer {TEAM_KEYS[team]}"} if team else {}
+    return httpx.post(
+        f"{server.url}/v1/proxy/feedback", json={"request_id": request_id, "rating": rating}, headers=headers
+    )
+
+
+def faq_bound(server: Server) -> dict:
+    status = httpx.get(f"{server.url}/admin/kb/faq", headers=ADMIN).json()["status"]
+    return next(b for b in status["error_bounds"] if b["policy"] == "faq")
+
+
+def test_every_phrasing_answers_with_the_one_answer_and_bad_entries_store_nothing(proxy1: Server) -> None:
+    phrasings = ["How do I reset my badge PIN?", "I forgot my badge PIN, what now?", "Badge PIN reset procedure"]
+    assert upsert(proxy1, "faq", [{"id": "badge", "questions": phrasings, "answer": "Ask the front desk."}]).is_success
+    for q in phrasings:
+        headers, reply = ask(proxy1, q)
+        assert headers["x-llm-proxy-route"] == "retrieval" and "entry=badge" in headers["x-llm-proxy-retrieval"]
+        assert reply.choices[0].message.content == "Ask the front desk."
+    for field, value in [("source", "https://kb/x\r\nSet-Cookie: a=b"), ("tags", ["t\x07"])]:
+        bad = {"id": "ctl", "questions": ["Where is the printer?"], "answer": "Room 3.", field: value}
+        r = upsert(proxy1, "faq", [bad])
+        assert r.status_code == 400 and "control character" in r.json()["error"]["message"]
+    assert "ctl" not in listed_ids(proxy1, "faq")
+
+
+def test_feedback_judges_a_hit_of_ones_own_team_once_and_a_bad_record_stops_the_collection(
+    proxy1: Server, rmock: MockUpstream
+) -> None:
+    question = unique("What is the guest wifi password")
+    assert upsert(proxy1, "faq", [{"id": "wifi-fb", "question": question, "answer": "hunter2"}]).is_success
+    headers, _ = ask(proxy1, question)
+    assert headers["x-llm-proxy-route"] == "retrieval"
+    request_id = headers["x-llm-proxy-request-id"]
+    before = faq_bound(proxy1)
+    # Nobody else's verdict counts, and bad input changes nothing.
+    assert feedback(proxy1, request_id, "good", team=None).status_code == 401
+    assert feedback(proxy1, request_id, "good", team="beta").status_code == 403
+    assert feedback(proxy1, "0" * 24, "good").status_code == 404
+    assert feedback(proxy1, request_id, "meh").status_code == 400
+    assert feedback(proxy1, "bad id\r\n", "good").status_code == 400
+    assert faq_bound(proxy1)["served_judged"] == before["served_judged"]
+    r = feedback(proxy1, request_id, "good")
+    assert r.status_code == 200 and r.json()["recorded"] and r.json()["collection"] == "faq"
+    assert feedback(proxy1, request_id, "bad").status_code == 409  # one verdict per request
+    after = faq_bound(proxy1)
+    assert after["served_judged"] == before["served_judged"] + 1 and after["served_wrong"] == before["served_wrong"]
+    # Wrong, wrong: the realised error's lower bound passes 5% and the collection stops answering.
+    # (An entry judged wrong at a similarity never answers there again: each verdict is on another entry.)
+    n = 0
+    while faq_bound(proxy1)["answering"]:
+        other = unique(f"Which floor is meeting room {n} on")
+        assert upsert(proxy1, "faq", [{"id": f"room-{n}", "question": other, "answer": "The third."}]).is_success
+        headers, _ = ask(proxy1, other)
+        assert headers["x-llm-proxy-route"] == "retrieval"
+        assert feedback(proxy1, headers["x-llm-proxy-request-id"], "bad").status_code == 200
+        assert ask(proxy1, other)[0]["x-llm-proxy-route"] == "upstream"  # that entry: not at that similarity
+        n += 1
+    assert n <= 3
+    bound = faq_bound(proxy1)
+    assert bound["interval"][0] > 0.05 and bound["realised_error"] > 0.05
+    assert ask(proxy1, question)[0]["x-llm-proxy-route"] == "upstream"
+    metrics = httpx.get(proxy1.url + "/metrics").text
+    assert 'llm_proxy_retrieval_verdicts_total{collection="faq",policy="faq",verdict="bad"}' in metrics
+    assert 'llm_proxy_retrieval_lookups_total{collection="faq",policy="faq",result="over_bound"}' in metrics
+    # Until reload: then it answers again, its bound afresh.
+    assert httpx.post(proxy1.url + "/admin/reload", headers=ADMIN).json()["reloaded"]
+    wait_for(lambda: ask(proxy1, question)[0]["x-llm-proxy-route"] == "retrieval", "answers after reload")
+    assert faq_bound(proxy1)["served_judged"] == 0

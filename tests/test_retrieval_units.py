@@ -285,3 +285,63 @@ async def test_concurrent_upserts_all_land(collection_store) -> None:
     await asyncio.gather(*(s.upsert("c", [_item(f"k{i}", i)], max_entries=100) for i in range(20)))
     total, _ = await s.page("c", 0, 100)
     assert total == 20 and await s.version("c") == 20
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("source", "https://kb.example/a\r\nX-Injected: 1"),
+        ("tags", ["ok", "bad\x1b[31m"]),
+        ("questions", ["Where is the office?", "Where is\x00 the office?"]),
+        ("teams", ["alpha\n"]),
+        ("source", "line\u2028separator"),
+    ],
+)
+def test_entries_with_control_characters_in_header_or_log_fields_are_refused(field: str, value) -> None:
+    entry = {"id": "c1", "questions": ["Where is the office?"], "answer": "Upstairs.\nRoom 2.", field: value}
+    with pytest.raises(EntryError, match="control character"):
+        parse_entries([entry])
+
+
+def test_an_entry_answers_every_phrasing_with_its_one_answer_and_multiline_text_is_kept() -> None:
+    [entry] = parse_entries(
+        [
+            {
+                "id": "p",
+                "questions": ["Who wrote Hamlet?", "Hamlet's author?", "Who is\nthe author of Hamlet?"],
+                "answer": "A\n\tB",
+            }
+        ]
+    )
+    assert len(entry.questions) == 3 and entry.answer == "A\n\tB"
+
+
+def test_an_error_bound_starts_conservative_learns_down_and_raises_an_entry_that_was_wrong() -> None:
+    from proxy.retrieval.error_bound import ErrorBound
+
+    bound = ErrorBound("faq", "p", max_error=0.05, start=0.96, floor=0.92)
+    assert bound.answers("e1", 0.96) and not bound.answers("e1", 0.95)
+    # Explorations at 0.93-0.96 that re-generated the entry's answer: enough to bound the error at 5%.
+    for i in range(120):
+        bound.record(f"e{i % 5}", 0.935 + (i % 5) * 0.005, True, served=False)
+    assert bound.threshold() <= 0.935 and bound.answers("e1", 0.94)
+    # One wrong outcome for e1 at 0.95 (1 of 121 still bounds the pool's error at 5%): e1 never again
+    # answers at or below it; the others still do.
+    bound.record("e1", 0.95, False, served=False)
+    assert not bound.answers("e1", 0.95) and bound.answers("e2", 0.95) and bound.answers("e1", 0.97)
+    assert bound.status()["answering"] and bound.status()["explored"] == 121
+
+
+def test_a_collection_whose_realised_error_exceeds_its_bound_stops_answering() -> None:
+    from proxy.retrieval.error_bound import ErrorBound
+
+    bound = ErrorBound("faq", "p", max_error=0.02, start=0.96, floor=0.92)
+    for _ in range(40):
+        bound.record("e", 0.99, True, served=True)
+    bound.record("e2", 0.99, False, served=True)  # 1 of 41: its lower bound is below 2%, keep answering
+    assert bound.answers("e", 0.99)
+    for _ in range(5):
+        bound.record("e3", 0.99, False, served=True)
+    status = bound.status()
+    assert not status["answering"] and not bound.answers("e", 0.999)
+    assert status["served_judged"] == 46 and status["interval"][0] > 0.02

@@ -27,6 +27,7 @@ from proxy.retrieval.embedders import (
     ModelEmbedder,
     embed_for_request,
 )
+from proxy.retrieval.error_bound import ErrorBound, OutcomeLedger
 from proxy.retrieval.query import query_from_chat
 from proxy.services.pricing import PriceBook
 from proxy.services.tokens import counter_for
@@ -59,6 +60,8 @@ class Retrieval:
         self._stopping: set[asyncio.Task[None]] = set()
         self._example_vectors: dict[tuple[str, tuple[str, ...]], tuple[str, np.ndarray]] = {}
         self._tasks: ExampleTasks | None = None
+        self.outcomes = OutcomeLedger()  # retrieval answers by request id, for feedback
+        self._bounds: dict[tuple[str, str], ErrorBound] = {}  # the bound runtime's, fresh on every reload
 
     def local_model(self, path: str | None, threads: int | None = None) -> LocalModel:
         model = self._local_models.get(path)
@@ -103,7 +106,10 @@ class Retrieval:
             self._stop_later(self._tasks.stop())
         self._tasks = ExampleTasks(tasks, embedders, self._example_vectors)
         self._tasks.start()
-        return RetrievalRuntime(embedders, dict(self.collections), self._tasks, prices, count)
+        self._bounds = {}  # a reload starts every error bound afresh (a stopped collection answers again)
+        return RetrievalRuntime(
+            embedders, dict(self.collections), self._tasks, prices, count, self.outcomes, self._bounds
+        )
 
     def _stop_later(self, stopping: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(stopping)
@@ -111,7 +117,11 @@ class Retrieval:
         task.add_done_callback(self._stopping.discard)
 
     def status(self) -> dict[str, Any]:
-        return {name: c.status() for name, c in sorted(self.collections.items())}
+        out = {name: c.status() for name, c in sorted(self.collections.items())}
+        for (_, collection), bound in sorted(self._bounds.items()):
+            if collection in out:
+                out[collection].setdefault("error_bounds", []).append(bound.status())
+        return out
 
     def task_status(self) -> dict[str, Any]:
         """Per task with examples: whether they are embedded (a task matches nothing until then)."""
@@ -134,12 +144,23 @@ class RetrievalRuntime:
         tasks: ExampleTasks,
         prices: PriceBook,
         count_tokens: Callable[[str], int],
+        outcomes: OutcomeLedger | None = None,
+        bounds: dict[tuple[str, str], ErrorBound] | None = None,
     ):
         self.embedders = embedders
         self.collections = collections
         self.tasks = tasks
         self._prices = prices
         self.count_tokens = count_tokens
+        self.outcomes = outcomes if outcomes is not None else OutcomeLedger()
+        self._bounds = bounds if bounds is not None else {}
+
+    def error_bound(self, policy: str, collection: str, max_error: float, start: float, floor: float) -> ErrorBound:
+        """The error bound of one policy over one collection (shown under the collection in /admin/kb)."""
+        key = (policy, collection)
+        if key not in self._bounds:
+            self._bounds[key] = ErrorBound(collection, policy, max_error, start, floor)
+        return self._bounds[key]
 
     async def warm(self, timeout: float = 600.0) -> None:
         """Wait for the local model before the proxy starts serving: importing torch holds the GIL

@@ -38,6 +38,10 @@ class Lookup:
     identity: str | None = None
     hit: bool = False
     cost: float = 0.0
+    explored: Any = None  # (error bound, entry, similarity): went upstream to be compared with the entry
+
+
+EXPLORE_BAND = 0.04  # under max_error, the matcher looks this far below the start threshold to learn
 
 
 def _answerable(body: dict[str, Any]) -> bool:
@@ -78,6 +82,13 @@ class Retrieve(PolicyAction):
         self._estimator = deps.estimator
         self._retrieval = deps.retrieval  # None when the policy file uses no retrieval
         self._matcher = _matcher(cfg, name)
+        self._bound = None
+        if cfg.max_error is not None and self._retrieval is not None:
+            import dataclasses
+
+            start = self._matcher.min_similarity
+            self._matcher = dataclasses.replace(self._matcher, min_similarity=start - EXPLORE_BAND)
+            self._bound = self._retrieval.error_bound(name, cfg.collection, cfg.max_error, start, start - EXPLORE_BAND)
 
     def _count(self, result: str) -> None:
         metrics.RETRIEVAL_LOOKUPS.labels(self._cfg.collection, self._name, result).inc()
@@ -107,8 +118,11 @@ class Retrieve(PolicyAction):
             ctx.lookups = []
         ctx.lookups.append(lookup)
         now = time.time()
+        if self._bound is not None and self._bound.stopped:
+            self._count("over_bound")  # its realised error exceeded max_error: nothing until reload
+            return False
         exact = collection.exact(ctx.team, query, now)
-        if exact is not None:  # the fast path: no embedding at all
+        if exact is not None and (self._bound is None or self._bound.answers(exact.entry.id, 1.0)):
             return self._answer(ctx, lookup, exact.entry, 1.0, "exact_hit")
         embedder = collection.embedder
         if self._cfg.min_cost_multiple is not None and not self._worth_it(ctx, retrieval, embedder, query.text):
@@ -138,6 +152,10 @@ class Retrieve(PolicyAction):
         if verdict != HIT:
             self._count(verdict)
             return False
+        if self._bound is not None and not self._bound.answers(match.entry.id, match.similarity):
+            lookup.explored = (self._bound, match.entry, match.similarity)
+            self._count("explored")
+            return False
         return self._answer(ctx, lookup, match.entry, match.similarity, "hit")
 
     def _worth_it(self, ctx: RequestContext, retrieval: Any, embedder: Any, text: str) -> bool:
@@ -150,6 +168,12 @@ class Retrieve(PolicyAction):
 
     def _answer(self, ctx: RequestContext, lookup: Lookup, entry: Any, similarity: float, result: str) -> bool:
         lookup.hit = True
+        if self._bound is not None:  # feedback on this request id judges the entry at this similarity
+            from proxy.retrieval.error_bound import PendingOutcome
+
+            self._retrieval.outcomes.remember(
+                ctx.request_id, PendingOutcome(ctx.team, self._bound, entry.id, similarity, True, time.time())
+            )
         lookup.cost = ctx.embeddings.cost() if ctx.embeddings is not None else 0.0
         requested = ctx.model_requested or ctx.model
         answer_tokens = self._estimator.counter(requested).text(entry.answer)
@@ -233,8 +257,22 @@ class SettleRetrieval(Step):
     async def on_settle(self, ctx: RequestContext) -> None:
         if ctx.route != "retrieval" and ctx.lookups:
             for lookup in ctx.lookups:
+                if lookup.explored is not None:
+                    self._compare(ctx, lookup)
                 if lookup.fill and lookup.vector is not None:
                     await self._fill(ctx, lookup)
+
+    def _compare(self, ctx: RequestContext, lookup: Lookup) -> None:
+        """An exploration: the upstream's answer equal to the entry's is a correct outcome, else a wrong one."""
+        from proxy.retrieval.query import normalize
+
+        if ctx.status != 200 or ctx.error is not None or ctx.cancelled or ctx.reply is None:
+            return
+        answer = _reply_answer(ctx.reply.events if ctx.reply.events is not None else ctx.reply.data)
+        if answer is None:
+            return
+        bound, entry, similarity = lookup.explored
+        bound.record(entry.id, similarity, normalize(answer) == normalize(entry.answer), served=False)
 
     async def _fill(self, ctx: RequestContext, lookup: Lookup) -> None:
         name = lookup.collection.name
