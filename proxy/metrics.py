@@ -180,7 +180,8 @@ CONCISE_OUTPUT_TOKENS = Histogram(
 RETRIEVAL_LOOKUPS = Counter(
     "llm_proxy_retrieval_lookups",
     "Retrieval lookups by collection, policy and result (hit, exact_hit, miss, low_similarity, low_margin, "
-    "token_mismatch, verifier_rejected, explored, over_bound, not_worth_it, not_ready, embedder_down, unsupported).",
+    "token_mismatch, verifier_rejected, llm_rejected, llm_error, explored, over_bound, not_worth_it, not_ready, "
+    "embedder_down, unsupported).",
     ["collection", "policy", "result"],
 )
 RETRIEVAL_SIMILARITY = Histogram(

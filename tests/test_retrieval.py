@@ -40,6 +40,7 @@ RETRIEVAL = f"""
 collections:
   faq: {{kind: kb}}
   answers: {{kind: cache, ttl_s: 600}}
+  checked: {{kind: kb}}
 tasks:
   weather: {{examples: {json.dumps(WEATHER_EXAMPLES)}, min_similarity: 0.6}}
 policies:
@@ -53,6 +54,9 @@ policies:
   - name: cache
     when: {{models: [big]}}
     retrieve: {{collection: answers, cache: true}}
+  - name: checked
+    when: {{models: [small]}}
+    retrieve: {{collection: checked, min_similarity: 0.995, verify: {{model: small, band: [0.8, 0.995]}}}}
 """
 
 
@@ -489,3 +493,20 @@ def test_feedback_judges_a_hit_of_ones_own_team_once_and_a_bad_record_stops_the_
     assert httpx.post(proxy1.url + "/admin/reload", headers=ADMIN).json()["reloaded"]
     wait_for(lambda: ask(proxy1, question)[0]["x-llm-proxy-route"] == "retrieval", "answers after reload")
     assert faq_bound(proxy1)["served_judged"] == 0
+
+
+def test_a_borderline_hit_is_checked_by_the_verify_model_and_an_unclear_verdict_goes_upstream(
+    proxy1: Server, rmock: MockUpstream
+) -> None:
+    stored = unique("How do I rotate my API key")
+    assert upsert(proxy1, "checked", [{"id": "rotate", "question": stored, "answer": "Settings > Keys."}]).is_success
+    # Exact: above the band, no check at all.
+    headers, _ = ask(proxy1, stored, model="small")
+    assert headers["x-llm-proxy-route"] == "retrieval" and chat_calls(rmock) == 0
+    # A paraphrase inside the band: the check model is asked (the mock answers neither yes nor no), so
+    # the request goes upstream: two chat calls, the check and the generation.
+    headers, _ = ask(proxy1, stored.replace("How do I rotate", "How should I go about rotating"), model="small")
+    assert headers["x-llm-proxy-route"] == "upstream"
+    assert chat_calls(rmock) == 2
+    metrics = httpx.get(proxy1.url + "/metrics").text
+    assert 'llm_proxy_retrieval_lookups_total{collection="checked",policy="checked",result="llm_error"}' in metrics

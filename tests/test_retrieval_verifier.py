@@ -106,3 +106,20 @@ def test_check_refuses_a_verifier_for_another_embedder_with_file_and_line(tmp_pa
     assert (
         done.returncode == 1 and f"{tmp_path / 'p.yaml'}:10: policies[0].retrieve.verifier" in done.stdout + done.stderr
     )
+
+
+def test_check_reports_a_verify_model_that_is_unknown_or_not_a_chat_model(tmp_path: Path) -> None:
+    base = POLICY.split("policies:")[0].format()
+    for model, message in [("nope", "unknown model 'nope'"), ("embed", "is an embedding model")]:
+        text = base + f"policies:\n  - name: faq\n    retrieve: {{collection: faq, verify: {{model: {model}}}}}\n"
+        with pytest.raises(ConfigError) as e:
+            parse_policy_text(text, str(tmp_path / "p.yaml"))
+        [issue] = e.value.issues
+        assert issue.line == 10 and issue.path == "policies[0].retrieve.verify.model" and message in issue.message
+    bad_band = (
+        base + "policies:\n  - name: faq\n    retrieve: {collection: faq, verify: {model: big, band: [0.9, 0.8]}}\n"
+    )
+    with pytest.raises(ConfigError, match="low < high"):
+        parse_policy_text(bad_band, str(tmp_path / "p.yaml"))
+    ok = base + "policies:\n  - name: faq\n    retrieve: {collection: faq, verify: {model: big, band: [0.9, 0.96]}}\n"
+    assert parse_policy_text(ok, str(tmp_path / "p.yaml")).policies[0].retrieve.verify.band == (0.9, 0.96)

@@ -350,6 +350,14 @@ def _retrieval_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], s
         elif p.retrieve.cache and coll.kind != "cache":
             msg = f"collection '{p.retrieve.collection}' is a {coll.kind}: only a `kind: cache` collection is filled"
             errors.append((("policies", i, "retrieve", "cache"), msg))
+        verify = p.retrieve.verify
+        if verify is not None:
+            model = policy.models.get(verify.model)
+            if model is None:
+                errors.append((("policies", i, "retrieve", "verify", "model"), f"unknown model '{verify.model}'"))
+            elif model.mode == "embedding":
+                msg = f"model '{verify.model}' is an embedding model; the check needs a chat model"
+                errors.append((("policies", i, "retrieve", "verify", "model"), msg))
     return errors
 
 

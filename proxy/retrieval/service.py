@@ -28,6 +28,7 @@ from proxy.retrieval.embedders import (
     embed_for_request,
 )
 from proxy.retrieval.error_bound import ErrorBound, OutcomeLedger
+from proxy.retrieval.llm_check import AnswerCheck
 from proxy.retrieval.query import query_from_chat
 from proxy.services.pricing import PriceBook
 from proxy.services.tokens import counter_for
@@ -108,7 +109,7 @@ class Retrieval:
         self._tasks.start()
         self._bounds = {}  # a reload starts every error bound afresh (a stopped collection answers again)
         return RetrievalRuntime(
-            embedders, dict(self.collections), self._tasks, prices, count, self.outcomes, self._bounds
+            embedders, dict(self.collections), self._tasks, prices, count, self.outcomes, self._bounds, client
         )
 
     def _stop_later(self, stopping: Awaitable[None]) -> None:
@@ -146,6 +147,7 @@ class RetrievalRuntime:
         count_tokens: Callable[[str], int],
         outcomes: OutcomeLedger | None = None,
         bounds: dict[tuple[str, str], ErrorBound] | None = None,
+        client: EmbeddingClient | None = None,
     ):
         self.embedders = embedders
         self.collections = collections
@@ -154,6 +156,11 @@ class RetrievalRuntime:
         self.count_tokens = count_tokens
         self.outcomes = outcomes if outcomes is not None else OutcomeLedger()
         self._bounds = bounds if bounds is not None else {}
+        self._client = client  # the runtime's client for the proxy's own calls (embeddings, checks)
+
+    def answer_check(self, model: str, timeout_s: float) -> AnswerCheck | None:
+        """The LLM check of borderline hits on `model`, through the runtime's dispatch."""
+        return AnswerCheck(model, self._client, self._prices, timeout_s) if self._client is not None else None
 
     def error_bound(self, policy: str, collection: str, max_error: float, start: float, floor: float) -> ErrorBound:
         """The error bound of one policy over one collection (shown under the collection in /admin/kb)."""

@@ -55,21 +55,35 @@ def _answerable(body: dict[str, Any]) -> bool:
     return not (isinstance(modalities, list) and any(m != "text" for m in modalities))
 
 
-def _matcher(cfg: RetrieveAction, name: str) -> Any:
-    """The policy's matcher; with a verifier, its own floor unless min_similarity/min_margin are given."""
+def _matcher(cfg: RetrieveAction, name: str, retrieval: Any) -> tuple[Any, Any, Any]:
+    """The policy's matcher, its LLM check and its error bound. With a verifier the matcher's floor is
+    the verifier's unless min_similarity/min_margin are given; a `verify:` band widens it down to the
+    band; under `max_error` it looks EXPLORE_BAND lower still, to learn (the bound decides what answers)."""
+    import dataclasses
+
     from proxy.retrieval.matcher import Matcher
     from proxy.retrieval.verifier import VerifierError, load_verifier
 
-    if cfg.verifier is None:
-        return Matcher(cfg.min_similarity, cfg.min_margin, cfg.decisive_tokens)
-    try:
-        verifier = load_verifier(cfg.verifier)
-    except VerifierError as e:  # `check` read it; it changed since: answer nothing rather than guess
-        log.error("policy %s: %s; this policy answers nothing from retrieval until it is fixed", name, e)
-        return Matcher(2.0)
-    floor = cfg.min_similarity if cfg.explicit("min_similarity") else verifier.min_similarity
-    margin = cfg.min_margin if cfg.explicit("min_margin") else 0.0
-    return Matcher(floor, margin, cfg.decisive_tokens, verifier)
+    matcher, check, bound = Matcher(cfg.min_similarity, cfg.min_margin, cfg.decisive_tokens), None, None
+    if cfg.verifier is not None:
+        try:
+            verifier = load_verifier(cfg.verifier)
+        except VerifierError as e:  # `check` read it; it changed since: answer nothing rather than guess
+            log.error("policy %s: %s; this policy answers nothing from retrieval until it is fixed", name, e)
+            return Matcher(2.0), None, None
+        floor = cfg.min_similarity if cfg.explicit("min_similarity") else verifier.min_similarity
+        margin = cfg.min_margin if cfg.explicit("min_margin") else 0.0
+        matcher = Matcher(floor, margin, cfg.decisive_tokens, verifier)
+    if retrieval is None:
+        return matcher, None, None
+    if cfg.verify is not None:
+        check = retrieval.answer_check(cfg.verify.model, cfg.verify.timeout_s)
+        matcher = dataclasses.replace(matcher, min_similarity=min(matcher.min_similarity, cfg.verify.band[0]))
+    if cfg.max_error is not None:
+        start = matcher.min_similarity
+        matcher = dataclasses.replace(matcher, min_similarity=start - EXPLORE_BAND)
+        bound = retrieval.error_bound(name, cfg.collection, cfg.max_error, start, start - EXPLORE_BAND)
+    return matcher, check, bound
 
 
 class Retrieve(PolicyAction):
@@ -81,14 +95,7 @@ class Retrieve(PolicyAction):
         self._prices = deps.prices
         self._estimator = deps.estimator
         self._retrieval = deps.retrieval  # None when the policy file uses no retrieval
-        self._matcher = _matcher(cfg, name)
-        self._bound = None
-        if cfg.max_error is not None and self._retrieval is not None:
-            import dataclasses
-
-            start = self._matcher.min_similarity
-            self._matcher = dataclasses.replace(self._matcher, min_similarity=start - EXPLORE_BAND)
-            self._bound = self._retrieval.error_bound(name, cfg.collection, cfg.max_error, start, start - EXPLORE_BAND)
+        self._matcher, self._check, self._bound = _matcher(cfg, name, self._retrieval)
 
     def _count(self, result: str) -> None:
         metrics.RETRIEVAL_LOOKUPS.labels(self._cfg.collection, self._name, result).inc()
@@ -152,6 +159,12 @@ class Retrieve(PolicyAction):
         if verdict != HIT:
             self._count(verdict)
             return False
+        if self._check is not None and match.similarity < self._cfg.verify.band[1]:
+            stored = match.entry.questions[match.question]
+            same = await self._check.same_question(ctx, query.text, stored)
+            if not same:
+                self._count("llm_rejected" if same is False else "llm_error")
+                return False
         if self._bound is not None and not self._bound.answers(match.entry.id, match.similarity):
             lookup.explored = (self._bound, match.entry, match.similarity)
             self._count("explored")
@@ -160,6 +173,8 @@ class Retrieve(PolicyAction):
 
     def _worth_it(self, ctx: RequestContext, retrieval: Any, embedder: Any, text: str) -> bool:
         lookup_cost = retrieval.price_per_token(embedder) * retrieval.count_tokens(text)
+        if self._check is not None:  # a borderline hit may cost a check as well: count it in
+            lookup_cost += self._check.expected_cost(text)
         if lookup_cost <= 0:
             return True
         output = min(ctx.max_output_tokens, self._cfg.expected_output_tokens)
