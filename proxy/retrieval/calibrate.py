@@ -12,6 +12,7 @@ import csv
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -175,12 +176,13 @@ def simulate_cache(
     threshold: float | None,
     margin: float,
     guarded: bool,
+    verifier: Any = None,  # proxy.retrieval.verifier.Verifier: a hit also needs its probability
 ) -> CacheOutcome:
     """Insert the first text of every pair into a cache, query with the second: a hit is correct
     when it returns the pair's own first text and the pair is equivalent (or a text equal to the
     query, or another text labelled equivalent to it); wrong when the pair it returns is labelled
     not equivalent."""
-    if threshold is None:
+    if threshold is None and verifier is None:
         return CacheOutcome(0, 0, 0, len(pairs))
     labels: dict[tuple[str, str], bool] = {}
     for p in pairs:
@@ -199,9 +201,12 @@ def simulate_cache(
         top = top[np.argsort(-row[top])]
         best = int(top[0])
         runner_up = float(row[top[1]]) if len(top) > 1 else -1.0
-        hit = row[best] >= threshold and row[best] - runner_up >= margin
+        hit = (threshold is None or row[best] >= threshold) and row[best] - runner_up >= margin
+        query = analyse(p.b) if hit else None
         if hit and guarded:
-            hit = disagreement(analyse(p.b), facts[best]) is None
+            hit = disagreement(query, facts[best]) is None
+        if hit and verifier is not None:
+            hit = verifier.accepts(float(row[best]), float(row[best] - runner_up), query, facts[best])
         if not hit:
             misses += 1
             continue
