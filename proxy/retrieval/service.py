@@ -310,7 +310,18 @@ class ExampleTasks:
             log.debug("task %s: embedder down: %s", task, e)
             return False
         if examples[1].shape[1] != vector.shape[0] or examples[0] != embedder.identity:
-            self._reembed(task)
-            metrics.RETRIEVAL_LOOKUPS.labels("-", f"task:{task}", "not_ready").inc()
-            return False
+            # The embedder changed model (rare): embed the examples again now, so this request is still
+            # classified (and reaches the collection, which rebuilds its index on seeing the change).
+            self._examples.pop(task, None)
+            self._known.pop(self._key(task), None)
+            try:
+                await self._embed(task)
+            except EmbedderDown as e:
+                self._reembed(task)
+                metrics.RETRIEVAL_LOOKUPS.labels("-", f"task:{task}", "not_ready").inc()
+                log.error("task %s: its examples cannot be embedded again after a model change: %s", task, e)
+                return False
+            examples = self._examples[task]
+            if examples[1].shape[1] != vector.shape[0]:
+                return False
         return float(np.max(examples[1] @ vector)) >= cfg.min_similarity
