@@ -1,17 +1,22 @@
 """Retrieval quality and speed with the local all-MiniLM-L6-v2 embedder, on public data.
 
-  * calibrate `min_similarity` (plain cosine, and the guarded matcher) and `min_margin` on STS-B
-    train+dev for a target hit precision ("equivalent" = score >= 4);
-  * report held-out precision / recall / false-hit rate on STS-B test and on SemEval-2016 STS
-    question-question (gold lines only), threshold-only versus guarded;
+  * calibrate on STS-B train+dev only ("equivalent" = score >= 4): `min_similarity` for a plain cosine
+    and for the guarded matcher, `min_margin`, and the learned verifier (its probability threshold on
+    cross-fitted predictions), each by the Clopper-Pearson lower bound of precision;
+  * report held-out precision (95% CI) / recall (95% CI) / false-hit rate on STS-B test and on SemEval-2016
+    STS question-question (gold lines only): cosine only, guards, verifier, verifier + guards;
   * a cache simulation on each held-out set: insert the first text of every pair, query with the second;
+  * adversarial pairs generated from the held-out sentences (argument swaps, changed numbers, changed
+    names, names in other scripts): the false-hit rate of each matcher;
+  * the error bound (`max_error`) online on held-out traffic with feedback: realised error and interval;
   * a hit end to end through the proxy (memory store, local embedder, embedding included), p50/p95;
   * one index query at 100k entries (HNSW candidates + exact rescoring), p50/p99.
 
 The data is read from ../shared/data (never copied into the repository). STS-B train is subsampled
 (seeded) to keep the run to a few minutes on 2 cores; `--train all` uses all of it.
 
-Usage: .venv/bin/python -m bench.retrieval_eval [--train 2000] [--index-size 100000] [--write]
+Usage: .venv/bin/python -m bench.retrieval_eval [--train all] [--target-precision 0.93] [--index-size 0] [--write]
+(LLM_PROXY_DATA=/path/to/shared/data when the repository is not next to shared/.)
 """
 
 from __future__ import annotations
@@ -23,21 +28,33 @@ import hashlib
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import orjson
 
-from proxy.retrieval.calibrate import Pair, calibrate, quality, score_pairs, simulate_cache
+from proxy.retrieval.calibrate import (
+    Pair,
+    calibrate,
+    calibrate_verifier,
+    quality_of,
+    score_pairs,
+    simulate_cache,
+    verifier_inputs,
+)
 from proxy.retrieval.embedders import LocalModel
 from proxy.retrieval.index import VectorIndex
+from proxy.retrieval.intervals import clopper_pearson, wilson
+from proxy.steps.retrieve import EXPLORE_BAND
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("LLM_PROXY_DATA", ROOT.parent / "shared" / "data"))
@@ -94,13 +111,202 @@ class CachedEmbedder:
         np.savez(self.path, keys=np.array(keys), vectors=np.stack([self.known[k] for k in keys]))
 
 
+def _ci(q) -> str:
+    if not q.hits:
+        return "— (no hits)"
+    return f"{q.precision:.3f} [{q.precision_low:.3f}, {q.precision_high:.3f}]"
+
+
 def _row(name: str, q) -> str:
     t = "—" if q.threshold is None else f"{q.threshold:.4f}"
-    precision = f"{q.precision:.3f}" if q.hits else "— (no hits)"
-    return f"| {name} | {t} | {precision} | {q.recall:.3f} | {q.false_hit_rate:.4f} | {q.hits} |"
+    lo, hi = wilson(round(q.recall * q.positives), q.positives) if q.positives else (0.0, 0.0)
+    return f"| {name} | {t} | {_ci(q)} | {q.recall:.3f} [{lo:.3f}, {hi:.3f}] | {q.false_hit_rate:.4f} | {q.hits} |"
 
 
-def evaluate(args: argparse.Namespace, lines: list[str]) -> tuple[float, float]:
+@dataclass
+class Held:
+    """One held-out pair set, embedded and analysed once."""
+
+    name: str
+    pairs: list[Pair]
+    va: np.ndarray
+    vb: np.ndarray
+    cos: np.ndarray
+    agree: np.ndarray
+    y: np.ndarray
+    features: np.ndarray
+
+
+def _held(name: str, pairs: list[Pair], embed) -> Held:
+    va, vb = embed([p.a for p in pairs]), embed([p.b for p in pairs])
+    x, cos, y = verifier_inputs(pairs, va, vb)
+    agree = score_pairs(pairs, va, vb).agree
+    return Held(name, pairs, va, vb, cos, agree, y, x)
+
+
+@dataclass(frozen=True)
+class QualityN:
+    """calibrate.Quality with the number of equivalent pairs (for recall's interval)."""
+
+    threshold: float | None
+    precision: float
+    recall: float
+    false_hit_rate: float
+    hits: int
+    precision_low: float
+    precision_high: float
+    positives: int
+
+
+def _q(hit: np.ndarray, y: np.ndarray, threshold: float | None) -> QualityN:
+    q = quality_of(hit, y, threshold)
+    return QualityN(**asdict(q), positives=int(y.sum()))
+
+
+# -- adversarial pairs: the same sentence with what decides its answer changed ------------------------
+
+_OTHER_SCRIPT_NAMES = [
+    "Москва",
+    "Киев",
+    "東京",
+    "大阪",
+    "Αθήνα",
+    "Σπάρτη",
+    "서울",
+    "부산",
+    "القاهرة",
+    "دبي",
+    "Zürich",
+    "Genève",
+]
+_RELATION = re.compile(r"(?<![\w'-])([A-Za-z]{3,}) (to|than|of|over|against|into|from) ([A-Za-z]{3,})(?![\w'-])")
+
+
+def _separated(s: str, names: list[str]) -> tuple[str, str] | None:
+    """Two different names, each once in `s`, with at least one word between them."""
+    unique = [n for n in dict.fromkeys(names) if len(re.findall(rf"\b{re.escape(n)}\b", s)) == 1]
+    for i, a in enumerate(unique):
+        for b in unique[i + 1 :]:
+            between = (
+                s[s.index(a) + len(a) : s.index(b)] if s.index(a) < s.index(b) else s[s.index(b) + len(b) : s.index(a)]
+            )
+            # "the House and the Senate" / "the Senate and the House" say the same: not a swap
+            if {w.lower() for w in re.findall(r"[A-Za-z]{2,}", between)} - {"and", "or", "the", "nor"}:
+                return a, b
+    return None
+
+
+def _swappable(a: str, b: str) -> bool:
+    from proxy.retrieval.guards import _FUNCTION_WORDS
+
+    return a != b and a.lower() not in _FUNCTION_WORDS and b.lower() not in _FUNCTION_WORDS
+
+
+def adversarial_pairs(sentences: list[str], rng: random.Random, per_kind: int = 300) -> dict[str, list[Pair]]:
+    """Non-equivalent pairs by construction, from the shared sentences: argument swaps, changed numbers,
+    changed names, and names in other scripts (or with accents) changed."""
+    from proxy.retrieval.guards import analyse
+
+    sentences = sorted(set(sentences))
+    rng.shuffle(sentences)
+    names_pool = sorted({w for s in sentences for w in re.findall(r"(?<=\s)[A-Z][a-z]{3,}\b", s)})
+    out: dict[str, list[Pair]] = {"argument swap": [], "changed number": [], "changed name": [], "other script": []}
+    for s in sentences:
+        facts = analyse(s)
+        names = [w for w in re.findall(r"(?<=\s)[A-Z][a-z]{3,}\b", s) if w.lower() in facts.names]
+        if len(out["argument swap"]) < per_kind:
+            # Two names with words between them swap roles ("Obama called Putin" / "Putin called Obama");
+            # adjacent ones would only garble a compound name ("Michael Jackson" / "Jackson Michael").
+            pair = _separated(s, names)
+            if pair is not None:
+                a, b = pair
+                out["argument swap"].append(Pair(s, s.replace(a, "\0").replace(b, a).replace("\0", b), False))
+            elif (m := _RELATION.search(s)) and _swappable(m.group(1), m.group(3)):
+                swapped = f"{m.group(3)} {m.group(2)} {m.group(1)}"
+                out["argument swap"].append(Pair(s, s[: m.start()] + swapped + s[m.end() :], False))
+        if len(out["changed number"]) < per_kind and (m := re.search(r"(?<![\d.])\d+(?![\d.])", s)):
+            n = int(m.group())
+            other = str(n + rng.choice([1, 2, 3, 10]) if n < 1000 else n + 1)
+            out["changed number"].append(Pair(s, s[: m.start()] + other + s[m.end() :], False))
+        if names and len(out["changed name"]) < per_kind:
+            other = rng.choice([n for n in names_pool if n != names[0]])
+            out["changed name"].append(Pair(s, s.replace(names[0], other, 1), False))
+        if names and len(out["other script"]) < per_kind:
+            a, b = rng.sample(_OTHER_SCRIPT_NAMES, 2)
+            out["other script"].append(Pair(s.replace(names[0], a, 1), s.replace(names[0], b, 1), False))
+    return out
+
+
+# -- the error bound in a simulated cache with feedback --------------------------------------------------
+
+
+def simulate_error_bound(
+    held: Held, start: float, max_error: float, epochs: int, feedback_rate: float, rng: random.Random, verifier=None
+) -> dict:
+    """A cache of every first text of a held-out set, asked every second text `epochs` times in random
+    order. A lookup the matcher accepts (guards, and the verifier when given) is served when the error
+    bound lets its entry answer, else explored (upstream; its re-generation is judged by the pair's label).
+    A fraction of served hits gets client feedback (the label). Only labelled (query, entry) pairs count."""
+    from proxy.retrieval.error_bound import ErrorBound
+    from proxy.retrieval.guards import analyse, disagreement
+
+    floor = start - EXPLORE_BAND
+    bound = ErrorBound("sim", "sim", max_error, start, floor)
+    first: dict[str, int] = {}
+    for i, p in enumerate(held.pairs):
+        first.setdefault(p.a, i)
+    texts = list(first)
+    entries = held.va[[first[t] for t in texts]]
+    facts = [analyse(t) for t in texts]
+    labels = {(p.b, p.a): p.equivalent for p in held.pairs}
+    sims = held.vb @ entries.T
+    served_right = served_wrong = static_right = static_wrong = explored = 0
+    order = [i for _ in range(epochs) for i in rng.sample(range(len(held.pairs)), len(held.pairs))]
+    per_epoch: list[tuple[int, int]] = []
+    for step, i in enumerate(order):
+        p = held.pairs[i]
+        row = sims[i]
+        top = np.argsort(-row)[:2]
+        best, sim = int(top[0]), float(row[top[0]])
+        margin = sim - float(row[top[1]]) if len(top) > 1 else 1.0
+        label = labels.get((p.b, texts[best]))
+        if label is None or sim < floor:
+            continue
+        q = analyse(p.b)
+        if disagreement(q, facts[best]) is not None:
+            continue
+        if verifier is not None and not verifier.accepts(sim, margin, q, facts[best]):
+            continue
+        if sim >= start:  # the static threshold alone, for comparison
+            static_right += label
+            static_wrong += not label
+        if bound.answers(texts[best], sim):
+            served_right += label
+            served_wrong += not label
+            if rng.random() < feedback_rate:
+                bound.record(texts[best], sim, label, served=True)
+        elif not bound.stopped:
+            explored += 1
+            bound.record(texts[best], sim, label, served=False)
+        if (step + 1) % len(held.pairs) == 0:
+            per_epoch.append((served_right, served_wrong))
+    n = served_right + served_wrong
+    lo, hi = clopper_pearson(served_wrong, n)
+    return {
+        "served": n,
+        "wrong": served_wrong,
+        "error": served_wrong / n if n else float("nan"),
+        "interval": (lo, hi),
+        "static_served": static_right + static_wrong,
+        "static_wrong": static_wrong,
+        "explored": explored,
+        "threshold": bound.threshold(),
+        "stopped": bound.stopped,
+        "queries": len(order),
+    }
+
+
+def evaluate(args: argparse.Namespace, lines: list[str]) -> tuple[float, float, Path | None]:
     model = LocalModel()
     started = time.perf_counter()
     model.load_blocking()
@@ -111,52 +317,134 @@ def evaluate(args: argparse.Namespace, lines: list[str]) -> tuple[float, float]:
     if args.train != "all":
         train = rng.sample(train, min(int(args.train), len(train)))
     calibration = train + _stsb("dev")
-    result, _, _ = calibrate(calibration, embed, args.target_precision)
+    target = args.target_precision
+    result, ca, cb = calibrate(calibration, embed, target)
     plain_t, guarded_t, margin = result.threshold_only.threshold, result.guarded.threshold, result.margin
+    verifier, v_cal = calibrate_verifier(calibration, ca, cb, f"local:{model.label}", target, trained_on="STS-B")
+    verifier_path = Path(tempfile.gettempdir()) / "llm-proxy-bench-verifier.json"
+    verifier_path.write_bytes(verifier.dump())
     lines += [
         f"Calibration on STS-B train ({len(train)} pairs{'' if args.train == 'all' else ', seeded sample'}) + dev "
-        f"(1500): {result.pairs} pairs, {result.equivalent} equivalent; target precision {args.target_precision}. "
-        f"Chosen: cosine-only `min_similarity` {plain_t if plain_t is None else round(plain_t, 4)}; guarded "
-        f"`min_similarity` {guarded_t if guarded_t is None else round(guarded_t, 4)}, `min_margin` {margin}.",
+        f"(1500): {result.pairs} pairs, {result.equivalent} equivalent (score >= 4). Rule: the lowest threshold whose "
+        f"hits' one-sided 95% Clopper-Pearson lower bound of precision is >= {target}. Chosen: cosine-only "
+        f"`min_similarity` {_fmt(plain_t)} ({result.threshold_only.hits} hits); guarded `min_similarity` "
+        f"{_fmt(guarded_t)} ({result.guarded.hits} hits), `min_margin` {margin}; verifier (logistic regression, "
+        f"{len(verifier.weights)} features, cosine floor {verifier.min_similarity}) probability >= "
+        f"{_fmt(v_cal.threshold)} on 5-fold cross-fitted predictions ({v_cal.hits} hits).",
         "",
-        "Pairwise (is the pair equivalent?), held out:",
+        "Pairwise (is the pair equivalent?), held out; precision with its 95% Clopper-Pearson interval, recall with "
+        "its 95% Wilson interval:",
         "",
-        "| set · matcher | min_similarity | precision | recall | false-hit rate | hits |",
+        "| set · matcher | threshold | precision [95% CI] | recall [95% CI] | false-hit rate | hits |",
         "|---|---|---|---|---|---|",
     ]
-    held_out = {"STS-B test": _stsb("test"), "SemEval-2016 QQ": _semeval_qq()}
-    sims = []
-    for name, pairs in held_out.items():
-        va, vb = embed([p.a for p in pairs]), embed([p.b for p in pairs])
-        scores = score_pairs(pairs, va, vb)
-        lines.append(
-            _row(
-                f"{name} ({len(pairs)}, {int(scores.equivalent.sum())} eq.) · cosine only",
-                quality(scores, plain_t, False),
-            )
-        )
-        lines.append(_row(f"{name} · guarded", quality(scores, guarded_t, True)))
-        sims.append(
-            (
-                name,
-                simulate_cache(pairs, va, vb, plain_t, 0.0, guarded=False),
-                simulate_cache(pairs, va, vb, guarded_t, margin, guarded=True),
-            )
-        )
+    held = [_held("STS-B test", _stsb("test"), embed), _held("SemEval-2016 QQ", _semeval_qq(), embed)]
+    vt = v_cal.threshold if v_cal.threshold is not None else 2.0
+    matchers = {}
+    for h in held:
+        p = verifier.probability(h.features)
+        v_hit = (h.cos >= verifier.min_similarity) & (p >= vt)
+        matchers[h.name] = {
+            "cosine only": _q(h.cos >= (plain_t if plain_t is not None else 2.0), h.y, plain_t),
+            "guards": _q((h.cos >= (guarded_t if guarded_t is not None else 2.0)) & h.agree, h.y, guarded_t),
+            "verifier": _q(v_hit, h.y, v_cal.threshold),
+            "verifier + guards": _q(v_hit & h.agree, h.y, v_cal.threshold),
+        }
+        n_eq = int(h.y.sum())
+        for label, q in matchers[h.name].items():
+            lines.append(_row(f"{h.name} ({len(h.pairs)}, {n_eq} eq.) · {label}", q))
+    lines += [
+        "",
+        "Ceiling, not a result (each threshold tuned on the held-out set itself): the most recall at held-out "
+        "precision >= 0.95, and that precision's 95% lower bound:",
+        "",
+    ]
+    for h in held:
+        p = verifier.probability(h.features)
+        cells = []
+        for label, score in (
+            ("cosine", h.cos),
+            ("guards", np.where(h.agree, h.cos, -2.0)),
+            ("verifier", np.where(h.cos >= verifier.min_similarity, p, -2.0)),
+        ):
+            cells.append(f"{label} {_ceiling(score, h.y)}")
+        lines.append(f"- {h.name}: " + "; ".join(cells))
     lines += [
         "",
         "Cache simulation (insert the first text of each pair, query with the second; `unlabelled` = a hit on "
         "another entry whose pair has no gold label, left out of precision):",
         "",
-        "| set · matcher | correct hits | wrong hits | unlabelled | misses | hit precision |",
+        "| set · matcher | correct hits | wrong hits | unlabelled | misses | hit precision [95% CI] |",
         "|---|---|---|---|---|---|",
     ]
-    for name, plain, guarded in sims:
-        for label, o in (("cosine only", plain), ("guarded", guarded)):
+    for h in held:
+        for label, o in (
+            ("cosine only", simulate_cache(h.pairs, h.va, h.vb, plain_t, 0.0, guarded=False)),
+            ("guards", simulate_cache(h.pairs, h.va, h.vb, guarded_t, margin, guarded=True)),
+            ("verifier + guards", simulate_cache(h.pairs, h.va, h.vb, None, 0.0, True, verifier=verifier)),
+        ):
+            lo, hi = clopper_pearson(o.correct, o.correct + o.wrong)
             lines.append(
-                f"| {name} · {label} | {o.correct} | {o.wrong} | {o.unlabelled} | {o.misses} | "
-                + (f"{o.precision:.3f} |" if o.correct + o.wrong else "— |")
+                f"| {h.name} · {label} | {o.correct} | {o.wrong} | {o.unlabelled} | {o.misses} | "
+                + (f"{o.precision:.3f} [{lo:.3f}, {hi:.3f}] |" if o.correct + o.wrong else "— |")
             )
+    # Adversarial: from the held-out sentences (both sets), every pair is non-equivalent by construction.
+    sentences = [t for h in held for p in h.pairs for t in (p.a, p.b)]
+    adversarial = adversarial_pairs(sentences, random.Random(29))
+    lines += [
+        "",
+        "Adversarial pairs generated from the held-out sentences (each pair differs in what decides the answer, so "
+        "every hit is false); false-hit rate with its 95% Clopper-Pearson interval:",
+        "",
+        "| kind (pairs) | cosine only | guards | verifier | verifier + guards |",
+        "|---|---|---|---|---|",
+    ]
+    totals: dict[str, list[int]] = {}
+    for kind, pairs in adversarial.items():
+        if not pairs:
+            continue
+        h = _held(kind, pairs, embed)
+        p = verifier.probability(h.features)
+        v_hit = (h.cos >= verifier.min_similarity) & (p >= vt)
+        hits = {
+            "cosine only": h.cos >= (plain_t if plain_t is not None else 2.0),
+            "guards": (h.cos >= (guarded_t if guarded_t is not None else 2.0)) & h.agree,
+            "verifier": v_hit,
+            "verifier + guards": v_hit & h.agree,
+        }
+        cells = []
+        for label, hit in hits.items():
+            k = int(hit.sum())
+            t = totals.setdefault(label, [0, 0])
+            t[0] += k
+            t[1] += len(pairs)
+            cells.append(_rate(k, len(pairs)))
+        lines.append(f"| {kind} ({len(pairs)}) | " + " | ".join(cells) + " |")
+    lines.append("| all | " + " | ".join(_rate(k, n) for k, n in totals.values()) + " |")
+    # The error bound: online, on held-out traffic, starting from the threshold calibrated on STS-B.
+    lines += [
+        "",
+        f"Error bound in a simulated cache with feedback (each held-out set's first texts cached, every second text "
+        f"asked {args.epochs}× in random order; start = the guarded threshold calibrated above, explorations "
+        f"{EXPLORE_BAND} below it are judged by the pair's label as a re-generation would be, 50% of served hits "
+        "get feedback; only lookups whose best entry has a gold label count):",
+        "",
+        "| set · matcher · max_error | served | wrong | realised error [95% CI] | static threshold: served / wrong | "
+        "explored | threshold at end | stopped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    start = guarded_t if guarded_t is not None else 0.96
+    for h in held:
+        for label, v in (("guards", None), ("verifier + guards", verifier)):
+            for max_error in (0.02, 0.05):
+                r = simulate_error_bound(h, start, max_error, args.epochs, 0.5, random.Random(41), v)
+                err = f"{r['error']:.3f} [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}]" if r["served"] else "—"
+                lines.append(
+                    f"| {h.name} · {label} · {max_error} | {r['served']} | {r['wrong']} | {err} | "
+                    f"{r['static_served']} / {r['static_wrong']} | {r['explored']} | {r['threshold']:.4f} | "
+                    f"{'yes' if r['stopped'] else 'no'} |"
+                )
+    lines += ["", decision_cost(held[0], verifier)]
     embed.save()
     reused = len(embed.used) - embed.embedded
     lines += [
@@ -164,7 +452,53 @@ def evaluate(args: argparse.Namespace, lines: list[str]) -> tuple[float, float]:
         f"Model load {load_s:.1f} s; {embed.embedded} texts embedded this run in {embed.seconds:.1f} s"
         + (f", {reused} reused from an earlier run's cache in {embed.path.parent}." if reused else "."),
     ]
-    return guarded_t or 0.96, margin
+    return guarded_t or 0.96, margin, verifier_path if v_cal.threshold is not None else None
+
+
+def _ceiling(score: np.ndarray, y: np.ndarray, precision: float = 0.95) -> str:
+    order = np.argsort(-score, kind="stable")
+    tp = np.cumsum(y[order])
+    n = np.arange(1, len(y) + 1)
+    ok = [i for i in range(9, len(y)) if score[order][i] > -2.0 and tp[i] / n[i] >= precision]
+    if not ok:
+        return "none"
+    i = max(ok)
+    low = clopper_pearson(int(tp[i]), int(n[i]))[0]
+    return f"recall {tp[i] / y.sum():.3f} at {tp[i] / n[i]:.3f} (lower bound {low:.3f}, {n[i]} hits)"
+
+
+def decision_cost(h: Held, verifier) -> str:
+    """CPU per lookup of the decision alone (analysing the query, guards, verifier), median of 5 passes."""
+    from proxy.retrieval.guards import analyse, disagreement
+    from proxy.retrieval.verifier import pair_features
+
+    entries = [analyse(p.a) for p in h.pairs]
+    guard_s, verifier_s = [], []
+    for _ in range(5):
+        t = time.perf_counter()
+        for p, e in zip(h.pairs, entries, strict=True):
+            disagreement(analyse(p.b), e)
+        guard_s.append((time.perf_counter() - t) / len(h.pairs))
+        t = time.perf_counter()
+        for p, e, c in zip(h.pairs, entries, h.cos, strict=True):
+            q = analyse(p.b)
+            disagreement(q, e)
+            verifier.probability(pair_features(float(c), 0.05, q, e))
+        verifier_s.append((time.perf_counter() - t) / len(h.pairs))
+    return (
+        f"Decision cost per lookup on {h.name} texts (CPU, median of 5 passes over {len(h.pairs)} pairs): analyse "
+        f"the query + guards {statistics.median(guard_s) * 1e6:.0f} µs; + verifier features and probability "
+        f"{statistics.median(verifier_s) * 1e6:.0f} µs."
+    )
+
+
+def _fmt(x: float | None) -> str:
+    return "none" if x is None else f"{x:.4f}"
+
+
+def _rate(k: int, n: int) -> str:
+    lo, hi = clopper_pearson(k, n)
+    return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def index_speed(size: int, lines: list[str]) -> None:
@@ -238,10 +572,11 @@ async def _hit_latency(url: str, n: int) -> dict[str, list[float]]:
     return out
 
 
-def proxy_latency(n: int, min_similarity: float, margin: float, lines: list[str]) -> None:
+def proxy_latency(n: int, min_similarity: float, margin: float, lines: list[str], verifier: Path | None) -> None:
     tmp = Path(tempfile.mkdtemp())
     mock_port, proxy_port = _free_port(), _free_port()
     policy = tmp / "policy.yaml"
+    verifier_key = f", verifier: {verifier}" if verifier is not None else ""
     policy.write_text(
         textwrap.dedent(
             f"""\
@@ -254,7 +589,7 @@ def proxy_latency(n: int, min_similarity: float, margin: float, lines: list[str]
               faq: {{kind: kb}}
             policies:
               - name: faq
-                retrieve: {{collection: faq, min_similarity: {min_similarity:.4f}, min_margin: {margin}}}
+                retrieve: {{collection: faq, min_similarity: {min_similarity:.4f}, min_margin: {margin}{verifier_key}}}
             """
         )
     )
@@ -316,7 +651,9 @@ def proxy_latency(n: int, min_similarity: float, margin: float, lines: list[str]
             p.wait(10)
     for label, ts in times.items():
         what = (
-            "a paraphrase (embedding + index + guards)" if label == "embedded" else "an exact-match hit (no embedding)"
+            f"a paraphrase (embedding + index + guards{' + verifier' if verifier else ''})"
+            if label == "embedded"
+            else "an exact-match hit (no embedding)"
         )
         lines.append(
             f"Hit end to end through the proxy, {what}: p50 {statistics.median(ts):.1f} ms, "
@@ -328,7 +665,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", default="2000", help="STS-B train pairs for calibration (a number, or all)")
     ap.add_argument("--target-precision", type=float, default=0.97)
-    ap.add_argument("--index-size", type=int, default=100_000)
+    ap.add_argument("--index-size", type=int, default=100_000, help="0: skip the index speed test")
+    ap.add_argument("--epochs", type=int, default=5, help="passes over each held-out set in the error-bound simulation")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--write", action="store_true", help="append the section to bench/RESULTS.md")
     args = ap.parse_args()
@@ -336,15 +674,20 @@ def main() -> None:
         sys.exit(f"no evaluation data at {DATA}")
     started = time.perf_counter()
     lines: list[str] = []
-    min_similarity, margin = evaluate(args, lines)
+    min_similarity, margin, verifier = evaluate(args, lines)
     lines.append("")
-    proxy_latency(args.requests, min_similarity, margin, lines)
-    lines.append("")
-    index_speed(args.index_size, lines)
+    proxy_latency(args.requests, min_similarity, margin, lines, None)
+    if verifier is not None:
+        proxy_latency(args.requests, min_similarity, margin, lines, verifier)
+    if args.index_size:
+        lines.append("")
+        index_speed(args.index_size, lines)
     cores = os.cpu_count()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     head = (
-        f"## Retrieval quality and speed — {time.strftime('%Y-%m-%d')} — {platform.machine()}, {cores} cores, "
-        f"Python {platform.python_version()} (`python -m bench.retrieval_eval`, {time.perf_counter() - started:.0f} s)"
+        f"## Retrieval error bounds, verifier and guards — {time.strftime('%Y-%m-%d')} — {platform.machine()}, "
+        f"{cores} cores shared, loaded; Python {platform.python_version()}; commit {commit.strip()} "
+        f"(`python -m bench.retrieval_eval {' '.join(sys.argv[1:])}`, {time.perf_counter() - started:.0f} s)"
     )
     text = "\n".join([head, "", *lines, ""])
     print(text)

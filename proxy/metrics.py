@@ -180,7 +180,8 @@ CONCISE_OUTPUT_TOKENS = Histogram(
 RETRIEVAL_LOOKUPS = Counter(
     "llm_proxy_retrieval_lookups",
     "Retrieval lookups by collection, policy and result (hit, exact_hit, miss, low_similarity, low_margin, "
-    "token_mismatch, not_worth_it, not_ready, embedder_down, unsupported).",
+    "token_mismatch, verifier_rejected, llm_rejected, llm_error, explored, over_bound, not_worth_it, not_ready, "
+    "embedder_down, unsupported).",
     ["collection", "policy", "result"],
 )
 RETRIEVAL_SIMILARITY = Histogram(
@@ -193,6 +194,18 @@ RETRIEVAL_ENTRIES = Gauge(
     "llm_proxy_retrieval_entries",
     "Entries in this replica's index of a collection.",
     ["collection"],
+    multiprocess_mode="mostrecent",
+)
+RETRIEVAL_VERDICTS = Counter(
+    "llm_proxy_retrieval_verdicts",
+    "Verified retrieval outcomes (client feedback on a hit, or an exploration's re-generation), by collection, "
+    "policy and verdict (good, bad).",
+    ["collection", "policy", "verdict"],
+)
+RETRIEVAL_REALISED_ERROR = Gauge(
+    "llm_proxy_retrieval_realised_error",
+    "Share of judged retrieval hits that were wrong, per collection and policy with max_error (this worker).",
+    ["collection", "policy"],
     multiprocess_mode="mostrecent",
 )
 RETRIEVAL_CACHE_FILLS = Counter(

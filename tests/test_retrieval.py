@@ -31,22 +31,32 @@ from tests.conftest import (
 
 ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
 
-RETRIEVAL = """
+# Many examples: they are embedded at load, in batches, never on a request under the lookup timeout.
+_CITIES = [f"City{i}" for i in range(150)]
+WEATHER_EXAMPLES = ["Will it rain tomorrow?", "What is the weather forecast for the weekend?"] + [
+    f"What will the weather be like in {c} next week?" for c in _CITIES
+]
+RETRIEVAL = f"""
 collections:
-  faq: {kind: kb}
-  answers: {kind: cache, ttl_s: 600}
+  faq: {{kind: kb}}
+  answers: {{kind: cache, ttl_s: 600}}
+  checked: {{kind: kb}}
 tasks:
-  weather: {examples: ["Will it rain tomorrow?", "What is the weather forecast for the weekend?"], min_similarity: 0.6}
+  weather: {{examples: {json.dumps(WEATHER_EXAMPLES)}, min_similarity: 0.6}}
 policies:
   - name: no-weather
-    when: {task: weather}
-    reject: {message: "Ask the weather service.", status: 403}
+    when: {{task: weather}}
+    reject: {{message: "Ask the weather service.", status: 403}}
   - name: faq
-    when: {models: [big]}
-    retrieve: {collection: faq, min_similarity: 0.85}  # low on purpose: the guards must catch near misses
+    when: {{models: [big]}}
+    # low on purpose: the guards must catch near misses; max_error: feedback judges its hits
+    retrieve: {{collection: faq, min_similarity: 0.85, max_error: 0.05}}
   - name: cache
-    when: {models: [big]}
-    retrieve: {collection: answers, cache: true}
+    when: {{models: [big]}}
+    retrieve: {{collection: answers, cache: true}}
+  - name: checked
+    when: {{models: [small]}}
+    retrieve: {{collection: checked, min_similarity: 0.995, verify: {{model: small, band: [0.8, 0.995]}}}}
 """
 
 
@@ -282,6 +292,12 @@ def test_kb_entries_expire(proxy1: Server, rmock: MockUpstream) -> None:
 
 
 def test_tasks_match_by_examples_with_the_local_embedder(proxy1: Server, rmock: MockUpstream) -> None:
+    # The examples were embedded at load, and readiness says so.
+    wait_for(lambda: httpx.get(proxy1.url + "/readyz").json()["tasks"]["weather"]["ready"], "the task examples")
+    assert httpx.get(proxy1.url + "/readyz").json()["tasks"]["weather"] == {
+        "ready": True,
+        "examples": len(WEATHER_EXAMPLES),
+    }
     client = client_for(proxy1)
     with pytest.raises(Exception) as e:
         client.chat.completions.create(
@@ -348,10 +364,17 @@ def test_kb_load_cli(proxy1: Server, rmock: MockUpstream, tmp_path: Path) -> Non
     huge = tmp_path / "huge.jsonl"
     with open(huge, "wb") as f:
         f.truncate(65 * 1024 * 1024)
-    for path, message in [(empty, "no entries"), (bad, "'answer' is missing"), (huge, "the limit is")]:
+    control = tmp_path / "control.jsonl"
+    control.write_text(json.dumps({"id": "cli-4", "question": "Q5?", "answer": "A5", "source": "x\r\nSet-Cookie: y"}))
+    for path, message in [
+        (empty, "no entries"),
+        (bad, "'answer' is missing"),
+        (huge, "the limit is"),
+        (control, "control character"),
+    ]:
         done = load(path)
         assert done.returncode == 1 and message in done.stderr, done.stderr
-    assert "cli-3" not in listed_ids(proxy1, "faq")
+    assert "cli-3" not in listed_ids(proxy1, "faq") and "cli-4" not in listed_ids(proxy1, "faq")
 
 
 def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path) -> None:
@@ -369,8 +392,12 @@ def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
+    verifier = tmp_path / "verifier.json"
+
     def calibrate(path: Path) -> subprocess.CompletedProcess:
-        args = ["kb", "calibrate", "--pairs", str(path), "--target-precision", "0.97", "--format", "json"]
+        # 16 equivalent pairs: right 16 times of 16, precision's 95% lower bound is 0.83 at most.
+        args = ["kb", "calibrate", "--pairs", str(path), "--target-precision", "0.75", "--format", "json"]
+        args += ["--write-verifier", str(verifier)]
         return subprocess.run(
             [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
         )
@@ -379,11 +406,107 @@ def test_kb_calibrate_picks_a_threshold_for_the_target_precision(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     guarded = report["guarded"]
-    assert guarded["threshold"] is not None and guarded["precision"] >= 0.97 and guarded["recall"] > 0.5
+    assert guarded["threshold"] is not None and guarded["precision_low"] >= 0.7 and guarded["recall"] > 0.5
+    assert guarded["hits"] >= 10
     assert report["recall_cost"] == pytest.approx(1 - guarded["recall"])
     # Names decide these negatives: the guarded matcher keeps more recall than a plain threshold.
     assert guarded["recall"] >= report["threshold_only"]["recall"]
+    # The verifier file it wrote names the embedder its cosines came from; a policy can use it.
+    from proxy.retrieval.verifier import load_verifier
+
+    assert load_verifier(verifier).embedder == "local:all-MiniLM-L6-v2"
+    assert report["verifier"]["embedder"] == "local:all-MiniLM-L6-v2" and report["verifier"]["hits"] >= 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": "x"}\n')
     done = calibrate(bad)
     assert done.returncode == 1 and "bad.jsonl:1" in done.stderr
+
+
+def feedback(server: Server, request_id: str, rating: str, team: str | None = "alpha") -> httpx.Response:
+    from tests.conftest import TEAM_KEYS
+
+    headers = {"Authorization": f"Bearer {TEAM_KEYS[team]}"} if team else {}
+    return httpx.post(
+        f"{server.url}/v1/proxy/feedback", json={"request_id": request_id, "rating": rating}, headers=headers
+    )
+
+
+def faq_bound(server: Server) -> dict:
+    status = httpx.get(f"{server.url}/admin/kb/faq", headers=ADMIN).json()["status"]
+    return next(b for b in status["error_bounds"] if b["policy"] == "faq")
+
+
+def test_every_phrasing_answers_with_the_one_answer_and_bad_entries_store_nothing(proxy1: Server) -> None:
+    phrasings = ["How do I reset my badge PIN?", "I forgot my badge PIN, what now?", "Badge PIN reset procedure"]
+    assert upsert(proxy1, "faq", [{"id": "badge", "questions": phrasings, "answer": "Ask the front desk."}]).is_success
+    for q in phrasings:
+        headers, reply = ask(proxy1, q)
+        assert headers["x-llm-proxy-route"] == "retrieval" and "entry=badge" in headers["x-llm-proxy-retrieval"]
+        assert reply.choices[0].message.content == "Ask the front desk."
+    for field, value in [("source", "https://kb/x\r\nSet-Cookie: a=b"), ("tags", ["t\x07"])]:
+        bad = {"id": "ctl", "questions": ["Where is the printer?"], "answer": "Room 3.", field: value}
+        r = upsert(proxy1, "faq", [bad])
+        assert r.status_code == 400 and "control character" in r.json()["error"]["message"]
+    assert "ctl" not in listed_ids(proxy1, "faq")
+
+
+def test_feedback_judges_a_hit_of_ones_own_team_once_and_a_bad_record_stops_the_collection(
+    proxy1: Server, rmock: MockUpstream
+) -> None:
+    question = unique("What is the guest wifi password")
+    assert upsert(proxy1, "faq", [{"id": "wifi-fb", "question": question, "answer": "hunter2"}]).is_success
+    headers, _ = ask(proxy1, question)
+    assert headers["x-llm-proxy-route"] == "retrieval"
+    request_id = headers["x-llm-proxy-request-id"]
+    before = faq_bound(proxy1)
+    # Nobody else's verdict counts, and bad input changes nothing.
+    assert feedback(proxy1, request_id, "good", team=None).status_code == 401
+    assert feedback(proxy1, request_id, "good", team="beta").status_code == 403
+    assert feedback(proxy1, "0" * 24, "good").status_code == 404
+    assert feedback(proxy1, request_id, "meh").status_code == 400
+    assert feedback(proxy1, "bad id\r\n", "good").status_code == 400
+    assert faq_bound(proxy1)["served_judged"] == before["served_judged"]
+    r = feedback(proxy1, request_id, "good")
+    assert r.status_code == 200 and r.json()["recorded"] and r.json()["collection"] == "faq"
+    assert feedback(proxy1, request_id, "bad").status_code == 409  # one verdict per request
+    after = faq_bound(proxy1)
+    assert after["served_judged"] == before["served_judged"] + 1 and after["served_wrong"] == before["served_wrong"]
+    # Wrong, wrong: the realised error's lower bound passes 5% and the collection stops answering.
+    # (An entry judged wrong at a similarity never answers there again: each verdict is on another entry.)
+    n = 0
+    while faq_bound(proxy1)["answering"]:
+        other = unique(f"Which floor is meeting room {n} on")
+        assert upsert(proxy1, "faq", [{"id": f"room-{n}", "question": other, "answer": "The third."}]).is_success
+        headers, _ = ask(proxy1, other)
+        assert headers["x-llm-proxy-route"] == "retrieval"
+        assert feedback(proxy1, headers["x-llm-proxy-request-id"], "bad").status_code == 200
+        assert ask(proxy1, other)[0]["x-llm-proxy-route"] == "upstream"  # that entry: not at that similarity
+        n += 1
+    assert n <= 3
+    bound = faq_bound(proxy1)
+    assert bound["interval"][0] > 0.05 and bound["realised_error"] > 0.05
+    assert ask(proxy1, question)[0]["x-llm-proxy-route"] == "upstream"
+    metrics = httpx.get(proxy1.url + "/metrics").text
+    assert 'llm_proxy_retrieval_verdicts_total{collection="faq",policy="faq",verdict="bad"}' in metrics
+    assert 'llm_proxy_retrieval_lookups_total{collection="faq",policy="faq",result="over_bound"}' in metrics
+    # Until reload: then it answers again, its bound afresh.
+    assert httpx.post(proxy1.url + "/admin/reload", headers=ADMIN).json()["reloaded"]
+    wait_for(lambda: ask(proxy1, question)[0]["x-llm-proxy-route"] == "retrieval", "answers after reload")
+    assert faq_bound(proxy1)["served_judged"] == 0
+
+
+def test_a_borderline_hit_is_checked_by_the_verify_model_and_an_unclear_verdict_goes_upstream(
+    proxy1: Server, rmock: MockUpstream
+) -> None:
+    stored = unique("How do I rotate my API key")
+    assert upsert(proxy1, "checked", [{"id": "rotate", "question": stored, "answer": "Settings > Keys."}]).is_success
+    # Exact: above the band, no check at all.
+    headers, _ = ask(proxy1, stored, model="small")
+    assert headers["x-llm-proxy-route"] == "retrieval" and chat_calls(rmock) == 0
+    # A paraphrase inside the band: the check model is asked (the mock answers neither yes nor no), so
+    # the request goes upstream: two chat calls, the check and the generation.
+    headers, _ = ask(proxy1, stored.replace("How do I rotate", "How should I go about rotating"), model="small")
+    assert headers["x-llm-proxy-route"] == "upstream"
+    assert chat_calls(rmock) == 2
+    metrics = httpx.get(proxy1.url + "/metrics").text
+    assert 'llm_proxy_retrieval_lookups_total{collection="checked",policy="checked",result="llm_error"}' in metrics

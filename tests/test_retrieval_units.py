@@ -37,6 +37,25 @@ from tests.conftest import REDIS_URL
         ("Is Java fast?", "Is JavaScript fast?", "name"),
         ("Who rules Austria?", "Who rules Australia?", "name"),
         ("How many moons does Jupiter have", "HOW MANY MOONS DOES JUPITER HAVE", None),
+        # Any script, any accents: quoted strings and names decide there too.
+        ('什么是"天气"的意思？', '什么是"温度"的意思？', "quoted"),
+        ("「東京」とはどういう意味ですか？", "「大阪」とはどういう意味ですか？", "quoted"),
+        ("How far is Zürich from Genève?", "How far is Zürich from Lyon?", "name"),
+        ("What is the population of Москва?", "What is the population of Киев?", "name"),
+        ("How do you pronounce 東京?", "How do you pronounce 大阪?", "name"),
+        ("Who is Zoë?", "Who is Zoe?", None),
+        ("What is 3+3?", "What is ３+３?", None),
+        # Arguments swapped around the same directed words: a bag of words cannot see it.
+        ("How do I convert Celsius to Fahrenheit?", "How do I convert Fahrenheit to Celsius?", "order"),
+        ("What do Democrats think of Republicans?", "What do Republicans think of Democrats?", "order"),
+        ("Is Paris bigger than Rome?", "Is Rome bigger than Paris?", "order"),
+        ("flights from Paris to Rome", "flights to Rome from Paris", None),
+        ("What is the difference between Python and Java?", "What is the difference between Java and Python?", None),
+        ("What is the capital of France?", "What is France's capital?", None),
+        # A conjunction is not a question word.
+        ("What does it mean when a cat purrs?", "What does it mean if a cat purrs?", None),
+        ("What does it mean when someone winks at you?", "What is the meaning of someone winking at you?", None),
+        ("When does the store open?", "What time does the store open?", "question_word"),
     ],
 )
 def test_decisive_tokens_must_agree(a: str, b: str, reason: str | None) -> None:
@@ -157,6 +176,41 @@ def test_index_partitions_keep_teams_apart() -> None:
     assert [(k, r) for k, r, _ in found] == [(("alpha", ""), a)]
 
 
+def _scored(cosines: list[float], labels: list[bool]):
+    from proxy.retrieval.calibrate import Scores
+
+    return Scores(np.array(cosines), np.ones(len(cosines), bool), np.array(labels))
+
+
+def test_calibration_chooses_by_a_lower_confidence_bound_on_precision() -> None:
+    from proxy.retrieval.intervals import precision_lower_bound
+
+    # 400 pairs above 0.9, one wrong among the very top: an envelope that asks every higher threshold
+    # to meet the target finds none; the lower bound over all hits at a threshold is still high.
+    rng = np.random.default_rng(5)
+    cos = list(np.sort(rng.uniform(0.9, 1.0, 400))[::-1])
+    labels = [i != 2 for i in range(400)]
+    # below 0.9: pairs that are mostly wrong
+    cos += list(rng.uniform(0.5, 0.9, 400))
+    labels += [bool(rng.random() < 0.3) for _ in range(400)]
+    scores = _scored(cos, labels)
+    t = pick_threshold(scores, 0.95, guarded=False)
+    assert t is not None and t < 0.92
+    hit = scores.cosine >= t
+    tp, n = int((hit & scores.equivalent).sum()), int(hit.sum())
+    assert precision_lower_bound(tp, n) >= 0.95
+    # The next lower threshold's bound misses the target: this is the most recall the bound allows.
+    lower = scores.cosine >= scores.cosine[scores.cosine < t].max()
+    assert precision_lower_bound(int((lower & scores.equivalent).sum()), int(lower.sum())) < 0.95
+    # Two targets give two thresholds, and a stricter one never a lower threshold.
+    strict = pick_threshold(scores, 0.985, guarded=False)
+    assert strict is not None and strict > t
+    # A handful of right hits cannot carry a high target: 16 of 16 bound precision at 0.83 only.
+    few = _scored([0.99 - i * 0.001 for i in range(16)] + [0.5] * 50, [True] * 16 + [False] * 50)
+    assert pick_threshold(few, 0.9, guarded=False) is None
+    assert pick_threshold(few, 0.8, guarded=False) is not None
+
+
 def test_calibration_picks_the_lowest_threshold_meeting_the_target() -> None:
     rng = np.random.default_rng(2)
     pairs, va, vb = [], [], []
@@ -170,13 +224,10 @@ def test_calibration_picks_the_lowest_threshold_meeting_the_target() -> None:
         va.append(base)
         vb.append(other / np.linalg.norm(other))
     scores = score_pairs(pairs, np.array(va), np.array(vb))
-    t = pick_threshold(scores, 0.97, guarded=False)
+    t = pick_threshold(scores, 0.9, guarded=False)
     assert t is not None
     hit = scores.cosine >= t
-    assert (hit & scores.equivalent).sum() / hit.sum() >= 0.97
-    # The next lower threshold would miss the target: this is the most recall the target allows.
-    lower = scores.cosine >= scores.cosine[scores.cosine < t].max()
-    assert (lower & scores.equivalent).sum() / lower.sum() < 0.97
+    assert (hit & scores.equivalent).sum() / hit.sum() >= 0.9
     outcome = simulate_cache(pairs, np.array(va), np.array(vb), t, 0.0, guarded=False)
     assert outcome.correct + outcome.wrong + outcome.unlabelled + outcome.misses == len(pairs)
 
@@ -234,3 +285,63 @@ async def test_concurrent_upserts_all_land(collection_store) -> None:
     await asyncio.gather(*(s.upsert("c", [_item(f"k{i}", i)], max_entries=100) for i in range(20)))
     total, _ = await s.page("c", 0, 100)
     assert total == 20 and await s.version("c") == 20
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("source", "https://kb.example/a\r\nX-Injected: 1"),
+        ("tags", ["ok", "bad\x1b[31m"]),
+        ("questions", ["Where is the office?", "Where is\x00 the office?"]),
+        ("teams", ["alpha\n"]),
+        ("source", "line\u2028separator"),
+    ],
+)
+def test_entries_with_control_characters_in_header_or_log_fields_are_refused(field: str, value) -> None:
+    entry = {"id": "c1", "questions": ["Where is the office?"], "answer": "Upstairs.\nRoom 2.", field: value}
+    with pytest.raises(EntryError, match="control character"):
+        parse_entries([entry])
+
+
+def test_an_entry_answers_every_phrasing_with_its_one_answer_and_multiline_text_is_kept() -> None:
+    [entry] = parse_entries(
+        [
+            {
+                "id": "p",
+                "questions": ["Who wrote Hamlet?", "Hamlet's author?", "Who is\nthe author of Hamlet?"],
+                "answer": "A\n\tB",
+            }
+        ]
+    )
+    assert len(entry.questions) == 3 and entry.answer == "A\n\tB"
+
+
+def test_an_error_bound_starts_conservative_learns_down_and_raises_an_entry_that_was_wrong() -> None:
+    from proxy.retrieval.error_bound import ErrorBound
+
+    bound = ErrorBound("faq", "p", max_error=0.05, start=0.96, floor=0.92)
+    assert bound.answers("e1", 0.96) and not bound.answers("e1", 0.95)
+    # Explorations at 0.93-0.96 that re-generated the entry's answer: enough to bound the error at 5%.
+    for i in range(120):
+        bound.record(f"e{i % 5}", 0.935 + (i % 5) * 0.005, True, served=False)
+    assert bound.threshold() <= 0.935 and bound.answers("e1", 0.94)
+    # One wrong outcome for e1 at 0.95 (1 of 121 still bounds the pool's error at 5%): e1 never again
+    # answers at or below it; the others still do.
+    bound.record("e1", 0.95, False, served=False)
+    assert not bound.answers("e1", 0.95) and bound.answers("e2", 0.95) and bound.answers("e1", 0.97)
+    assert bound.status()["answering"] and bound.status()["explored"] == 121
+
+
+def test_a_collection_whose_realised_error_exceeds_its_bound_stops_answering() -> None:
+    from proxy.retrieval.error_bound import ErrorBound
+
+    bound = ErrorBound("faq", "p", max_error=0.02, start=0.96, floor=0.92)
+    for _ in range(40):
+        bound.record("e", 0.99, True, served=True)
+    bound.record("e2", 0.99, False, served=True)  # 1 of 41: its lower bound is below 2%, keep answering
+    assert bound.answers("e", 0.99)
+    for _ in range(5):
+        bound.record("e3", 0.99, False, served=True)
+    status = bound.status()
+    assert not status["answering"] and not bound.answers("e", 0.999)
+    assert status["served_judged"] == 46 and status["interval"][0] > 0.02

@@ -6,6 +6,7 @@ them all at once and hot reload can log exactly what is wrong.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from proxy.config.models import PolicyFile
+from proxy.config.models import PolicyFile, embedder_label
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -135,12 +136,54 @@ def parse_policy_text(
         raise ConfigError(issues) from None
     for loc, msg in policy.reference_errors():
         issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
+    base = Path(file).parent if file != "<string>" else Path.cwd()
+    policy, verifier_issues = _resolve_verifiers(policy, base)
+    for loc, msg in verifier_issues:
+        issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
     if issues:
         raise ConfigError(issues)
     if warnings is not None:
         for loc, msg in policy.capacity_warnings():
             warnings.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg, warning=True))
     return policy
+
+
+def _verifier_error(path: Path, want: str) -> str | None:
+    """Why a verifier file cannot serve an embedder labelled `want` (read here as plain JSON: the
+    config layer does not import retrieval; proxy.retrieval.verifier checks the rest when it loads)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        return f"cannot read the verifier file {path}: {e.strerror}"
+    except (UnicodeDecodeError, ValueError):
+        return f"{path} is not a verifier file (invalid JSON)"
+    if not isinstance(data, dict) or not str(data.get("format", "")).startswith("llm-numbers-proxy/verifier@"):
+        return f"{path} is not a verifier file (write one with `llm-numbers-proxy kb calibrate --write-verifier`)"
+    if data.get("embedder") != want:
+        return (
+            f"the verifier was trained on cosines of {data.get('embedder')!r}, but the collection embeds with "
+            f"{want!r}: retrain it for this embedder (kb calibrate --write-verifier)"
+        )
+    return None
+
+
+def _resolve_verifiers(policy: PolicyFile, base: Path) -> tuple[PolicyFile, list[tuple[tuple[str | int, ...], str]]]:
+    """Verifier paths relative to the policy file, made absolute; a file for another embedder is an error."""
+    errors: list[tuple[tuple[str | int, ...], str]] = []
+    resolved = []
+    for i, p in enumerate(policy.policies):
+        r = p.retrieve
+        if r is None or r.verifier is None:
+            resolved.append(p)
+            continue
+        path = (base / r.verifier).resolve()
+        coll = policy.collections.get(r.collection)
+        if coll is not None and (msg := _verifier_error(path, embedder_label(policy, coll.embedder))):
+            errors.append((("policies", i, "retrieve", "verifier"), msg))
+        resolved.append(p.model_copy(update={"retrieve": r.model_copy(update={"verifier": str(path)})}))
+    if any(a is not b for a, b in zip(resolved, policy.policies, strict=True)):
+        policy = policy.model_copy(update={"policies": resolved})
+    return policy, errors
 
 
 def load_policy_file(

@@ -308,6 +308,19 @@ class RetrievalConfig(_Strict):
     embed_timeout_s: Annotated[float, Field(gt=0)] = 5.0  # slower than this, retrieval is skipped for the request
 
 
+LOCAL_DEFAULT_MODEL = "all-MiniLM-L6-v2"  # the packaged model of `embedder: local` (proxy.retrieval.embedders)
+
+
+def embedder_label(policy: PolicyFile, embedder: str) -> str:
+    """The model behind an embedder name, as a verifier file records it: `local:<model folder name>`
+    or `model:<upstream model>` (vectors of two labels are never comparable)."""
+    if embedder == "local":
+        local = policy.retrieval.local_model
+        return f"local:{local.rstrip('/').rsplit('/', 1)[-1] if local else LOCAL_DEFAULT_MODEL}"
+    model = policy.models.get(embedder)
+    return f"model:{(model.upstream_model if model else None) or embedder}"
+
+
 def _embedder_error(policy: PolicyFile, embedder: str) -> str | None:
     if embedder == "local":
         return None
@@ -337,6 +350,14 @@ def _retrieval_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], s
         elif p.retrieve.cache and coll.kind != "cache":
             msg = f"collection '{p.retrieve.collection}' is a {coll.kind}: only a `kind: cache` collection is filled"
             errors.append((("policies", i, "retrieve", "cache"), msg))
+        verify = p.retrieve.verify
+        if verify is not None:
+            model = policy.models.get(verify.model)
+            if model is None:
+                errors.append((("policies", i, "retrieve", "verify", "model"), f"unknown model '{verify.model}'"))
+            elif model.mode == "embedding":
+                msg = f"model '{verify.model}' is an embedding model; the check needs a chat model"
+                errors.append((("policies", i, "retrieve", "verify", "model"), msg))
     return errors
 
 

@@ -141,6 +141,21 @@ class ConciseAction(_Strict):
     min_samples: Annotated[int, Field(ge=2)] = 30
 
 
+class VerifyConfig(_Strict):
+    """Ask a cheap chat model whether a borderline hit's stored question answers the new one."""
+
+    model: Annotated[str, Field(min_length=1)]
+    # Hits with similarity in [low, high) are checked; at or above `high` they need no check.
+    band: tuple[Annotated[float, Field(ge=-1, le=1)], Annotated[float, Field(ge=-1, le=1)]] = (0.90, 0.96)
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 3.0
+
+    @model_validator(mode="after")
+    def _band_ordered(self) -> VerifyConfig:
+        if self.band[0] >= self.band[1]:
+            raise ValueError("band must be [low, high] with low < high")
+        return self
+
+
 class RetrieveAction(_Strict):
     """Answer from a `collections:` entry (knowledge base or semantic cache) instead of generating."""
 
@@ -160,6 +175,18 @@ class RetrieveAction(_Strict):
     cache: bool = False
     # The answer length assumed for min_cost_multiple before an entry is found.
     expected_output_tokens: Annotated[int, Field(ge=0)] = 256
+    # A learned pair verifier (`llm-numbers-proxy kb calibrate --write-verifier FILE`), relative to the
+    # policy file: a hit also needs its probability; `min_similarity`/`min_margin` then apply only when given.
+    verifier: Annotated[str, Field(min_length=1)] | None = None
+    # An error bound: each entry answers only at similarities its verified outcomes (feedback, exact
+    # re-generations) show to be right, starting conservative; a collection whose realised error's
+    # lower bound exceeds this stops answering until reload.
+    max_error: Annotated[float, Field(gt=0, lt=0.5)] | None = None
+    # An LLM check of borderline hits; its cost is the lookup's, and part of min_cost_multiple's.
+    verify: VerifyConfig | None = None
+
+    def explicit(self, field: str) -> bool:
+        return field in self.model_fields_set
 
 
 class PolicyConfig(_Strict):

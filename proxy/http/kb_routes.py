@@ -100,7 +100,8 @@ def add_kb_routes(app: FastAPI, state: ProxyState) -> None:
         except StoreUnavailable as e:
             raise StoreDown(f"The store is unavailable ({e}).") from None
         entries = [e.public() for e in map(load_stored, raws) if e is not None]
-        return _json({"collection": name, "status": collection.status(), "total": total, "entries": entries})
+        status = state.retrieval.status().get(name) or collection.status()  # with its error bounds
+        return _json({"collection": name, "status": status, "total": total, "entries": entries})
 
     @app.delete("/admin/kb/{name}/{entry_id:path}")
     async def kb_delete(name: str, entry_id: str, request: Request) -> Response:

@@ -18,6 +18,7 @@ from proxy.config import PolicyFile
 from proxy.errors import ProxyError, Unauthorized
 from proxy.http.admin_auth import require_master_key
 from proxy.http.asgi import check_content_type
+from proxy.http.feedback import add_feedback_routes
 from proxy.http.kb_routes import add_kb_routes
 from proxy.http.metrics_export import render_metrics, worker_started, worker_stopped
 from proxy.http.savings_report import savings_report
@@ -114,6 +115,7 @@ def build_ops_app(state: ProxyState) -> FastAPI:
         }
         if state.retrieval is not None:
             body["collections"] = state.retrieval.status()
+            body["tasks"] = state.retrieval.task_status()  # example embeddings: a task matches once ready
         return JSONResponse(body, status_code=200 if store_ok else 503)
 
     @app.get("/metrics")
@@ -179,4 +181,5 @@ def build_ops_app(state: ProxyState) -> FastAPI:
         return {"store": state.store.name, "teams": out}
 
     add_kb_routes(app, state)
+    add_feedback_routes(app, state)
     return app

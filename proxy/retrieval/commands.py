@@ -9,6 +9,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 
 _CHUNK = 2000
 
@@ -68,7 +69,7 @@ def cmd_kb_calibrate(args: argparse.Namespace) -> int:
     from proxy.retrieval.embedders import EmbedderDown, LocalModel
 
     try:
-        pairs = read_pairs(args.pairs, args.min_score)
+        pairs = [pair for path in args.pairs for pair in read_pairs(path, args.min_score)]
     except PairsError as e:
         print(e, file=sys.stderr)
         return 1
@@ -80,19 +81,42 @@ def cmd_kb_calibrate(args: argparse.Namespace) -> int:
     except EmbedderDown as e:
         print(e, file=sys.stderr)
         return 1
-    result, _, _ = calibrate(pairs, model.encode_blocking, args.target_precision)
+    result, vectors_a, vectors_b = calibrate(pairs, model.encode_blocking, args.target_precision, args.confidence)
     report = result.as_dict()
+    if args.write_verifier:
+        from proxy.retrieval.calibrate import calibrate_verifier
+
+        verifier, held_out = calibrate_verifier(
+            pairs,
+            vectors_a,
+            vectors_b,
+            f"local:{model.label}",
+            args.target_precision,
+            args.confidence,
+            trained_on=", ".join(os.path.basename(p) for p in args.pairs),
+        )
+        try:
+            with open(args.write_verifier, "wb") as f:
+                f.write(verifier.dump())
+        except OSError as e:
+            print(f"cannot write {args.write_verifier}: {e.strerror}", file=sys.stderr)
+            return 1
+        report["verifier"] = {"file": args.write_verifier, "embedder": verifier.embedder, **asdict(held_out)}
     if args.format == "json":
         print(json.dumps(report, indent=2, default=float))
         return 0
-    print(f"{result.pairs} pairs, {result.equivalent} equivalent; target precision {args.target_precision:.3f}")
+    print(
+        f"{result.pairs} pairs, {result.equivalent} equivalent; target: the {args.confidence:.0%} lower bound "
+        f"of precision >= {args.target_precision:.3f}"
+    )
     for label, q in (("cosine threshold only", result.threshold_only), ("guarded matcher", result.guarded)):
         if q.threshold is None:
-            print(f"{label:<22} no threshold reaches the target on these pairs")
+            print(f"{label:<22} no threshold's lower bound reaches the target on these pairs (more pairs help)")
             continue
         print(
-            f"{label:<22} min_similarity {q.threshold:.4f}  precision {q.precision:.3f}  recall {q.recall:.3f}  "
-            f"false hits {q.false_hit_rate:.4f}  ({q.hits} hits)"
+            f"{label:<22} min_similarity {q.threshold:.4f}  precision {q.precision:.3f} "
+            f"[{q.precision_low:.3f}, {q.precision_high:.3f}]  recall {q.recall:.3f}  "
+            f"false hits {q.false_hit_rate:.4f}  (rests on {q.hits} hits)"
         )
     c = result.cache
     print(
@@ -104,6 +128,16 @@ def cmd_kb_calibrate(args: argparse.Namespace) -> int:
             f"recall cost: {1 - result.guarded.recall:.1%} of equivalent pairs go upstream at this setting\n"
             f"policy: retrieve: {{min_similarity: {result.guarded.threshold:.4f}, min_margin: {result.margin}}}"
         )
+    if args.write_verifier:
+        v = report["verifier"]
+        if v["threshold"] is None:
+            print(f"verifier: no threshold's lower bound reaches the target: {args.write_verifier} never hits")
+        else:
+            print(
+                f"verifier {args.write_verifier} ({v['embedder']}): probability >= {v['threshold']:.4f}, cross-fitted "
+                f"precision {v['precision']:.3f} [{v['precision_low']:.3f}, {v['precision_high']:.3f}] recall "
+                f"{v['recall']:.3f} (rests on {v['hits']} hits)\npolicy: retrieve: {{verifier: {args.write_verifier}}}"
+            )
     return 0
 
 
@@ -120,8 +154,14 @@ def add_kb_parser(sub: argparse._SubParsersAction) -> None:
     load.set_defaults(fn=cmd_kb_load)
 
     cal = kb_sub.add_parser("calibrate", help="pick min_similarity/min_margin for a target precision")
-    cal.add_argument("--pairs", required=True, help="labelled pairs: CSV a,b,score | TSV score,a,b | JSONL")
-    cal.add_argument("--target-precision", type=float, default=0.97)
+    cal.add_argument(
+        "--pairs", required=True, nargs="+", help="labelled pairs files: CSV a,b,score | TSV score,a,b | JSONL"
+    )
+    cal.add_argument("--write-verifier", metavar="FILE", help="also train the pair verifier and write it here")
+    cal.add_argument(
+        "--target-precision", type=float, default=0.97, help="the lower confidence bound of precision must reach it"
+    )
+    cal.add_argument("--confidence", type=float, default=0.95, help="of that one-sided lower bound (Clopper-Pearson)")
     cal.add_argument("--min-score", type=float, default=4.0, help="a scored pair is equivalent at this score")
     cal.add_argument("--model", help="a sentence-transformers folder (default: the packaged all-MiniLM-L6-v2)")
     cal.add_argument("--limit", type=int, help="use only the first N pairs")

