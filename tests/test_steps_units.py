@@ -259,3 +259,26 @@ async def test_a_refused_request_changes_no_state():
     assert ctx.budget is None and ctx.limits is None
     scopes = [s for s, _ in runtime.ledger.scopes("unit", hash_key(KEY)[7:19], time.time())]
     assert await runtime.ledger.store.budget_usage(scopes) == [(0, 0)]
+
+
+async def test_embeddings_made_for_a_request_count_in_its_limits_and_budget():
+    """An embedding the proxy made to decide a request (a retrieval miss, a task match) passes through the
+    same limits and accounting as the request: its tokens join the team's tpm window, its cost the budget."""
+    from proxy.retrieval.embedders import EmbeddingCall, RequestEmbeddings
+    from proxy.store.base import LimitWindow
+
+    runtime = _runtime()
+    ctx = _ctx(_chat(max_tokens=50))
+    await runtime.pipeline.run_request(ctx)
+    ctx.sent_upstream = True
+    ctx.answered_by = ctx.model
+    ctx.embeddings = RequestEmbeddings(calls=[EmbeddingCall("embedder", 700, 0.0002)])
+    ctx.reply = UpstreamReply({"choices": []}, b"", TokenUsage(ctx.prompt_tokens, 40))
+    await runtime.pipeline.run_response(ctx)
+    await runtime.pipeline.run_settle(ctx)
+    store = runtime.ledger.store
+    seen = await store.hit_limits([LimitWindow("unit", "team:tpm", 100000, 0)], time.time())
+    counted_on_arrival = next(w.cost for w in ctx.limits.windows if w.name == "team:tpm")  # before conciseness
+    assert seen.used == (counted_on_arrival + 40 + 700,)
+    (spent, reserved), *_ = await store.budget_usage(ctx.budget.scopes)
+    assert reserved == 0 and spent == round((ctx.cost + 0.0002) * 1e9)
