@@ -378,6 +378,8 @@ class PolicyFile(_Strict):
         """Cross-field checks pydantic cannot express per field: (path, message) pairs."""
         errors: list[tuple[tuple[str | int, ...], str]] = []
         for name, model in self.models.items():
+            if re.search(r"[\x00-\x1f\x7f]", name):
+                errors.append((("models", name), "a model name must not contain control characters"))
             for i, fb in enumerate(model.fallbacks):
                 if fb not in self.models:
                     errors.append((("models", name, "fallbacks", i), f"unknown model '{fb}'"))

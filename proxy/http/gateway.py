@@ -30,6 +30,7 @@ from proxy.http.asgi import (
     send_error,
     send_json,
     send_sse,
+    start_message,
 )
 from proxy.pipeline.context import RequestContext
 from proxy.upstream.reply import stream_reply
@@ -208,9 +209,7 @@ class Gateway:
         account = StreamAccount(ctx.include_usage)
         watch = _ClientWatch(receive, ctx)
         try:
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + _proxy_headers(ctx, False)}
-            )
+            await send(start_message(200, SSE_HEADERS + _proxy_headers(ctx, False)))
             first = True
             async for events in handle.events():
                 body = account.relay(events)
