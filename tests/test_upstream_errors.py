@@ -62,7 +62,7 @@ def test_an_openai_shaped_4xx_is_still_relayed_byte_for_byte(proxy, mock):
         (b'{"error": "rate card missing"}', "rate card missing"),
         (b"plain\ttext\n", "plain text"),
         (b"", "(no explanation)"),
-        (b'{"detail": [{"loc": ["body", 0], "msg": "too long", "input": "secret prompt"}, "x"]}', "body.0: too long; x"),
+        (b'{"detail": [{"loc": ["body", 0], "msg": "too long", "input": "secret"}, "x"]}', "body.0: too long; x"),
     ],
 )
 def test_upstream_error_message_keeps_the_explanation_on_one_bounded_line(body, message):
