@@ -38,8 +38,9 @@ REQUESTS = Counter(
 )
 TOKENS = Counter(
     "llm_proxy_tokens",
-    "Tokens billed, by team, model that answered and token type (input/output).",
-    ["team", "model", "type"],
+    "Tokens billed, by team, model that answered, token type (input/output) and source (reported by the "
+    "upstream, or counted by the proxy when it reported none).",
+    ["team", "model", "type", "source"],
 )
 TOKEN_USAGE = Histogram(
     "gen_ai_client_token_usage",

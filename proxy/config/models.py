@@ -177,6 +177,9 @@ class ModelConfig(_Strict):
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
     tokenizer: str | None = None
     fallbacks: list[str] = []
+    # Models with a larger context window: a prompt too long for this one goes to the first that fits
+    # (instead of a 400 context_length_exceeded).
+    context_window_fallbacks: list[str] = []
     retries: RetryConfig | None = None
     timeout_s: Annotated[float, Field(gt=0)] = 600.0
     # Ask OpenAI-compatible upstreams for usage in streams (stripped again when the client
@@ -378,11 +381,14 @@ class PolicyFile(_Strict):
         """Cross-field checks pydantic cannot express per field: (path, message) pairs."""
         errors: list[tuple[tuple[str | int, ...], str]] = []
         for name, model in self.models.items():
+            if re.search(r"[\x00-\x1f\x7f]", name):
+                errors.append((("models", name), "a model name must not contain control characters"))
             for i, fb in enumerate(model.fallbacks):
                 if fb not in self.models:
                     errors.append((("models", name, "fallbacks", i), f"unknown model '{fb}'"))
                 elif fb == name:
                     errors.append((("models", name, "fallbacks", i), "a model cannot fall back to itself"))
+            errors += self._window_fallback_errors(name, model)
             errors += _batching_errors(name, model)
             errors += _serving_errors(name, model)
             if model.api == "responses" and (model.provider != "openai" or model.mode != "chat"):
@@ -399,6 +405,44 @@ class PolicyFile(_Strict):
                 owner[k] = name
         errors += self._policy_errors()
         errors += _retrieval_errors(self)
+        return errors
+
+    def _context_window(self, name: str) -> int | None:
+        """The model's context window: set in the policy file or from litellm's packaged map."""
+        from proxy.config.price_map import context_window  # reads the map: only when a fallback needs it
+
+        cfg = self.models[name]
+        return (
+            cfg.max_input_tokens
+            or context_window(cfg.upstream_model or name, cfg.provider)
+            or context_window(name, cfg.provider)
+        )
+
+    def _window_fallback_errors(self, name: str, model: ModelConfig) -> list[tuple[tuple[str | int, ...], str]]:
+        if not model.context_window_fallbacks:
+            return []
+        where = ("models", name, "context_window_fallbacks")
+        window = self._context_window(name)
+        if window is None:
+            return [(where, f"needs the context window of '{name}': set models.{name}.max_input_tokens")]
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        for i, fb in enumerate(model.context_window_fallbacks):
+            if fb not in self.models:
+                errors.append(((*where, i), f"unknown model '{fb}'"))
+                continue
+            if fb == name:
+                errors.append(((*where, i), "a model cannot fall back to itself"))
+                continue
+            if self.models[fb].mode != model.mode:
+                errors.append(((*where, i), f"'{fb}' has mode {self.models[fb].mode}, '{name}' has mode {model.mode}"))
+                continue
+            fb_window = self._context_window(fb)
+            if fb_window is None:
+                msg = f"the context window of '{fb}' is unknown: set models.{fb}.max_input_tokens"
+                errors.append(((*where, i), msg))
+            elif fb_window <= window:
+                msg = f"'{fb}' has a context window of {fb_window} tokens, not larger than the {window} of '{name}'"
+                errors.append(((*where, i), msg))
         return errors
 
     def capacity_warnings(self) -> list[tuple[tuple[str | int, ...], str]]:

@@ -45,3 +45,13 @@ def has_price(name: str, provider: str) -> bool:
         if entry and ("input_cost_per_token" in entry or "output_cost_per_token" in entry):
             return True
     return False
+
+
+def context_window(name: str, provider: str) -> int | None:
+    """The model's context window (`max_input_tokens`) in the packaged map, if it says."""
+    entries = packaged_price_map()
+    for key in lookup_names(name, provider):
+        window = (entries.get(key) or {}).get("max_input_tokens")
+        if isinstance(window, int) and window > 0:
+            return window
+    return None

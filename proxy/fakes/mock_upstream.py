@@ -41,7 +41,7 @@ class Fault:
 
     status: int | None = None
     retry_after: str | None = None
-    body: str = "json"  # json | html | malformed
+    body: str = "json"  # json | html | malformed | detail (FastAPI's validation error, as infinity and TEI send)
     reset: bool = False
     stall_s: float = 0.0
     count: int = 1
@@ -161,6 +161,21 @@ class MockUpstream:
                 text="<html><body><h1>502 Bad Gateway</h1></body></html>",
                 status=fault.status,
                 content_type="text/html",
+                headers=headers,
+            )
+        if fault.body == "detail":
+            detail = [
+                {
+                    "type": "string_type",
+                    "loc": ["body", "input", "str"],
+                    "msg": "Input should be a valid string",
+                    "input": [1, 2, 3],
+                }
+            ]
+            return web.Response(
+                body=orjson.dumps({"detail": detail}),
+                status=fault.status,
+                content_type="application/json",
                 headers=headers,
             )
         if fault.body == "malformed":

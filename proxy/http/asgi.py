@@ -4,10 +4,15 @@ the one writer of JSON and SSE responses and errors."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import cache
 from typing import Any
 
 from proxy.errors import PayloadTooLarge, ProxyError, UnsupportedMediaType
+
+log = logging.getLogger("llm_proxy.http")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -20,6 +25,37 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+# What an HTTP server refuses in a header value (uvicorn's check): one such byte would make it drop the
+# connection without any response.
+_UNSAFE_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+Headers = list[tuple[bytes, bytes]]
+
+
+@cache
+def _warn_dropped(name: bytes) -> None:
+    # Once per header name: the values are validated where they enter, so this is a bug to fix, not traffic.
+    log.error("dropped response header %s: its value has control characters", name.decode("latin-1"))
+
+
+def safe_headers(headers: Headers) -> Headers:
+    """`headers` without any whose value an HTTP server would refuse (a line break, a NUL): a value copied
+    from somewhere can never cost the client its response."""
+    if not _UNSAFE_HEADER_VALUE.search(b"".join([v for _, v in headers])):
+        return headers
+    kept = []
+    for name, value in headers:
+        if _UNSAFE_HEADER_VALUE.search(value):
+            _warn_dropped(name)
+        else:
+            kept.append((name, value))
+    return kept
+
+
+def start_message(status: int, headers: Headers) -> dict[str, Any]:
+    """The `http.response.start` message: the one place response headers are written."""
+    return {"type": "http.response.start", "status": status, "headers": safe_headers(headers)}
 
 
 def request_headers(scope: Scope) -> dict[str, str]:
@@ -54,16 +90,16 @@ def check_content_type(headers: dict[str, str]) -> None:
         raise UnsupportedMediaType(f"Unsupported content type '{media}': send the request body as application/json.")
 
 
-async def send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [JSON, *headers]})
+async def send_json(send: Send, status: int, body: bytes, headers: Headers) -> None:
+    await send(start_message(status, [JSON, *headers]))
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_sse(send: Send, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
+async def send_sse(send: Send, body: bytes, headers: Headers) -> None:
+    await send(start_message(200, SSE_HEADERS + headers))
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, error: ProxyError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_error(send: Send, error: ProxyError, extra: Headers | None = None) -> None:
     headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
     await send_json(send, error.status, error.body(), headers + (extra or []))

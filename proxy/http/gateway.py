@@ -30,6 +30,7 @@ from proxy.http.asgi import (
     send_error,
     send_json,
     send_sse,
+    start_message,
 )
 from proxy.pipeline.context import RequestContext
 from proxy.upstream.reply import stream_reply
@@ -207,10 +208,9 @@ class Gateway:
         # From here on the response belongs to this stream: no retry, no fallback, no JSON error.
         account = StreamAccount(ctx.include_usage)
         watch = _ClientWatch(receive, ctx)
+        responded = False
         try:
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + _proxy_headers(ctx, False)}
-            )
+            await send(start_message(200, SSE_HEADERS + _proxy_headers(ctx, False)))
             first = True
             async for events in handle.events():
                 body = account.relay(events)
@@ -219,6 +219,13 @@ class Gateway:
                     if first:
                         first = False
                         metrics.child(metrics.TIME_TO_FIRST_CHUNK, ctx.model_requested).observe(ctx.elapsed())
+            if account.owes_usage and not ctx.cancelled:
+                # The upstream ignored stream_options (llama.cpp does): the client still gets the usage
+                # chunk it asked for, counted by the estimator, before [DONE].
+                responded = True
+                await self._stream_done(ctx, runtime, account)
+                body = account.usage_tail(ctx.usage)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
             watch.done()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except ProxyError as e:
@@ -232,8 +239,14 @@ class Gateway:
         finally:
             watch.done()
             handle.close()
-            ctx.reply = stream_reply(account.relayed, account.usage)
-            await runtime.pipeline.run_response(ctx)
+            if not responded:
+                await self._stream_done(ctx, runtime, account)
+
+    @staticmethod
+    async def _stream_done(ctx: RequestContext, runtime: Runtime, account: StreamAccount) -> None:
+        """The stream's normalised reply, and the response hooks over it (its usage is known from here)."""
+        ctx.reply = stream_reply(account.relayed, account.usage)
+        await runtime.pipeline.run_response(ctx)
 
 
 async def _send_ok(send: Send, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

@@ -49,6 +49,7 @@ class Embedding:
     vectors: np.ndarray  # (n, dim) float32, each row of unit length
     tokens: int
     cost: float
+    counted: bool = False  # the tokens were counted by the proxy (no usage reported)
 
 
 class Embedder(Protocol):
@@ -277,7 +278,7 @@ class LocalEmbedder:
             raise EmbedderDown("error", f"the local embedder failed: {e}") from e
         metrics.EMBEDDING_DURATION.labels(self.name).observe(time.perf_counter() - started)
         tokens = sum(self._count(t) for t in texts) if self.price_per_token else 0
-        return Embedding(vectors, tokens, tokens * self.price_per_token)
+        return Embedding(vectors, tokens, tokens * self.price_per_token, counted=True)
 
 
 # -- an embedding model under `models:` --------------------------------------------------------------
@@ -329,7 +330,7 @@ class ModelEmbedder:
         if self._dim is not None and vectors.shape[1] != self._dim:
             log.warning("embedder '%s' changed dimension %d -> %d", self.name, self._dim, vectors.shape[1])
         self._dim = vectors.shape[1]
-        return Embedding(vectors, reply.tokens, reply.cost)
+        return Embedding(vectors, reply.tokens, reply.cost, reply.counted)
 
     def _vectors(self, data: dict[str, Any], n: int) -> np.ndarray:
         rows = data.get("data")
@@ -356,6 +357,7 @@ class EmbeddingCall:
     embedder: str
     tokens: int
     cost: float
+    counted: bool = False
 
 
 @dataclass(slots=True)
@@ -395,5 +397,5 @@ async def embed_for_request(ctx: EmbeddingHolder, embedder: Embedder, text: str)
         result = await embedder.embed([text])
         vector = result.vectors[0]
         shared.vectors[key] = vector
-        shared.calls.append(EmbeddingCall(embedder.name, result.tokens, result.cost))
+        shared.calls.append(EmbeddingCall(embedder.name, result.tokens, result.cost, result.counted))
     return vector

@@ -50,7 +50,7 @@ class AnswerCheck:
             return None
         if ctx.embeddings is None:
             ctx.embeddings = RequestEmbeddings()
-        ctx.embeddings.calls.append(EmbeddingCall(reply.model, reply.tokens, reply.cost))
+        ctx.embeddings.calls.append(EmbeddingCall(reply.model, reply.tokens, reply.cost, reply.counted))
         try:
             text = reply.data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):

@@ -3,6 +3,8 @@ how much of a team's budget is used."""
 
 from __future__ import annotations
 
+import calendar
+import math
 import time
 
 from proxy import metrics
@@ -21,6 +23,36 @@ def period_id(period: str, now: float) -> str:
     if period == "month":
         return time.strftime("month:%Y-%m", t)
     return "none"
+
+
+def seconds_until_reset(period: str, now: float) -> int | None:
+    """Whole seconds until the period's counter starts again (UTC midnight, Monday, the 1st); None for
+    `none`, which never resets."""
+    if period == "none":
+        return None
+    day_start = (now // 86400) * 86400
+    if period == "day":
+        reset = day_start + 86400
+    elif period == "week":
+        reset = day_start + (7 - time.gmtime(now).tm_wday) * 86400  # the next Monday (ISO weeks)
+    else:
+        t = time.gmtime(now)
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        reset = calendar.timegm((year, month, 1, 0, 0, 0))
+    return max(1, math.ceil(reset - now))
+
+
+def budget_headers(scope: BudgetScope, period: str, used_nano: int, now: float) -> dict[str, str]:
+    """`x-ratelimit-*-budget` headers of one budget scope: its limit and what is left, in USD, and when
+    it resets (a duration as OpenAI writes them, `3600s`; absent for `period: none`)."""
+    headers = {
+        "x-ratelimit-limit-budget": f"{scope.limit_nano / NANO:.6f}",
+        "x-ratelimit-remaining-budget": f"{max(0, scope.limit_nano - used_nano) / NANO:.6f}",
+    }
+    reset = seconds_until_reset(period, now)
+    if reset is not None:
+        headers["x-ratelimit-reset-budget"] = f"{reset}s"
+    return headers
 
 
 def scope_for(team: str, name: str, cfg: BudgetConfig, now: float) -> BudgetScope:

@@ -19,6 +19,7 @@ class EmbeddingReply:
     model: str  # the model that answered (after fallbacks)
     tokens: int
     cost: float
+    counted: bool = False  # no usage reported: the tokens were counted
 
 
 class EmbeddingClient:
@@ -33,8 +34,9 @@ class EmbeddingClient:
         reply = await self._dispatcher.send(call)
         data = reply.data or {}  # its shape is the embedder's to check
         answered = call.answered_by or model
-        tokens = reply.usage.input if reply.usage is not None else self._estimator.embedding_tokens(answered, texts)
-        return EmbeddingReply(data, answered, tokens, self._estimator.prices.cost(answered, tokens))
+        counted = reply.usage is None
+        tokens = self._estimator.embedding_tokens(answered, texts) if counted else reply.usage.input
+        return EmbeddingReply(data, answered, tokens, self._estimator.prices.cost(answered, tokens), counted)
 
     async def chat(self, model: str, body: dict[str, Any]) -> EmbeddingReply:
         """A short chat call the proxy makes for itself (retrieval's `verify:` check of a borderline hit),
@@ -52,4 +54,4 @@ class EmbeddingClient:
             )
         text = "\n".join(str(m.get("content", "")) for m in body.get("messages", ()))  # no usage: count it
         prompt = self._estimator.counter(answered).text(text)
-        return EmbeddingReply(data, answered, prompt + 1, self._estimator.prices.cost(answered, prompt, 1))
+        return EmbeddingReply(data, answered, prompt + 1, self._estimator.prices.cost(answered, prompt, 1), True)

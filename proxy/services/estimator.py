@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from proxy.config.models import PolicyFile
-from proxy.errors import ContextLengthExceeded
+from proxy.errors import ContextLengthExceeded, InvalidRequest
 from proxy.services.pricing import PriceBook
 from proxy.services.tokens import TokenCounter, counter_for
 from proxy.wire import sse
@@ -25,25 +25,59 @@ class Estimator:
         self._counters: dict[str, TokenCounter] = {
             name: counter_for(cfg.upstream_model or name, cfg.tokenizer) for name, cfg in policy.models.items()
         }
+        self._window_fallbacks = {name: cfg.context_window_fallbacks for name, cfg in policy.models.items()}
 
     def counter(self, model: str) -> TokenCounter:
         return self._counters[model]
 
+    def _prompt_tokens(self, ctx: RequestContext, model: str) -> tuple[int, int]:
+        n, prompts = (ctx.wire or BY_ENDPOINT[ctx.endpoint]).count_prompt(self._counters[model], ctx.body)
+        return (n if ctx.known_prompt_tokens is None else ctx.known_prompt_tokens), prompts
+
+    def _fits(self, model: str, n: int, prompts: int) -> bool:
+        limit = self.prices.price(model).max_input_tokens
+        return not limit or n <= limit * prompts
+
     def count_prompt(self, ctx: RequestContext) -> None:
-        """Prompt tokens of the request for its model, checked against the model's context window."""
+        """Prompt tokens of the request for its model, checked against the model's context window; a
+        prompt too long for it goes to the first of its `context_window_fallbacks` whose window fits."""
         wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
-        n, prompts = wire.count_prompt(self._counters[ctx.model], ctx.body)
-        if ctx.known_prompt_tokens is not None:
-            n = ctx.known_prompt_tokens
-        limit = self.prices.price(ctx.model).max_input_tokens
-        if limit and n > limit * prompts:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens. However, your request has {n} "
-                f"prompt tokens. Please reduce the length of the {wire.prompt_param}.",
-                param=wire.prompt_param,
-            )
+        n, prompts = self._prompt_tokens(ctx, ctx.model)
+        if not self._fits(ctx.model, n, prompts):
+            for fallback in self._window_fallbacks[ctx.model]:
+                fb_n, fb_prompts = self._prompt_tokens(ctx, fallback)  # its own tokenizer may count otherwise
+                if self._fits(fallback, fb_n, fb_prompts):
+                    ctx.model = fallback
+                    ctx.policies.append("context-window-fallback")
+                    n, prompts = fb_n, fb_prompts
+                    break
+            else:
+                limit = self.prices.price(ctx.model).max_input_tokens
+                windows = [self.prices.price(f).max_input_tokens or 0 for f in self._window_fallbacks[ctx.model]]
+                widest = f" ({max(windows)} with its context-window fallbacks)" if windows else ""
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {limit} tokens{widest}. However, your request has "
+                    f"{n} prompt tokens. Please reduce the length of the {wire.prompt_param}.",
+                    param=wire.prompt_param,
+                )
         ctx.prompt_tokens = n
         ctx.prompt_count = prompts
+
+    def check_output_cap(self, ctx: RequestContext) -> None:
+        """`max_tokens` / `max_completion_tokens` within the model's output cap (400 otherwise, as OpenAI
+        answers): before any reservation, so an impossible request never looks like a budget problem."""
+        cap = self.prices.price(ctx.model).max_output_tokens
+        if not cap or ctx.endpoint == Endpoint.EMBEDDINGS:
+            return
+        for name in ("max_completion_tokens", "max_tokens"):
+            asked = ctx.body.get(name)
+            if isinstance(asked, int) and asked > cap:
+                raise InvalidRequest(
+                    f"{name} is too large: {asked}. This model supports at most {cap} completion tokens, "
+                    f"whereas you provided {asked}.",
+                    param=name,
+                    code="invalid_value",
+                )
 
     def reprice(self, ctx: RequestContext) -> None:
         """Worst-case output and cost estimate for the request as it stands (after policies changed it)."""
@@ -52,12 +86,10 @@ class Estimator:
         if ctx.endpoint == Endpoint.EMBEDDINGS:
             ctx.max_output_tokens = 0
         else:
-            per_choice = (
-                body.get("max_completion_tokens")
-                or body.get("max_tokens")
-                or price.max_output_tokens
-                or self._default_max_output
-            )
+            cap = price.max_output_tokens
+            per_choice = body.get("max_completion_tokens") or body.get("max_tokens") or cap or self._default_max_output
+            if cap:  # a model routed to after the check cannot generate more than its cap either
+                per_choice = min(per_choice, cap)
             ctx.max_output_tokens = per_choice * (body.get("n") or 1) * ctx.prompt_count
         ctx.cost_estimate = price.cost(ctx.prompt_tokens, ctx.max_output_tokens)
 

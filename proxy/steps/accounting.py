@@ -60,8 +60,9 @@ class RecordUsage(Step):
         if not (input_tokens or output_tokens or ctx.saved):
             return
         model = ctx.answered_by or ctx.model
-        metrics.child(metrics.TOKENS, team, model, "input").inc(input_tokens)
-        metrics.child(metrics.TOKENS, team, model, "output").inc(output_tokens)
+        source = "counted" if used is not None and used.counted else "reported"
+        metrics.child(metrics.TOKENS, team, model, "input", source).inc(input_tokens)
+        metrics.child(metrics.TOKENS, team, model, "output", source).inc(output_tokens)
         metrics.child(metrics.TOKEN_USAGE, model, "input").observe(input_tokens)
         if output_tokens:
             metrics.child(metrics.TOKEN_USAGE, model, "output").observe(output_tokens)
@@ -88,7 +89,8 @@ class RecordUsage(Step):
         for call in ctx.embeddings.calls:
             if call.embedder == "local" and not call.cost:
                 continue
-            metrics.TOKENS.labels(team, call.embedder, "input").inc(call.tokens)
+            source = "counted" if call.counted else "reported"
+            metrics.TOKENS.labels(team, call.embedder, "input", source).inc(call.tokens)
             metrics.SPEND.labels(team, call.embedder).inc(call.cost)
             try:
                 await self._store.record_usage(

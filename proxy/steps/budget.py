@@ -15,9 +15,9 @@ from proxy.config.models import BudgetConfig
 from proxy.errors import BudgetExceeded
 from proxy.pipeline.context import BudgetSlot, RequestContext
 from proxy.pipeline.step import Step
-from proxy.services.budget_ledger import BudgetLedger
+from proxy.services.budget_ledger import BudgetLedger, budget_headers, seconds_until_reset
 from proxy.services.estimator import Estimator
-from proxy.store.base import NANO, to_nano
+from proxy.store.base import NANO, BudgetScope, to_nano
 
 
 class EnforceBudget(Step):
@@ -30,7 +30,8 @@ class EnforceBudget(Step):
         self._allowed = allowed
 
     async def on_request(self, ctx: RequestContext) -> None:
-        scopes = self._ledger.scopes(ctx.team, ctx.key_id, time.time())
+        now = time.time()
+        scopes = self._ledger.scopes(ctx.team, ctx.key_id, now)
         if not scopes or ctx.dry_run:
             return
         plain = [s for s, _ in scopes]
@@ -49,18 +50,40 @@ class EnforceBudget(Step):
                 amount = to_nano(ctx.cost_estimate)
                 result = await self._store.reserve_budget(plain, amount)
             if result is None or not result.ok:
-                failed = scopes[result.failed if result else 0][0]
-                self._ledger.remember(failed, result.used_nano[-1] if result else failed.limit_nano)
+                failed, failed_cfg = scopes[result.failed if result else 0]
+                used = result.used_nano[-1] if result else failed.limit_nano
+                self._ledger.remember(failed, used)
                 metrics.RATE_LIMITED.labels(ctx.team, "budget").inc()
-                which = "your team's" if failed.name == "team" else "this key's"
-                raise BudgetExceeded(
-                    f"This request could cost up to ${ctx.cost_estimate:.6f}, which does not fit in {which} "
-                    f"budget of ${failed.limit_nano / NANO:.2f} for this {cfg.period}. Lower max_tokens or wait "
-                    "for the next period."
-                )
+                raise self._refusal(ctx, failed, failed_cfg, used, now)
         ctx.budget = BudgetSlot(plain, amount)
         for scope, used in zip(plain, result.used_nano, strict=True):
             self._ledger.remember(scope, used)
+        # The scope with the least left is the one the client needs to know of.
+        tightest = min(range(len(plain)), key=lambda i: plain[i].limit_nano - result.used_nano[i])
+        headers = budget_headers(plain[tightest], scopes[tightest][1].period, result.used_nano[tightest], now)
+        ctx.extra_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+
+    @staticmethod
+    def _refusal(ctx: RequestContext, scope: BudgetScope, cfg: BudgetConfig, used: int, now: float) -> BudgetExceeded:
+        """The 429: how much the request could cost, the budget it does not fit, and when that resets
+        (`Retry-After`). Retrying sooner helps only if requests in flight settle below what they reserved,
+        so the SDKs are told not to retry on their own (`x-should-retry: false`)."""
+        which = "your team's" if scope.name == "team" else "this key's"
+        headers = budget_headers(scope, cfg.period, used, now)
+        reset = seconds_until_reset(cfg.period, now)
+        if reset is not None:
+            headers["retry-after"] = str(reset)
+            when = f"the budget resets in {reset} s (at the start of the next {cfg.period}, UTC)"
+        else:
+            when = "the budget has no period and does not reset"
+        headers["x-should-retry"] = "false"
+        period = "in total" if cfg.period == "none" else f"for this {cfg.period}"
+        return BudgetExceeded(
+            f"This request could cost up to ${ctx.cost_estimate:.6f}, which does not fit in {which} budget of "
+            f"${scope.limit_nano / NANO:.2f} {period} (${max(0, scope.limit_nano - used) / NANO:.6f} left); "
+            f"lower max_tokens or wait: {when}.",
+            headers=headers,
+        )
 
     def _can_downgrade(self, ctx: RequestContext, cfg: BudgetConfig) -> bool:
         return cfg.downgrade_to != ctx.model and cfg.downgrade_to in self._allowed.get(ctx.team, ())

@@ -16,6 +16,7 @@ class CountTokens(Step):
 
     async def on_request(self, ctx: RequestContext) -> None:
         self._estimator.count_prompt(ctx)
+        self._estimator.check_output_cap(ctx)
         self._estimator.reprice(ctx)
         ctx.counterfactual_estimate = ctx.cost_estimate
 

@@ -41,7 +41,12 @@ class LogRequests(Step):
             "route": ctx.route,
             "policies": ctx.policies,
             "prompt_tokens": ctx.prompt_tokens,
-            "usage": {"prompt_tokens": ctx.input_tokens, "completion_tokens": ctx.output_tokens},
+            # counted: the upstream reported no usage, so these are the proxy's own count (its tokenizer)
+            "usage": {
+                "prompt_tokens": ctx.input_tokens,
+                "completion_tokens": ctx.output_tokens,
+                "counted": ctx.usage is not None and ctx.usage.counted,
+            },
             "cost_usd": ctx.billed(),
             "saved_usd": ctx.saved,
             "body": {**body, "model": ctx.model_requested},

@@ -8,6 +8,7 @@ field passes through untouched. Fields that would let a client choose the upstre
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from proxy.errors import InvalidRequest
@@ -20,6 +21,10 @@ from proxy.wire.upstream_fields import forbidden_field
 
 _JSON_TYPES = {str: "a string", bool: "a boolean", float: "a number", list: "an array", dict: "an object"}
 MAX_N = 128
+MAX_MODEL_CHARS = 256
+# The model name is copied into response headers and log lines: no control characters (a line break or NUL
+# there would break the response), and a bounded length.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # OpenAI's limits for `metadata`: at most 16 pairs of strings, keys up to 64 and values up to 512 chars.
 _METADATA_PAIRS, _METADATA_KEY, _METADATA_VALUE = 16, 64, 512
 
@@ -68,6 +73,12 @@ class ValidateRequest(Step):
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
+        if len(model) > MAX_MODEL_CHARS or _CONTROL.search(model):
+            raise InvalidRequest(
+                f"'model' must be at most {MAX_MODEL_CHARS} characters without control characters (line breaks, NUL).",
+                param="model",
+                code="invalid_model",
+            )
         (ctx.wire or BY_ENDPOINT[ctx.endpoint]).validate(body)  # the format's own fields
         _check_metadata(body.get("metadata"))
         _positive_int(body, "max_tokens")

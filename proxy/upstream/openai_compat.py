@@ -7,6 +7,7 @@ are relayed event by event as they arrive.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,6 +59,51 @@ class StreamHandle:
 
 def _error_kind(status: int) -> str:
     return "429" if status == 429 else "5xx"
+
+
+# An upstream's own explanation of a 4xx, relayed to the client: bounded, on one line.
+MAX_UPSTREAM_MESSAGE = 1000
+_TAG = re.compile(r"<[^>]{0,200}>")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]+")
+
+
+def _detail_text(item: object) -> str:
+    """One entry of FastAPI's (infinity's, TEI's) `detail` list, `{"loc": [...], "msg": "..."}`, as
+    `body.input: msg`; its `input` (which may echo the client's text) is left out."""
+    if isinstance(item, dict) and isinstance(item.get("msg"), str):
+        loc = item.get("loc")
+        where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+        return f"{where}: {item['msg']}" if where else item["msg"]
+    return item if isinstance(item, str) else orjson.dumps(item).decode()
+
+
+def upstream_error_message(body: bytes) -> str:
+    """The message of a 4xx body that is not an OpenAI error: `detail` (FastAPI), `message`, `error`
+    (a string), or the text itself with any HTML tags dropped; control characters become spaces and the
+    length is bounded."""
+    text: str | None = None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        found = next((data[k] for k in ("detail", "message", "error", "msg") if data.get(k)), None)
+        if isinstance(found, list):
+            text = "; ".join(_detail_text(item) for item in found[:10])
+        elif found is not None:
+            text = found if isinstance(found, str) else orjson.dumps(found).decode()
+    if text is None:
+        text = _TAG.sub(" ", body[: MAX_UPSTREAM_MESSAGE * 4].decode("utf-8", "replace"))
+    text = _CONTROL_OR_SPACE.sub(" ", text).strip()
+    if len(text) > MAX_UPSTREAM_MESSAGE:
+        text = text[: MAX_UPSTREAM_MESSAGE - 1] + "…"
+    return text or "(no explanation)"
+
+
+def openai_error_body(status: int, body: bytes) -> bytes:
+    """A non-OpenAI 4xx body wrapped into the OpenAI error shape, keeping the upstream's message."""
+    message = f"The upstream answered HTTP {status}: {upstream_error_message(body)}"
+    return orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}})
 
 
 def _looks_like_openai_error(body: bytes) -> bool:
@@ -114,9 +160,10 @@ class OpenAICompatUpstream:
                 body=body,
                 retry_after=parse_retry_after(resp.headers.get("retry-after")),
             )
-        if _looks_like_openai_error(body):
-            raise UpstreamHTTPError(status, body)
-        raise BadGateway(f"The upstream answered HTTP {status} with a body that is not an OpenAI error.")
+        # A 4xx is about the request: relayed with its status, its body wrapped into the OpenAI shape when
+        # the server speaks another (infinity's and TEI's FastAPI `{"detail": [...]}`), so the client
+        # still reads the server's explanation.
+        raise UpstreamHTTPError(status, body if _looks_like_openai_error(body) else openai_error_body(status, body))
 
     async def send(self, endpoint: str, body: dict[str, Any]) -> UpstreamReply:
         return await self.post_json(_PATHS[endpoint], body)
