@@ -19,6 +19,7 @@ from proxy.errors import ProxyError, Unauthorized
 from proxy.http.admin_auth import require_master_key
 from proxy.http.asgi import check_content_type
 from proxy.http.kb_routes import add_kb_routes
+from proxy.http.keys_routes import add_key_routes
 from proxy.http.metrics_export import render_metrics, worker_started, worker_stopped
 from proxy.http.savings_report import savings_report
 from proxy.http.state import ProxyState
@@ -179,4 +180,5 @@ def build_ops_app(state: ProxyState) -> FastAPI:
         return {"store": state.store.name, "teams": out}
 
     add_kb_routes(app, state)
+    add_key_routes(app, state)
     return app

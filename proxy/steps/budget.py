@@ -30,7 +30,7 @@ class EnforceBudget(Step):
         self._allowed = allowed
 
     async def on_request(self, ctx: RequestContext) -> None:
-        scopes = self._ledger.scopes(ctx.team, ctx.key_id, time.time())
+        scopes = self._ledger.scopes(ctx.team, ctx.key_id, time.time(), ctx.key_rights)
         if not scopes or ctx.dry_run:
             return
         plain = [s for s, _ in scopes]
@@ -79,7 +79,7 @@ class EnforceBudget(Step):
                 scopes = (
                     slot.scopes
                     if slot is not None
-                    else [s for s, _ in self._ledger.scopes(ctx.team, ctx.key_id, time.time())]
+                    else [s for s, _ in self._ledger.scopes(ctx.team, ctx.key_id, time.time(), ctx.key_rights)]
                 )
                 if scopes:
                     await self._store.settle_budget(scopes, 0, spent)
