@@ -1,4 +1,5 @@
-"""The `llm-numbers-proxy` command: serve | check | explain | replay | hash-key | mock-upstream | reference-backend."""
+"""The `llm-numbers-proxy` command: serve | check | explain | replay | hash-key | keys | kb | mock-upstream |
+reference-backend."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 
 from proxy.config import ConfigError, ConfigIssue, load_policy_file
+from proxy.keys_command import add_keys_parser
 from proxy.retrieval.commands import add_kb_parser
 
 
@@ -258,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_reference_backend)
 
     add_kb_parser(sub)
+    add_keys_parser(sub)
     return p
 
 

@@ -141,7 +141,7 @@ class Gateway:
         created = int(self.state.started_at)
         data = [
             {"id": m, "object": "model", "created": created, "owned_by": runtime.policy.models[m].provider}
-            for m in runtime.models_for(ctx.team or "")
+            for m in runtime.models_for(ctx.team or "", ctx.key_rights)
         ]
         await send_json(send, 200, orjson.dumps({"object": "list", "data": data}), [])
 
@@ -149,6 +149,8 @@ class Gateway:
         runtime = self.state.runtime  # this request keeps this runtime even if a reload swaps it
         headers = request_headers(scope)
         ctx = RequestContext(request_id=secrets.token_hex(12), endpoint=wire.endpoint, headers=headers, wire=wire)
+        if self.state.tracing is not None:
+            self.state.tracing.start(ctx)
         try:
             check_content_type(headers)
             ctx.raw = await read_body(receive, headers, runtime.policy.server.max_body_bytes)
@@ -181,7 +183,11 @@ class Gateway:
             err = ProxyError("The proxy failed unexpectedly; the request id is in x-llm-proxy-request-id.")
             await send_error(send, err, _proxy_headers(ctx, False))
         finally:
-            await runtime.pipeline.run_settle(ctx)
+            try:
+                await runtime.pipeline.run_settle(ctx)
+            finally:
+                if ctx.trace is not None:
+                    ctx.trace.end(ctx)
 
     async def _forward(self, ctx: RequestContext, runtime: Runtime, receive: Receive, send: Send) -> None:
         ctx.sent_upstream = True

@@ -20,6 +20,7 @@ from proxy.http.admin_auth import require_master_key
 from proxy.http.asgi import check_content_type
 from proxy.http.feedback import add_feedback_routes
 from proxy.http.kb_routes import add_kb_routes
+from proxy.http.keys_routes import add_key_routes
 from proxy.http.metrics_export import render_metrics, worker_started, worker_stopped
 from proxy.http.savings_report import savings_report
 from proxy.http.state import ProxyState
@@ -182,4 +183,5 @@ def build_ops_app(state: ProxyState) -> FastAPI:
 
     add_kb_routes(app, state)
     add_feedback_routes(app, state)
+    add_key_routes(app, state)
     return app

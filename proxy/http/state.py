@@ -14,7 +14,10 @@ from proxy.config import PolicyFile
 from proxy.config.reload import Reloader
 from proxy.pipeline.runtime import Runtime
 from proxy.services.request_log import RequestLogWriter
+from proxy.services.runtime_keys import RuntimeKeys
+from proxy.services.tracing import Tracing, tracing_from_env
 from proxy.store import Store, build_store
+from proxy.store.keys import AuditLog, MemoryAuditLog, RedisKeyStore, build_key_store
 
 if TYPE_CHECKING:
     from proxy.retrieval.service import Retrieval
@@ -66,13 +69,21 @@ class ProxyState:
         self.started_at = time.time()
         self._policy = policy
         self.retrieval: Retrieval | None = None  # built when a policy file first uses collections
-        self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "")
+        # Runtime keys and a shared audit log need Redis; the embedded store keeps the audit in process.
+        self.key_store: RedisKeyStore | None = build_key_store(self.store)
+        self.runtime_keys = RuntimeKeys(self.key_store) if self.key_store is not None else None
+        self.audit: AuditLog = self.key_store if self.key_store is not None else MemoryAuditLog()
+        self.tracing: Tracing | None = None  # from the OTEL_* variables, in start (each worker its own)
+        self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "", runtime_keys=self.runtime_keys)
         self.in_flight = InFlight()
 
     async def start(self) -> None:
         start_store = getattr(self.store, "start", None)
         if start_store is not None:
             await start_store()
+        if self.runtime_keys is not None:
+            await self.runtime_keys.start()
+        self.tracing = tracing_from_env()
         connector = aiohttp.TCPConnector(
             limit=self._policy.server.max_connections, ttl_dns_cache=300, keepalive_timeout=30
         )
@@ -112,6 +123,7 @@ class ProxyState:
             self.config_path or "",
             self._log_writer(policy),
             retrieval=self._retrieval_for(policy),
+            runtime_keys=self.runtime_keys,
         )
         self._policy = policy
         self.runtime = runtime
@@ -134,4 +146,8 @@ class ProxyState:
             await self.reloader.stop()
         if self.session is not None:
             await self.session.close()
+        if self.runtime_keys is not None:
+            await self.runtime_keys.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # the last spans, within the export timeout
         await self.store.close()

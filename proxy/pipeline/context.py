@@ -52,6 +52,8 @@ class RequestContext:
     # who
     team: str | None = None
     key_id: str | None = None  # a short fingerprint of the virtual key, never the key
+    key_rights: Any = None  # a runtime key's own narrowed rights (KeyRights); None for policy-file keys
+    trace: Any = None  # the request's trace (RequestTrace) when tracing is on
     # what
     raw: bytes = b""
     body: dict[str, Any] = field(default_factory=dict)

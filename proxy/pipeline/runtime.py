@@ -4,7 +4,7 @@ with until it ends."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -18,6 +18,7 @@ from proxy.services.estimator import Estimator
 from proxy.services.keyring import KeyRing
 from proxy.services.pricing import PriceBook
 from proxy.services.request_log import RequestLogWriter
+from proxy.services.runtime_keys import RuntimeKeys
 from proxy.services.tasks import TaskClassifier
 from proxy.services.team_models import allowed_models
 from proxy.steps.accounting import RecordUsage
@@ -25,6 +26,7 @@ from proxy.steps.apply_policies import ApplyPolicies
 from proxy.steps.auth import Authenticate
 from proxy.steps.budget import EnforceBudget
 from proxy.steps.count_tokens import CountTokens
+from proxy.steps.key_usage import NoteKeyUse
 from proxy.steps.limits import EnforceRateLimits
 from proxy.steps.log_request import LogRequests
 from proxy.steps.model_access import ResolveModel
@@ -47,12 +49,13 @@ class Runtime:
         source: str = "",
         log_writer: RequestLogWriter | None = None,
         retrieval: Retrieval | None = None,
+        runtime_keys: RuntimeKeys | None = None,
     ):
         self.policy = policy
         self.source = source
         # services: plain objects shared by the steps
         self.prices = PriceBook(policy.models)
-        self.keyring = KeyRing(policy.teams)
+        self.keyring = KeyRing(policy.teams, runtime_keys)
         self.allowed = allowed_models(policy)
         self.estimator = Estimator(policy, self.prices)
         self.ledger = BudgetLedger(policy, store)
@@ -87,8 +90,11 @@ class Runtime:
             steps.append(SettleRetrieval(store))
         if log_writer is not None:
             steps.append(LogRequests(policy.log, log_writer))
+        if runtime_keys is not None:
+            steps.append(NoteKeyUse(runtime_keys))
         # Only a networked store (or retrieval, which may embed remotely) makes settle hooks wait.
         self.pipeline = Pipeline(steps, concurrent_settle=store.name != "memory" or self.retrieval is not None)
 
-    def models_for(self, team: str) -> list[str]:
-        return sorted(self.allowed.get(team, ()))
+    def models_for(self, team: str, rights: Any = None) -> list[str]:
+        allowed = self.allowed.get(team, ())
+        return sorted(m for m in allowed if rights is None or rights.allows(m))

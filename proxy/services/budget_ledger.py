@@ -6,6 +6,7 @@ from __future__ import annotations
 import calendar
 import math
 import time
+from typing import Any
 
 from proxy import metrics
 from proxy.config.models import BudgetConfig, PolicyFile
@@ -69,11 +70,14 @@ class BudgetLedger:
         self._used_fraction: dict[str, tuple[str, float]] = {}  # team -> (period, last known fraction)
         # (team, key) -> (UTC day number, its scopes): periods change only at midnight UTC, so the
         # scopes (period ids from strftime, key names) are built once a day per key, not per request.
-        self._scopes: dict[tuple[str | None, str | None], tuple[int, list[tuple[BudgetScope, BudgetConfig]]]] = {}
+        self._scopes: dict[tuple[str | None, str | None, bool], tuple[int, list[tuple[BudgetScope, BudgetConfig]]]] = {}
 
-    def scopes(self, team: str | None, key_id: str | None, now: float) -> list[tuple[BudgetScope, BudgetConfig]]:
+    def scopes(
+        self, team: str | None, key_id: str | None, now: float, rights: Any = None
+    ) -> list[tuple[BudgetScope, BudgetConfig]]:
+        """The scopes a request draws on; `rights` (a runtime key's KeyRights) adds the key's own budget."""
         day = int(now // 86400)
-        cached = self._scopes.get((team, key_id))
+        cached = self._scopes.get((team, key_id, rights is not None))
         if cached is not None and cached[0] == day:
             return cached[1]
         cfg = self._teams.get(team)
@@ -84,9 +88,11 @@ class BudgetLedger:
             out.append((scope_for(team, "team", cfg.budget, now), cfg.budget))
         if cfg.key_budget is not None:
             out.append((scope_for(team, f"key:{key_id}", cfg.key_budget, now), cfg.key_budget))
+        if rights is not None and rights.budget is not None:  # a runtime key's own budget, on top of the team's
+            out.append((scope_for(team, f"vkey:{rights.id}", rights.budget, now), rights.budget))
         if len(self._scopes) > 65536:  # keys are bounded by the config; this bounds a pathological one
             self._scopes.clear()
-        self._scopes[(team, key_id)] = (day, out)
+        self._scopes[(team, key_id, rights is not None)] = (day, out)
         return out
 
     async def used_fraction(self, team: str | None, key_id: str | None) -> float:

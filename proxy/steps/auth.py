@@ -24,6 +24,10 @@ class Authenticate(Step):
                 code="missing_api_key",
             )
         found = self.keyring.team_for(key)
-        if found is None:
+        if found is not None:
+            ctx.team, ctx.key_id = found
+            return
+        granted = await self.keyring.runtime_key(key)  # a key made through /admin/keys (None: no such key)
+        if granted is None:
             raise Unauthorized("Invalid API key.")
-        ctx.team, ctx.key_id = found
+        ctx.team, ctx.key_id, ctx.key_rights = granted

@@ -31,7 +31,7 @@ class EnforceBudget(Step):
 
     async def on_request(self, ctx: RequestContext) -> None:
         now = time.time()
-        scopes = self._ledger.scopes(ctx.team, ctx.key_id, now)
+        scopes = self._ledger.scopes(ctx.team, ctx.key_id, now, ctx.key_rights)
         if not scopes or ctx.dry_run:
             return
         plain = [s for s, _ in scopes]
@@ -102,7 +102,7 @@ class EnforceBudget(Step):
                 scopes = (
                     slot.scopes
                     if slot is not None
-                    else [s for s, _ in self._ledger.scopes(ctx.team, ctx.key_id, time.time())]
+                    else [s for s, _ in self._ledger.scopes(ctx.team, ctx.key_id, time.time(), ctx.key_rights)]
                 )
                 if scopes:
                     await self._store.settle_budget(scopes, 0, spent)

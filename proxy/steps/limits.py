@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from proxy import metrics
 from proxy.config.models import LimitsConfig, PolicyFile
@@ -54,16 +55,18 @@ class EnforceRateLimits(Step):
     def windows(self, ctx: RequestContext) -> list[LimitWindow]:
         plan = self._plans.get((ctx.team, ctx.key_id))
         if plan is None:
-            plan = self._plan(ctx.team, ctx.key_id)
+            plan = self._plan(ctx.team, ctx.key_id, ctx.key_rights)
         # A request window (cost 1) is the same object every time; token windows carry the prompt's count.
         return [LimitWindow(w.team, w.name, w.limit, ctx.prompt_tokens) if tpm else w for w, tpm in plan]
 
-    def _plan(self, team: str | None, key_id: str | None) -> list[tuple[LimitWindow, bool]]:
+    def _plan(self, team: str | None, key_id: str | None, rights: Any = None) -> list[tuple[LimitWindow, bool]]:
         cfg = self._teams.get(team)
-        if cfg is None or (cfg.limits is None and cfg.key_limits is None):
+        own = rights.limits if rights is not None else None  # a runtime key's own limits, on top of the team's
+        if cfg is None or (cfg.limits is None and cfg.key_limits is None and own is None):
             plan = []
         else:
             windows = _windows(team, "team", cfg.limits, 0) + _windows(team, f"key:{key_id}", cfg.key_limits, 0)
+            windows += _windows(team, f"vkey:{key_id}", own, 0)
             plan = [(w, w.name.endswith(":tpm")) for w in windows]
         if len(self._plans) > 65536:  # keys are bounded by the config; this bounds a pathological one
             self._plans.clear()

@@ -268,7 +268,7 @@ class RedisStore:
     name = "redis"
 
     def __init__(self, url: str, config: StoreConfig):
-        self._prefix = config.key_prefix
+        self._prefix = self.prefix = config.key_prefix
         self._writer = secrets.token_hex(6)
         self._writes = itertools.count()
         if url.startswith("redis+cluster://"):

@@ -40,6 +40,7 @@ class Call(Protocol):
     max_output_tokens: int
     answered_by: str | None
     upstream_seconds: float
+    trace: Any  # the request's trace (proxy.services.tracing.RequestTrace) when tracing is on, else None
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +57,12 @@ class DispatchRequest:
     max_output_tokens: int = 0
     answered_by: str | None = None
     upstream_seconds: float = field(default=0.0)
+    trace: Any = None
+
+
+def _traced(ctx: Call, name: str, upstream: Upstream, call: Callable[[Upstream], Awaitable[T]]) -> Any:
+    """One upstream attempt in a child span of the request's trace (each retry gets its own)."""
+    return lambda: ctx.trace.upstream_attempt(name, call(upstream))
 
 
 class Stream(Protocol):
@@ -118,7 +125,8 @@ class Dispatcher:
 
             started = time.perf_counter()
             try:
-                result = await call_with_retries(lambda u=upstream: call(u), self._retry[name], on_retry)
+                attempt = (lambda u=upstream: call(u)) if ctx.trace is None else _traced(ctx, name, upstream, call)
+                result = await call_with_retries(attempt, self._retry[name], on_retry)
             except RetryableUpstreamError as e:
                 metrics.UPSTREAM_ERRORS.labels(name, e.kind).inc()
                 last = e.as_proxy_error()

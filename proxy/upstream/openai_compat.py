@@ -18,6 +18,7 @@ from proxy.config.models import ModelConfig
 from proxy.errors import BadGateway, UpstreamHTTPError
 from proxy.upstream.reply import UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError, parse_retry_after
+from proxy.upstream.trace_headers import TRACE_HEADERS
 
 OPENAI_API_BASE = "https://api.openai.com/v1"
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
@@ -141,7 +142,9 @@ class OpenAICompatUpstream:
 
     async def _post(self, path: str, payload: bytes, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
         try:
-            return await self._session.post(self._base + path, data=payload, headers=self._headers, timeout=timeout)
+            trace = TRACE_HEADERS.get()  # the attempt's traceparent, when tracing is on
+            headers = self._headers if trace is None else {**self._headers, **trace}
+            return await self._session.post(self._base + path, data=payload, headers=headers, timeout=timeout)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
             raise RetryableUpstreamError("connect", type(e).__name__) from None
         except TimeoutError:
