@@ -302,12 +302,11 @@ def test_the_measurement_budget_bounds_shadow_spend_shared_through_redis(session
             for i in range(6):
                 raw = _ask(server, "route", f"Budgeted question {i}.")
                 assert raw.http_response.status_code == 200 and raw.headers["x-llm-proxy-model"] == "small"
-            done = lambda: (
-                _judged(server, "cheap-route")
-                + metric(  # noqa: E731
-                    server, "llm_proxy_shadow_dropped_total", policy="cheap-route", reason="budget"
-                )
-            )
+
+            def done() -> float:
+                dropped = metric(server, "llm_proxy_shadow_dropped_total", policy="cheap-route", reason="budget")
+                return _judged(server, "cheap-route") + dropped
+
             wait_for(lambda: done() == 6, "six measurements judged or refused")
             judged = _judged(server, "cheap-route")
             assert 1 <= judged < 6

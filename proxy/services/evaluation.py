@@ -340,8 +340,9 @@ class ShadowEvaluator:
         for counts in rows.values():
             total.add(counts)
         quality = quality_retained(total.win, total.tie, total.loss)
-        for bound, value in (("estimate", quality.share), ("low", quality.low), ("high", quality.high)):
-            metrics.child(metrics.SHADOW_QUALITY, policy, bound).set(value)
+        if quality.n:  # with nothing judged there is no figure to show (not a share of 1.0)
+            for bound, value in (("estimate", quality.share), ("low", quality.low), ("high", quality.high)):
+                metrics.child(metrics.SHADOW_QUALITY, policy, bound).set(value)
         self.floor.judge(policy, quality)
         return quality
 
