@@ -33,8 +33,6 @@ class EvaluationConfig(_Strict):
     window_days: Annotated[int, Field(ge=1, le=90)] = 7
     # Teams whose requests are never shadowed (their prompts never leave for a second call).
     exclude_teams: list[str] = []
-    # Teams that allow their judged prompts to be kept as router labels (opt-in; none by default).
-    retain_prompts: list[str] = []
 
 
 class ShadowConfig(_Strict):

@@ -374,10 +374,9 @@ def _evaluation_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], 
                 errors.append((("evaluation", "judge"), f"unknown model '{ev.judge}' (define it under models:)"))
             elif judge.mode != "chat":
                 errors.append((("evaluation", "judge"), f"model '{ev.judge}' is not a chat model"))
-        for field in ("exclude_teams", "retain_prompts"):
-            for i, team in enumerate(getattr(ev, field)):
-                if team not in policy.teams:
-                    errors.append((("evaluation", field, i), f"unknown team '{team}'"))
+        for i, team in enumerate(ev.exclude_teams):
+            if team not in policy.teams:
+                errors.append((("evaluation", "exclude_teams", i), f"unknown team '{team}'"))
     for i, p in enumerate(policy.policies):
         if p.shadow is None:
             continue
