@@ -226,3 +226,43 @@ EMBEDDING_DURATION = Histogram(
     ["embedder"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+SHADOW_JUDGEMENTS = Counter(
+    "llm_proxy_shadow_judgements",
+    "Shadow comparisons of a cost policy's answer with the counterfactual's, by policy and outcome "
+    "(win, tie, loss, unjudged).",
+    ["policy", "outcome"],
+)
+SHADOW_DROPPED = Counter(
+    "llm_proxy_shadow_dropped",
+    "Sampled shadow evaluations not made, by policy and reason (queue_full, budget, store_down, shadow_error).",
+    ["policy", "reason"],
+)
+SHADOW_JUDGE_ERRORS = Counter(
+    "llm_proxy_shadow_judge_errors",
+    "Judge calls that gave no verdict, by judge model and kind (unparseable, error, timeout): the pair is unjudged.",
+    ["model", "kind"],
+)
+SHADOW_SPEND = Counter(
+    "llm_proxy_shadow_spend_usd",
+    "Measurement spend in USD (never a team's), by model and kind (shadow: the counterfactual call; judge).",
+    ["model", "kind"],
+)
+SHADOW_QUALITY = Gauge(
+    "llm_proxy_shadow_quality_retained",
+    "Share of judged shadow pairs where the policy's answer is at least as good, over the floor's window, by "
+    "policy and bound (estimate, low, high: the Wilson 95% interval).",
+    ["policy", "bound"],
+    multiprocess_mode="mostrecent",
+)
+SHADOW_POLICY_STOPPED = Gauge(
+    "llm_proxy_shadow_policy_stopped",
+    "1 when a policy has stopped acting because its measured quality fell below its min_quality floor (until a "
+    "reload), else 0, by policy.",
+    ["policy"],
+    multiprocess_mode="max",
+)
+SHADOW_QUEUE_DEPTH = Gauge(
+    "llm_proxy_shadow_queue_depth",
+    "Shadow evaluations waiting for a worker.",
+    multiprocess_mode="livesum",
+)

@@ -106,7 +106,16 @@ def start_process(args: list[str], port: int, health_path: str, tmp: Path, env: 
 class MockUpstream(Server):
     def reset(self) -> None:
         httpx.post(self.url + "/mock/reset").raise_for_status()
-        self.configure(reply_tokens=32, usage=True, latency_ms=0, chunk_delay_ms=0, concise_ratio=0.5, length_jitter=0)
+        self.configure(
+            reply_tokens=32,
+            usage=True,
+            latency_ms=0,
+            chunk_delay_ms=0,
+            concise_ratio=0.5,
+            length_jitter=0,
+            judge=None,
+            reply_tokens_by_model={},
+        )
 
     def configure(self, **cfg) -> None:
         httpx.post(self.url + "/mock/config", json=cfg).raise_for_status()

@@ -295,6 +295,7 @@ def _policy(mock_url: str) -> str:
             models: [small]
             budget: {{usd: 0.0005, period: day}}
             limits: {{rpm: 4}}
+        evaluation: {{judge: small, budget_usd_per_day: 5, workers: 2}}
         tasks:
           summarize: {{patterns: ["(?i)summari[sz]e"]}}
         collections:
@@ -309,6 +310,9 @@ def _policy(mock_url: str) -> str:
           - name: be-concise
             when: {{models: [small]}}
             concise: {{instruction: "Be concise.", holdout: 0.5, min_samples: 2}}
+            shadow: {{rate: 1.0}}  # judged by small: no fault of the load touches its upstream model
+            min_quality: 0.5
+            min_samples: 1000  # a floor the load never reaches: the panel shows it did not stop
         """
     )
 
@@ -361,12 +365,16 @@ def _round(proxy: Server, mock: MockUpstream, n: int) -> None:
     assert 429 in statuses, statuses  # rpm
 
 
-def _requests_total(proxy: Server) -> float:
+def _metric_total(proxy: Server, name: str) -> float:
     total = 0.0
     for line in httpx.get(proxy.url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("llm_proxy_requests_total{"):
+        if line.startswith((name + "{", name + " ")):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def _requests_total(proxy: Server) -> float:
+    return _metric_total(proxy, "llm_proxy_requests_total")
 
 
 @dataclass
@@ -380,6 +388,7 @@ def stack(session_tmp: Path, mock_upstream: MockUpstream, tmp_path_factory: pyte
     binary = prometheus_binary()
     started = time.monotonic()
     mock_upstream.reset()
+    mock_upstream.configure(judge="tie")
     proxy = start_proxy(session_tmp, _policy(mock_upstream.url))
     prometheus = None
     try:
@@ -397,6 +406,19 @@ def stack(session_tmp: Path, mock_upstream: MockUpstream, tmp_path_factory: pyte
                 f"Prometheus to scrape round {n} ({expected:.0f} requests)",
                 lambda expected=expected: prometheus.scalar("sum(llm_proxy_requests_total)") == expected,
             )
+
+        # The shadow comparisons run after their requests: wait until the last is judged and scraped.
+        def queued() -> float:
+            return _metric_total(proxy, "llm_proxy_shadow_queue_depth")
+
+        def judged() -> float:
+            return _metric_total(proxy, "llm_proxy_shadow_judgements_total")
+
+        poll("the shadow queue to drain", lambda: judged() > 0 and queued() == 0)
+        poll(
+            "Prometheus to scrape the judgements",
+            lambda: prometheus.scalar("sum(llm_proxy_shadow_judgements_total)") == judged(),
+        )
         # One more scrape: every series, even one born in the last round, then has two samples for rate().
         scraped = time.time()
         poll(
@@ -475,6 +497,11 @@ def test_panels_show_what_the_load_did(stack: Stack):
     assert 0.2 < float(saving["value"][1]) < 0.8, saving  # the mock halves replies asked to be concise
     saved_by = {s["metric"]["policy"] for s in _panel_result(stack, "Saved by policy (USD/hour)")}
     assert {"faq", "cheap-summaries", "be-concise"} <= saved_by, saved_by
+    quality = {
+        s["metric"]["policy"]: float(s["value"][1])
+        for s in _panel_result(stack, "Saving vs quality retained per policy", "B")
+    }
+    assert quality == {"be-concise": 1.0}, quality  # the mock's judge calls every pair a tie
     (hit_rate,) = _panel_result(stack, "Retrieval hit rate")
     assert float(hit_rate["value"][1]) > 0, hit_rate
     refused = {s["metric"]["reason"] for s in _panel_result(stack, "Refused by limits and budgets")}

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.config.capacity import BYTES_PER_PARAM, ModelMemory
+from proxy.config.evaluation import MEASUREMENT_TEAM, EvaluationConfig
 from proxy.config.policies import PolicyConfig, RouteAction, TaskConfig
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -364,6 +365,33 @@ def _retrieval_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], s
     return errors
 
 
+def _evaluation_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], str]]:
+    errors: list[tuple[tuple[str | int, ...], str]] = []
+    ev = policy.evaluation
+    if MEASUREMENT_TEAM in policy.teams:
+        errors.append((("teams", MEASUREMENT_TEAM), "this name is reserved for measurement spend"))
+    if ev is not None:
+        if ev.judge is not None:
+            judge = policy.models.get(ev.judge)
+            if judge is None:
+                errors.append((("evaluation", "judge"), f"unknown model '{ev.judge}' (define it under models:)"))
+            elif judge.mode != "chat":
+                errors.append((("evaluation", "judge"), f"model '{ev.judge}' is not a chat model"))
+        for i, team in enumerate(ev.exclude_teams):
+            if team not in policy.teams:
+                errors.append((("evaluation", "exclude_teams", i), f"unknown team '{team}'"))
+    for i, p in enumerate(policy.policies):
+        if p.shadow is None:
+            continue
+        if ev is None:
+            msg = "shadow evaluation needs an `evaluation:` block (its measurement budget, queue and judge)"
+            errors.append((("policies", i, "shadow"), msg))
+        elif p.shadow.compare == "judge" and ev.judge is None:
+            msg = "compare: judge needs evaluation.judge: MODEL (or compare: exact | json | number)"
+            errors.append((("policies", i, "shadow", "compare"), msg))
+    return errors
+
+
 class PolicyFile(_Strict):
     version: Literal[1] = 1
     server: ServerConfig = ServerConfig()
@@ -376,6 +404,7 @@ class PolicyFile(_Strict):
     log: LogConfig = LogConfig()
     collections: dict[CollectionName, CollectionConfig] = {}
     retrieval: RetrievalConfig = RetrievalConfig()
+    evaluation: EvaluationConfig | None = None  # shadow evaluation (off unless set and a policy has `shadow:`)
 
     def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field checks pydantic cannot express per field: (path, message) pairs."""
@@ -405,6 +434,7 @@ class PolicyFile(_Strict):
                 owner[k] = name
         errors += self._policy_errors()
         errors += _retrieval_errors(self)
+        errors += _evaluation_errors(self)
         return errors
 
     def _context_window(self, name: str) -> int | None:

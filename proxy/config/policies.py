@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from proxy.config.evaluation import ShadowConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -189,6 +191,10 @@ class RetrieveAction(_Strict):
         return field in self.model_fields_set
 
 
+_NOT_ACTIONS = frozenset({"name", "when", "shadow", "min_quality", "min_samples"})
+COST_ACTIONS = frozenset({"route", "concise", "retrieve"})  # the actions shadow evaluation measures
+
+
 class PolicyConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
     when: WhenConfig = WhenConfig()
@@ -197,6 +203,12 @@ class PolicyConfig(_Strict):
     route: RouteAction | None = None
     retrieve: RetrieveAction | None = None
     concise: ConciseAction | None = None
+    # Shadow evaluation of a cost policy (route, concise, retrieve): what it keeps of the answer's quality.
+    shadow: ShadowConfig | None = None
+    # The quality floor: once the upper end of the measured quality-retained interval (Wilson 95%) is
+    # below this with at least `min_samples` judged pairs, the policy stops acting until a reload.
+    min_quality: Annotated[float, Field(gt=0, le=1)] | None = None
+    min_samples: Annotated[int, Field(ge=1)] = 30
 
     @model_validator(mode="after")
     def _exactly_one_action(self) -> PolicyConfig:
@@ -206,9 +218,18 @@ class PolicyConfig(_Strict):
             raise ValueError(f"a policy needs exactly one action of {', '.join(self.action_names())} (found {found})")
         return self
 
+    @model_validator(mode="after")
+    def _shadow_on_a_cost_policy(self) -> PolicyConfig:
+        action = next((n for n in self.action_names() if getattr(self, n) is not None), None)
+        if self.shadow is not None and action not in COST_ACTIONS:
+            raise ValueError(f"shadow evaluation measures cost policies (route, concise, retrieve), not {action}")
+        if self.min_quality is not None and self.shadow is None:
+            raise ValueError("min_quality needs shadow: {rate: ...}: the floor is read off shadow judgements")
+        return self
+
     @classmethod
     def action_names(cls) -> list[str]:
-        return [n for n in cls.model_fields if n not in ("name", "when")]
+        return [n for n in cls.model_fields if n not in _NOT_ACTIONS]
 
     @property
     def action(self) -> str:

@@ -9,7 +9,14 @@ chunks actually written), so a test can hold the proxy's recorded spend against 
 
 For the micro-batcher: the batch endpoint (`POST /v1/batch/chat/completions`, docs/batching.md), faults
 that make a list reply not fit its request (`results`: fewer, duplicate_index, malformed_entry), and
-`hold` faults that keep a request waiting until `POST /mock/release` (so tests can fill a queue).
+`hold` faults that keep a request waiting until `POST /mock/release` (so tests can fill a queue), or
+`hold_after_chunks` that holds a stream part-way.
+
+A judging mode for shadow evaluation (`POST /mock/config {"judge": ...}`): a request carrying the pairwise
+judge prompt (MT-Bench's `[[A]]`/`[[B]]`/`[[C]]` markers) is answered with a verdict: `longer` or
+`shorter` (the answer with more or fewer words wins; same length: a tie), `A`, `B`, `tie`, or `garbage`
+(no verdict). With `reply_tokens_by_model` one upstream model answers shorter, so a judge on `longer`
+makes its answers lose.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class Fault:
     after_chunks: int | None = None  # for streams: break the stream after this many chunks
     hold: bool = False  # wait for POST /mock/release before answering
     results: str | None = None  # list replies: fewer | duplicate_index | malformed_entry
+    hold_after_chunks: int | None = None  # for streams: after this many chunks, wait for POST /mock/release
 
     def matches(self, path: str, model: str | None) -> bool:
         return (self.path is None or self.path == path) and (self.model is None or self.model == model)
@@ -75,8 +83,13 @@ class MockState:
     abandoned: int = 0  # replies nobody was left to receive (the client gave up during a stall)
     held: int = 0
     gate: asyncio.Event | None = None
+    judge: str | None = None  # judging mode: longer | shorter | A | B | tie | garbage (None: answer as usual)
+    reply_tokens_by_model: dict[str, int] = field(default_factory=dict)
 
 
+_JUDGE_ANSWER = re.compile(
+    r"\[The Start of Assistant (A|B)'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.DOTALL
+)
 _BREVITY = re.compile(r"(?i)\b(be (concise|brief)|concisely|briefly|keep it short)\b")
 
 
@@ -97,6 +110,21 @@ def _prompt_text(body: dict[str, Any]) -> str:
         return "\n".join(parts)
     p = body.get("prompt", body.get("input", ""))
     return p if isinstance(p, str) else " ".join(map(str, p))
+
+
+def _verdict(mode: str, prompt: str) -> str | None:
+    """The judge's reply to a pairwise judge prompt in judging mode `mode`, or None for any other prompt."""
+    if "[[A]]" not in prompt or "[[C]]" not in prompt:
+        return None
+    answers = dict(_JUDGE_ANSWER.findall(prompt))
+    if mode == "garbage":
+        return "Both answers have their merits; I would rather not choose."
+    if mode in ("longer", "shorter") and len(answers) == 2:
+        a, b = len(answers["A"].split()), len(answers["B"].split())
+        better = "C" if a == b else ("A" if (a > b) == (mode == "longer") else "B")
+    else:
+        better = {"A": "A", "B": "B"}.get(mode, "C")
+    return f"Having compared both answers: [[{better}]]"
 
 
 def _misfit(entries: list[Any], how: str | None) -> list[Any]:
@@ -138,7 +166,7 @@ class MockUpstream:
                 ("reset", fault.reset),
                 (f"status:{fault.status}" + ("" if fault.body == "json" else f":{fault.body}"), fault.status),
                 ("stream_cut", fault.after_chunks is not None),
-                ("hold", fault.hold),
+                ("hold", fault.hold or fault.hold_after_chunks is not None),
                 (f"results:{fault.results}", fault.results),
             )
             if on
@@ -253,7 +281,7 @@ class MockUpstream:
 
     def _n_words(self, body: dict[str, Any]) -> int:
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
-        n = float(self.state.reply_tokens)
+        n = float(self.state.reply_tokens_by_model.get(body.get("model"), self.state.reply_tokens))
         prompt = _prompt_text(body)
         if self.state.length_jitter:
             h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=4).digest(), "big") / 2**32
@@ -268,7 +296,8 @@ class MockUpstream:
         if early is not None:
             return early
         prompt_text = _prompt_text(body)
-        text = _reply_text(prompt_text, self._n_words(body))
+        verdict = _verdict(self.state.judge, prompt_text) if self.state.judge else None
+        text = verdict or _reply_text(prompt_text, self._n_words(body))
         model = body.get("model", "mock")
         prompt_tokens = self._counter.chat_prompt(body["messages"])
         created = int(time.time())
@@ -328,6 +357,8 @@ class MockUpstream:
         sent_text: list[str] = []
         try:
             for i, word in enumerate(words):
+                if fault is not None and fault.hold_after_chunks == i:
+                    await self._hold()
                 if fault is not None and fault.after_chunks is not None and i >= fault.after_chunks:
                     # close, not abort: the chunks already written still reach the client, then the
                     # connection ends without the chunked terminator (a stream cut mid-way)
@@ -491,9 +522,11 @@ class MockUpstream:
 
     async def configure(self, request: web.Request) -> web.Response:
         cfg = await request.json(loads=orjson.loads)
-        for key in ("reply_tokens", "usage", "embedding_dim", "concise_ratio", "length_jitter"):
+        for key in ("reply_tokens", "usage", "embedding_dim", "concise_ratio", "length_jitter", "judge"):
             if key in cfg:
                 setattr(self.state, key, cfg[key])
+        if "reply_tokens_by_model" in cfg:
+            self.state.reply_tokens_by_model = dict(cfg["reply_tokens_by_model"] or {})
         if "latency_ms" in cfg:
             self.state.latency_s = cfg["latency_ms"] / 1000
         if "chunk_delay_ms" in cfg:

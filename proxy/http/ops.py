@@ -157,7 +157,8 @@ def build_ops_app(state: ProxyState) -> FastAPI:
     @app.get("/admin/savings")
     async def admin_savings(request: Request, days: int = 7) -> dict[str, Any]:
         require_master_key(request.headers, state.master_key)
-        return await savings_report(state.runtime.policy, state.store, max(1, min(days, 90)))
+        runtime = state.runtime
+        return await savings_report(runtime.policy, state.store, max(1, min(days, 90)), runtime.evaluation)
 
     @app.get("/admin/spend")
     async def admin_spend(request: Request, days: int = 7) -> dict[str, Any]:

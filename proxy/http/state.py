@@ -13,6 +13,7 @@ import aiohttp
 from proxy.config import PolicyFile
 from proxy.config.reload import Reloader
 from proxy.pipeline.runtime import Runtime
+from proxy.services.evaluation import ShadowEvaluator
 from proxy.services.request_log import RequestLogWriter
 from proxy.services.runtime_keys import RuntimeKeys
 from proxy.services.tracing import Tracing, tracing_from_env
@@ -76,6 +77,7 @@ class ProxyState:
         self.tracing: Tracing | None = None  # from the OTEL_* variables, in start (each worker its own)
         self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "", runtime_keys=self.runtime_keys)
         self.in_flight = InFlight()
+        self._retired: list[ShadowEvaluator] = []  # evaluators of replaced runtimes, closed on stop
 
     async def start(self) -> None:
         start_store = getattr(self.store, "start", None)
@@ -126,7 +128,11 @@ class ProxyState:
             runtime_keys=self.runtime_keys,
         )
         self._policy = policy
-        self.runtime = runtime
+        previous, self.runtime = self.runtime, runtime
+        if previous.evaluation is not None:
+            # Its queued shadow comparisons still finish (their budget is reserved); it takes no new ones.
+            previous.evaluation.retire()
+            self._retired = [e for e in self._retired if not e.finished] + [previous.evaluation]
 
     def _retrieval_for(self, policy: PolicyFile) -> Retrieval | None:
         if self.retrieval is None and (policy.collections or any(t.examples for t in policy.tasks.values())):
@@ -138,6 +144,9 @@ class ProxyState:
     async def stop(self) -> None:
         if not await self.in_flight.drained(SETTLE_ON_SHUTDOWN_S):
             log.error("shutting down with %d requests not settled", self.in_flight.count)
+        for evaluator in [*self._retired, self.runtime.evaluation]:
+            if evaluator is not None:
+                await evaluator.close()  # before the session and the store it uses are closed
         if self.retrieval is not None:
             await self.retrieval.close()
         if self.request_log is not None:

@@ -17,7 +17,7 @@ from proxy.wire.adapter import Endpoint
 from proxy.wire.content import user_text
 from proxy.wire.usage import TokenUsage
 
-__all__ = ["BudgetSlot", "Endpoint", "LimitSlot", "RequestContext"]
+__all__ = ["BudgetSlot", "Endpoint", "LimitSlot", "RequestContext", "ShadowSlot"]
 
 if TYPE_CHECKING:
     from proxy.retrieval.embedders import RequestEmbeddings
@@ -40,6 +40,16 @@ class LimitSlot:
 
     windows: list[LimitWindow]
     hit_at: float
+
+
+@dataclass(slots=True, eq=False)
+class ShadowSlot:
+    """SampleForShadow's: the request as the client sent it (before any policy changed it), for a
+    sampled request, and its sampling draw (which policies' rates it falls under)."""
+
+    draw: float
+    body: dict[str, Any]
+    model: str
 
 
 @dataclass(slots=True, eq=False)
@@ -94,6 +104,7 @@ class RequestContext:
     budget: BudgetSlot | None = None
     limits: LimitSlot | None = None
     lookups: list[Any] | None = None  # Retrieve's lookups (proxy.steps.retrieve.Lookup)
+    shadow: ShadowSlot | None = None
     _user_text: str | None = None
 
     @property

@@ -15,6 +15,7 @@ from proxy.pipeline.step import Pipeline, PolicyAction, Step
 from proxy.services.budget_ledger import BudgetLedger
 from proxy.services.embedding_client import EmbeddingClient
 from proxy.services.estimator import Estimator
+from proxy.services.evaluation import ShadowEvaluator
 from proxy.services.keyring import KeyRing
 from proxy.services.pricing import PriceBook
 from proxy.services.request_log import RequestLogWriter
@@ -32,6 +33,7 @@ from proxy.steps.log_request import LogRequests
 from proxy.steps.model_access import ResolveModel
 from proxy.steps.model_memory import FitModelMemory
 from proxy.steps.retrieve import SettleRetrieval
+from proxy.steps.shadow import SampleForShadow
 from proxy.steps.validate import ValidateRequest
 from proxy.store.base import Store
 from proxy.upstream.dispatch import Dispatcher
@@ -67,6 +69,10 @@ class Runtime:
         if retrieval is not None and (policy.collections or any(t.examples for t in policy.tasks.values())):
             self.retrieval = retrieval.bind(policy, self.embedding_client, self.prices)
         self.tasks = TaskClassifier(policy.tasks, self.retrieval.tasks.matches if self.retrieval else None)
+        # Shadow evaluation runs only where the runtime can call upstreams (not in explain or replay).
+        self.evaluation: ShadowEvaluator | None = None
+        if policy.evaluation is not None and self.dispatcher is not None and any(p.shadow for p in policy.policies):
+            self.evaluation = ShadowEvaluator(policy, self.dispatcher, self.estimator, store)
         deps = ActionDeps(self.prices, self.allowed, store, self.estimator, self.ledger, self.retrieval)
         rules = [(p, build_action(p, deps)) for p in policy.policies]
         # Actions with work after the answer (conciseness measures its arms) are steps of their own.
@@ -80,7 +86,8 @@ class Runtime:
             ResolveModel(policy, self.allowed),
             CountTokens(self.estimator),
             EnforceRateLimits(policy, store),
-            ApplyPolicies(rules, self.tasks, self.ledger, self.estimator),
+            *([SampleForShadow(policy, self.evaluation)] if self.evaluation else []),  # before policies change it
+            ApplyPolicies(rules, self.tasks, self.ledger, self.estimator, self.evaluation and self.evaluation.floor),
             *followers,
             *([self.model_memory] if self.model_memory.memory else []),  # after routing, before the budget
             EnforceBudget(self.ledger, self.estimator, self.allowed),

@@ -15,6 +15,7 @@ from proxy.pipeline.context import RequestContext
 from proxy.pipeline.step import PolicyAction, Step
 from proxy.services.budget_ledger import BudgetLedger
 from proxy.services.estimator import Estimator
+from proxy.services.evaluation import QualityFloor
 from proxy.services.tasks import TaskClassifier
 
 
@@ -75,16 +76,22 @@ class ApplyPolicies(Step):
         tasks: TaskClassifier,
         ledger: BudgetLedger,
         estimator: Estimator,
+        floor: QualityFloor | None = None,
     ):
         self._rules = [(p.name, p.action, _Matcher(p.when, tasks, ledger), action) for p, action in rules]
         self._estimator = estimator
+        # Policies below their quality floor are skipped: `stopped` only grows, until a reload.
+        self._stopped = floor.stopped if floor is not None and floor.floors else None
 
     async def on_request(self, ctx: RequestContext) -> None:
         if not self._rules:
             return
         model, max_tokens = ctx.model, (ctx.body.get("max_tokens"), ctx.body.get("max_completion_tokens"))
         try:
+            stopped = self._stopped
             for name, action_kind, matcher, action in self._rules:
+                if stopped and name in stopped:
+                    continue
                 if not matcher.matches_now(ctx) or (matcher.waits and not await matcher.matches_later(ctx)):
                     continue
                 try:

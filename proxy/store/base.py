@@ -75,6 +75,27 @@ class TeamSpend:
     policies_by_day: dict[str, dict[str, PolicyLine]] = field(default_factory=dict)
 
 
+OUTCOMES = ("win", "tie", "loss", "unjudged")  # a shadow comparison, from the policy's side
+
+
+@dataclass
+class JudgementCounts:
+    """Shadow comparisons of one policy and model pair (on one day): how its answers fared."""
+
+    win: int = 0
+    tie: int = 0
+    loss: int = 0
+    unjudged: int = 0
+
+    def add(self, other: JudgementCounts) -> None:
+        for outcome in OUTCOMES:
+            setattr(self, outcome, getattr(self, outcome) + getattr(other, outcome))
+
+
+# policy -> (day, model pair) -> counts
+Judgements = dict[str, dict[tuple[str, str], JudgementCounts]]
+
+
 class StoreUnavailable(Exception):
     """The backing store cannot be reached."""
 
@@ -156,6 +177,12 @@ class Store(Protocol):
 
     async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
         """(model, arm) -> (n, sum, sum of squares) of output tokens."""
+
+    async def record_judgement(self, policy: str, pair: str, day: str, outcome: str) -> None:
+        """One shadow comparison of `policy` (outcome: win, tie, loss or unjudged) for a model pair on a day."""
+
+    async def judgements(self, policies: list[str], days: list[str]) -> Judgements:
+        """policy -> (day, model pair) -> counts, for the days given."""
 
     async def put_conversation(self, team: str, response_id: str, data: bytes, ttl_s: float) -> None:
         """Keep a stored response (its conversation so far) for `ttl_s`, readable only by `team`."""

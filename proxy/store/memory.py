@@ -10,6 +10,8 @@ from collections import OrderedDict, defaultdict
 
 from proxy.store.base import (
     BudgetScope,
+    JudgementCounts,
+    Judgements,
     LimitResult,
     LimitWindow,
     PolicyLine,
@@ -42,6 +44,9 @@ class MemoryStore:
         self._arms: dict[str, dict[tuple[str, str], list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
         self._budgets: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])  # spent, reserved
         self._windows: dict[tuple[str, str, int], float] = defaultdict(float)
+        self._judgements: dict[str, dict[tuple[str, str], JudgementCounts]] = defaultdict(
+            lambda: defaultdict(JudgementCounts)
+        )
 
     async def record_usage(self, usage: Usage, day: str) -> None:
         self._total[usage.team][usage.model].add(usage)
@@ -59,6 +64,20 @@ class MemoryStore:
 
     async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
         return {k: (v[0], v[1], v[2]) for k, v in self._arms.get(policy, {}).items()}
+
+    async def record_judgement(self, policy: str, pair: str, day: str, outcome: str) -> None:
+        counts = self._judgements[policy][(day, pair)]
+        setattr(counts, outcome, getattr(counts, outcome) + 1)
+
+    async def judgements(self, policies: list[str], days: list[str]) -> Judgements:
+        wanted = set(days)
+        out: dict[str, dict[tuple[str, str], JudgementCounts]] = {}
+        for policy in policies:
+            rows = self._judgements.get(policy, {})
+            out[policy] = {
+                k: JudgementCounts(c.win, c.tie, c.loss, c.unjudged) for k, c in rows.items() if k[0] in wanted
+            }
+        return out
 
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
         out: dict[str, TeamSpend] = {}

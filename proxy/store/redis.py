@@ -20,7 +20,10 @@ from redis.exceptions import NoScriptError, RedisError
 
 from proxy.config.models import StoreConfig
 from proxy.store.base import (
+    OUTCOMES,
     BudgetScope,
+    JudgementCounts,
+    Judgements,
     LimitResult,
     LimitWindow,
     PolicyLine,
@@ -63,6 +66,13 @@ _ARM = """
 redis.call('HINCRBY', KEYS[1], ARGV[1] .. '|n', 1)
 redis.call('HINCRBY', KEYS[1], ARGV[1] .. '|sum', ARGV[2])
 redis.call('HINCRBY', KEYS[1], ARGV[1] .. '|sumsq', tonumber(ARGV[2]) * tonumber(ARGV[2]))
+return 1
+"""
+
+# One shadow comparison. KEYS: the policy's hash for the day. ARGV: pair|outcome, TTL.
+_JUDGEMENT = """
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -289,11 +299,14 @@ class RedisStore:
             _ONCE + _SETTLE,
             _ONCE + _ARM,
             _RELEASE_IF_RESERVED,
+            _JUDGEMENT,
+            _ONCE + _JUDGEMENT,
         )
         scripts = [self.client.register_script(src) for src in sources]
         self._scripts = scripts
         self._record, self._reserve, self._settle, self._limits, self._add, self._arm = scripts[:6]
-        self._record_once, self._reserve_once, self._settle_once, self._arm_once, self._release = scripts[6:]
+        self._record_once, self._reserve_once, self._settle_once, self._arm_once, self._release = scripts[6:11]
+        self._judgement, self._judgement_once = scripts[11:]
         # Cluster pipelines split by slot anyway; auto-pipelining is for a single Redis.
         self._pipeline = None if url.startswith("redis+cluster://") else _AutoPipeline(self.client, scripts)
 
@@ -383,6 +396,40 @@ class RedisStore:
             model, arm, f = k.decode().rsplit("|", 2)
             stats.setdefault((model, arm), [0, 0, 0])[("n", "sum", "sumsq").index(f)] = int(v)
         return {k: (v[0], v[1], v[2]) for k, v in stats.items()}
+
+    def _judgement_key(self, policy: str, day: str) -> str:
+        return f"{self._prefix}:{{p:{policy}}}:shadow:{day}"
+
+    async def record_judgement(
+        self, policy: str, pair: str, day: str, outcome: str, write_id: str | None = None
+    ) -> None:
+        keys, args = [self._judgement_key(policy, day)], [f"{pair}|{outcome}", _DAY_TTL_S]
+        if write_id is None:
+            await self._run(self._judgement, keys, args)
+            return
+        await self._run(self._judgement_once, *self._once(f"{self._prefix}:{{p:{policy}}}:", write_id, keys, args))
+
+    async def judgements(self, policies: list[str], days: list[str]) -> Judgements:
+        try:
+            async with self.client.pipeline(transaction=False) as p:
+                for policy in policies:
+                    for day in days:
+                        p.hgetall(self._judgement_key(policy, day))
+                results = await p.execute()
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(str(e)) from e
+        out: dict[str, dict[tuple[str, str], JudgementCounts]] = {}
+        it = iter(results)
+        for policy in policies:
+            rows: dict[tuple[str, str], JudgementCounts] = {}
+            for day in days:
+                for k, v in next(it).items():
+                    pair, _, outcome = k.decode().rpartition("|")
+                    if outcome in OUTCOMES:
+                        counts = rows.setdefault((day, pair), JudgementCounts())
+                        setattr(counts, outcome, int(v))
+            out[policy] = rows
+        return out
 
     def _budget_key(self, scope: BudgetScope) -> str:
         return self.team_key(scope.team, f"budget:{scope.name}:{scope.period}")

@@ -21,6 +21,7 @@ from proxy import metrics
 from proxy.errors import StoreDown
 from proxy.store.base import (
     BudgetScope,
+    Judgements,
     LimitResult,
     LimitWindow,
     Reservation,
@@ -116,6 +117,12 @@ class FailurePolicyStore:
 
     async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
         return await self.inner.arm_stats(policy)
+
+    async def record_judgement(self, policy: str, pair: str, day: str, outcome: str) -> None:
+        await self._write("record_judgement", (policy, pair, day, outcome))
+
+    async def judgements(self, policies: list[str], days: list[str]) -> Judgements:
+        return await self.inner.judgements(policies, days)
 
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
         return await self.inner.spend(teams, days)

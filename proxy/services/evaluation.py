@@ -1,0 +1,350 @@
+"""Shadow evaluation: what a cost policy keeps of the answers' quality, measured on live traffic off the
+client's path, and the `min_quality` floor that stops a policy whose answers are worse.
+
+A sampled request a policy changed (routed, made concise, answered from retrieval) is queued once its
+client has the answer. A worker sends the counterfactual (the request as the client sent it, to the model
+it asked for) through the runtime's dispatcher, compares the two answers (a judge in both orders, or an
+exact / JSON / final-number check), and records the outcome per policy, model pair and day in the store.
+Shadow and judge calls are measurement spend: reserved against the daily measurement budget before the
+call, recorded under their own pseudo-team, never against a team. Prompts and answers live only in the
+queued job, in memory, until it is judged; nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from proxy import metrics
+from proxy.config.evaluation import MEASUREMENT_TEAM
+from proxy.config.models import PolicyFile
+from proxy.errors import ProxyError
+from proxy.services.budget_ledger import period_id
+from proxy.services.estimator import Estimator
+from proxy.services.judging import (
+    CHECKS,
+    JUDGE_SYSTEM,
+    UNJUDGED,
+    combine_orders,
+    conversation_text,
+    judge_messages,
+    parse_verdict,
+)
+from proxy.services.quality import QualityRetained, floor_breached, quality_retained
+from proxy.store.base import BudgetScope, JudgementCounts, Store, StoreUnavailable, Usage, to_nano, utc_day
+from proxy.upstream.dispatch import Dispatcher, DispatchRequest
+from proxy.wire.adapter import Endpoint
+from proxy.wire.chat import CHAT
+
+log = logging.getLogger("llm_proxy.evaluation")
+
+_BUDGET_TTL_S = 3 * 86400
+_JUDGE_FRAMING_TOKENS = 64  # the judge prompt's markers and message framing, over its counted parts
+# Fields of the client's request a counterfactual call leaves out: it is not streamed, and one answer is compared.
+_NOT_SENT = frozenset({"stream", "stream_options", "n", "model"})
+
+
+@dataclass(slots=True, eq=False)
+class ShadowJob:
+    """One sampled request, held in memory until it is judged."""
+
+    policy: str
+    compare: str  # judge | exact | json | number
+    team: str
+    model: str  # what answered under the policy ("retrieval:COLLECTION" for a retrieval hit)
+    counterfactual_model: str  # the model the client asked for
+    body: dict[str, Any]  # the request as the client sent it, before any policy changed it
+    answer: str  # the policy's answer
+
+    @property
+    def pair(self) -> str:
+        return f"{self.model} vs {self.counterfactual_model}"
+
+
+class QualityFloor:
+    """The policies of one runtime stopped by their `min_quality` floor: a reload builds a new runtime, and
+    with it a floor that has stopped nothing."""
+
+    def __init__(self, policy: PolicyFile):
+        self.floors = {p.name: (p.min_quality, p.min_samples) for p in policy.policies if p.min_quality is not None}
+        self.stopped: dict[str, QualityRetained] = {}
+        for name in self.floors:
+            metrics.SHADOW_POLICY_STOPPED.labels(name).set(0)
+
+    def judge(self, name: str, quality: QualityRetained) -> None:
+        """Stop `name` when its interval's upper end is below its floor with enough samples."""
+        floor = self.floors.get(name)
+        if floor is None or name in self.stopped or not floor_breached(quality, floor[0], floor[1]):
+            return
+        self.stopped[name] = quality
+        metrics.SHADOW_POLICY_STOPPED.labels(name).set(1)
+        log.warning(
+            "policy %s stopped: quality retained %.3f (95%% interval %.3f-%.3f, n=%d) is below its floor %.3f; "
+            "it acts again after a reload",
+            name,
+            quality.share,
+            quality.low,
+            quality.high,
+            quality.n,
+            floor[0],
+        )
+
+
+class _Spend:
+    """The measurement spend of one evaluation, recorded call by call under the measurement pseudo-team."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self.nano = 0
+
+    async def add(self, model: str, kind: str, input_tokens: int, output_tokens: int, cost: float) -> None:
+        nano = to_nano(cost)
+        self.nano += nano
+        metrics.child(metrics.SHADOW_SPEND, model, kind).inc(cost)
+        try:
+            await self._store.record_usage(Usage(MEASUREMENT_TEAM, model, nano, input_tokens, output_tokens), utc_day())
+        except StoreUnavailable as e:
+            log.error("could not record measurement spend: %s", e)
+
+
+class _ShadowFailed(Exception):
+    """The counterfactual call gave no answer to compare with."""
+
+
+class ShadowEvaluator:
+    """The shadow evaluation of one runtime: a bounded queue, its workers, the comparisons, the floor."""
+
+    def __init__(self, policy: PolicyFile, dispatcher: Dispatcher, estimator: Estimator, store: Store):
+        assert policy.evaluation is not None
+        self.cfg = policy.evaluation
+        self.shadowed = {p.name: p for p in policy.policies if p.shadow is not None}
+        self.floor = QualityFloor(policy)
+        self._dispatcher = dispatcher
+        self._estimator = estimator
+        self._prices = estimator.prices
+        self._store = store
+        self._default_max_output = policy.server.default_max_output_tokens
+        self._limit_nano = to_nano(self.cfg.budget_usd_per_day)
+        self._jobs: deque[ShadowJob] = deque()
+        self._wake: asyncio.Event | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._retired = False
+        self._instruction_tokens: int | None = None
+
+    # ------------------------------------------------------------------------------------ the queue
+
+    def submit(self, job: ShadowJob) -> bool:
+        """Queue a job without waiting; False (and counted) when the queue is full."""
+        if self._retired:
+            return False
+        if len(self._jobs) >= self.cfg.queue:
+            metrics.child(metrics.SHADOW_DROPPED, job.policy, "queue_full").inc()
+            return False
+        self._jobs.append(job)
+        metrics.SHADOW_QUEUE_DEPTH.inc()
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            self._workers = [asyncio.create_task(self._work()) for _ in range(self.cfg.workers)]
+        self._wake.set()
+        return True
+
+    @property
+    def waiting(self) -> int:
+        return len(self._jobs)
+
+    async def _work(self) -> None:
+        assert self._wake is not None
+        while True:
+            while not self._jobs:
+                if self._retired:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            job = self._jobs.popleft()
+            metrics.SHADOW_QUEUE_DEPTH.dec()
+            try:
+                await self.evaluate(job)
+            except Exception:
+                # Never the job itself in the log line: it holds the prompt and the answers.
+                log.exception("shadow evaluation of policy %s failed", job.policy)
+
+    @property
+    def finished(self) -> bool:
+        """Retired, and its workers have done the last of its queue."""
+        return self._retired and all(t.done() for t in self._workers)
+
+    def retire(self) -> None:
+        """A reload replaced this runtime: take no new jobs, finish the queued ones, then stop."""
+        self._retired = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def close(self) -> None:
+        """Shutdown: stop the workers now; what is still queued is dropped (counted)."""
+        self.retire()
+        for job in self._jobs:
+            metrics.child(metrics.SHADOW_DROPPED, job.policy, "shutdown").inc()
+        metrics.SHADOW_QUEUE_DEPTH.dec(len(self._jobs))
+        self._jobs.clear()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    # ------------------------------------------------------------------------------- one evaluation
+
+    def budget_scope(self, now: float | None = None) -> BudgetScope:
+        """Today's measurement budget (UTC day)."""
+        day = period_id("day", time.time() if now is None else now)
+        return BudgetScope(MEASUREMENT_TEAM, "measurement", day, self._limit_nano, _BUDGET_TTL_S)
+
+    def _max_output(self, model: str, body: dict[str, Any]) -> int:
+        return (
+            body.get("max_completion_tokens")
+            or body.get("max_tokens")
+            or self._prices.price(model).max_output_tokens
+            or self._default_max_output
+        )
+
+    def _judge_instructions(self, judge: str) -> int:
+        if self._instruction_tokens is None:
+            self._instruction_tokens = self._estimator.counter(judge).text(JUDGE_SYSTEM) + _JUDGE_FRAMING_TOKENS
+        return self._instruction_tokens
+
+    async def evaluate(self, job: ShadowJob) -> str | None:
+        """Run one job: reserve, call, compare, record. The outcome, or None when it was dropped."""
+        model = job.counterfactual_model
+        body = {k: v for k, v in job.body.items() if k not in _NOT_SENT}
+        body["model"] = model
+        prompt_tokens, _ = CHAT.count_prompt(self._estimator.counter(model), body)
+        max_output = self._max_output(model, body)
+        worst = self._prices.cost(model, prompt_tokens, max_output)
+        question = conversation_text(job.body)
+        if job.compare == "judge":
+            judge = self.cfg.judge
+            assert judge is not None  # check makes compare: judge need one
+            # Each judge call reads the question, both answers (the counterfactual's at most max_output) and
+            # the instructions.
+            counter = self._estimator.counter(judge)
+            judge_prompt = (
+                counter.text(question) + counter.text(job.answer) + max_output + self._judge_instructions(judge)
+            )
+            worst += 2 * self._prices.cost(judge, judge_prompt, self.cfg.judge_max_tokens)
+        scope, reserved = self.budget_scope(), to_nano(worst)
+        try:
+            reservation = await self._store.reserve_budget([scope], reserved)
+        except (ProxyError, StoreUnavailable):  # fail_closed and the store is down
+            reservation = None
+        if reservation is None:
+            metrics.child(metrics.SHADOW_DROPPED, job.policy, "store_down").inc()
+            return None
+        if not reservation.ok:
+            metrics.child(metrics.SHADOW_DROPPED, job.policy, "budget").inc()
+            return None
+        spend = _Spend(self._store)
+        try:
+            try:
+                reference = await self._counterfactual(body, model, prompt_tokens, max_output, spend)
+            except _ShadowFailed:
+                metrics.child(metrics.SHADOW_DROPPED, job.policy, "shadow_error").inc()
+                return None
+            if job.compare == "judge":
+                outcome = await self._judged(question, job.answer, reference, spend)
+            else:
+                outcome = CHECKS[job.compare](job.answer, reference)
+        finally:
+            try:
+                await self._store.settle_budget([scope], reserved, spend.nano)
+            except StoreUnavailable as e:
+                log.error("could not settle the measurement budget: %s", e)
+        metrics.child(metrics.SHADOW_JUDGEMENTS, job.policy, outcome).inc()
+        try:
+            await self._store.record_judgement(job.policy, job.pair, utc_day(), outcome)
+        except StoreUnavailable as e:
+            log.error("could not record a judgement of policy %s: %s", job.policy, e)
+            return outcome
+        await self.refresh(job.policy)
+        return outcome
+
+    async def _call(
+        self, model: str, body: dict[str, Any], prompt_tokens: int, max_output: int
+    ) -> tuple[str, int, int]:
+        """One chat call through the dispatcher, bounded by the evaluation's timeout: text and usage."""
+        call = DispatchRequest(
+            Endpoint.CHAT, model, body, model, prompt_tokens=prompt_tokens, max_output_tokens=max_output
+        )
+        reply = await asyncio.wait_for(self._dispatcher.send(call), self.cfg.timeout_s)
+        data = reply.data or {}
+        CHAT.check_reply(data)
+        text = CHAT.reply_text(data)
+        if reply.usage is not None:
+            return text, reply.usage.input, reply.usage.output
+        return text, prompt_tokens, self._estimator.counter(call.answered_by or model).text(text)
+
+    async def _counterfactual(
+        self, body: dict[str, Any], model: str, prompt_tokens: int, max_output: int, spend: _Spend
+    ) -> str:
+        try:
+            text, used_in, used_out = await self._call(model, body, prompt_tokens, max_output)
+        except Exception as e:  # whatever the upstream did, the client's answer is not affected
+            log.info("shadow call to %s failed: %s", model, type(e).__name__)
+            raise _ShadowFailed from None
+        await spend.add(model, "shadow", used_in, used_out, self._prices.cost(model, used_in, used_out))
+        if not text.strip():
+            raise _ShadowFailed
+        return text
+
+    async def _judged(self, question: str, answer: str, reference: str, spend: _Spend) -> str:
+        """Two judge calls, the policy's answer first as A then as B, at once."""
+        first, second = await asyncio.gather(
+            self._verdict(judge_messages(question, answer, reference), spend),
+            self._verdict(judge_messages(question, reference, answer), spend),
+        )
+        return combine_orders(first, second)
+
+    async def _verdict(self, messages: list[dict[str, str]], spend: _Spend) -> str | None:
+        judge = self.cfg.judge
+        assert judge is not None
+        body = {"model": judge, "messages": messages, "max_tokens": self.cfg.judge_max_tokens, "temperature": 0}
+        prompt_tokens, _ = CHAT.count_prompt(self._estimator.counter(judge), body)
+        try:
+            text, used_in, used_out = await self._call(judge, body, prompt_tokens, self.cfg.judge_max_tokens)
+        except TimeoutError:
+            metrics.child(metrics.SHADOW_JUDGE_ERRORS, judge, "timeout").inc()
+            return None
+        except Exception:  # an error status, a reply that is not a chat completion, a broken connection
+            metrics.child(metrics.SHADOW_JUDGE_ERRORS, judge, "error").inc()
+            return None
+        await spend.add(judge, "judge", used_in, used_out, self._prices.cost(judge, used_in, used_out))
+        verdict = parse_verdict(text)
+        if verdict is None:
+            metrics.child(metrics.SHADOW_JUDGE_ERRORS, judge, "unparseable").inc()
+        return verdict
+
+    # --------------------------------------------------------------------------------- the figures
+
+    def window(self) -> list[str]:
+        now = time.time()
+        return [utc_day(now - 86400 * i) for i in range(self.cfg.window_days)]
+
+    async def refresh(self, policy: str) -> QualityRetained | None:
+        """Re-read a policy's judgements over the floor's window: the gauges, then the floor."""
+        try:
+            rows = (await self._store.judgements([policy], self.window())).get(policy, {})
+        except StoreUnavailable:
+            return None
+        total = JudgementCounts()
+        for counts in rows.values():
+            total.add(counts)
+        quality = quality_retained(total.win, total.tie, total.loss)
+        if quality.n:  # with nothing judged there is no figure to show (not a share of 1.0)
+            for bound, value in (("estimate", quality.share), ("low", quality.low), ("high", quality.high)):
+                metrics.child(metrics.SHADOW_QUALITY, policy, bound).set(value)
+        self.floor.judge(policy, quality)
+        return quality
+
+
+__all__ = ["UNJUDGED", "QualityFloor", "ShadowEvaluator", "ShadowJob"]
