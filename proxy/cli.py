@@ -9,6 +9,7 @@ import sys
 
 from proxy.config import ConfigError, ConfigIssue, load_policy_file
 from proxy.retrieval.commands import add_kb_parser
+from proxy.services.routers.commands import add_router_parser
 
 
 def _default_config() -> str:
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_reference_backend)
 
     add_kb_parser(sub)
+    add_router_parser(sub)
     return p
 
 
