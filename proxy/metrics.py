@@ -225,3 +225,9 @@ EMBEDDING_DURATION = Histogram(
     ["embedder"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+ROUTER_PREDICTIONS = Counter(
+    "llm_proxy_router_predictions",
+    "Learned-router decisions by policy and outcome (cheap: predicted good enough, routed; requested: kept "
+    "the requested model; unavailable: no prediction, embedder down or mismatched, kept the requested model).",
+    ["policy", "outcome"],
+)

@@ -92,6 +92,7 @@ class RequestContext:
     budget: BudgetSlot | None = None
     limits: LimitSlot | None = None
     lookups: list[Any] | None = None  # Retrieve's lookups (proxy.steps.retrieve.Lookup)
+    router_predictions: dict[str, Any] | None = None  # Route's learned routers: policy -> what its router predicted
     _user_text: str | None = None
 
     @property
