@@ -75,3 +75,16 @@ if __name__ == "__main__":
     qs = load_questions()
     v, ident = embed_questions(qs)
     print(len(qs), v.shape, ident)
+
+
+def results_heading(title: str, command: str) -> str:
+    """A bench/RESULTS.md section heading: what, date, machine, commit and the command that made it."""
+    import os
+    import platform
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return (
+        f"\n## {title} — {time.strftime('%Y-%m-%d')} — {platform.machine()}, {os.cpu_count()} cores shared, loaded, "
+        f"commit {commit.stdout.strip()} (`{command}`)\n\n"
+    )
