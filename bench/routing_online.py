@@ -23,7 +23,6 @@ from proxy.services.routers.features import feature_matrix
 from proxy.services.routers.fit import fit_router
 
 WINDOW = 500
-PNG = ROOT / "bench" / "routing_online.png"
 
 
 def simulate(args: argparse.Namespace) -> dict:
@@ -162,16 +161,35 @@ def main() -> None:
     ap.add_argument("--min-labels", type=int, default=250)
     ap.add_argument("--target", type=float, default=0.97)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--other-seeds", type=int, default=4, help="also report the worst window for this many orders")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     r = simulate(args)
-    text = "\n".join(table(r, args))
+    lines = table(r, args)
+    if args.other_seeds:
+        lines += [
+            "",
+            f"Other arrival orders (seed: worst {WINDOW}-window quality, windows below 95%, final cost vs "
+            "all-strong with measurement spend): ",
+        ]
+        parts = []
+        for seed in range(1, args.other_seeds + 1):
+            other = simulate(argparse.Namespace(**{**vars(args), "seed": seed + 100}))
+            wq = window_quality(other["served_ok"], other["strong_ok"])
+            cost = (other["cost"] + other["shadow"]).sum() / other["strong_cost"].sum()
+            parts.append(f"{seed + 100}: {wq.min():.1%}, {int((wq < 0.95).sum())}, {cost:.1%}")
+        lines[-1] += "; ".join(parts) + "."
+    text = "\n".join(lines)
     print(text)
     if args.write:
-        plot(r, PNG)
+        png = f"routing_online_t{args.target:.2f}.png"
+        plot(r, ROOT / "bench" / png)
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(
-                results_heading("Learned router online on MMLU", "python -m bench.routing_online --write")
+                results_heading(
+                    f"Learned router online on MMLU, target quality {args.target:.2f}",
+                    f"python -m bench.routing_online --target {args.target:.2f} --write",
+                )
                 + text
                 + "\n\n![learned router online](routing_online.png)\n"
             )
