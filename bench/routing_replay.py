@@ -8,9 +8,11 @@ engine (explain: no upstream call) with a policy file that may route it to the w
 answer's correctness is then looked up for the model chosen. Prices come from the price book
 (gpt-4-1106-preview; Mixtral-8x7B-Instruct as together_ai sells it).
 
-This is a baseline for a learned router: the policies are the ones the YAML can express today
-(prompt length, regex task patterns), and the table is honest about how little they beat random.
-Usage: .venv/bin/python -m bench.routing_replay [--write]
+The rule policies are the ones the YAML can express without a router (prompt length, regex task
+patterns), and the table is honest about how little they beat random. The learned router follows
+(bench/routing_learned.py): fitted within the same domains and across domains, threshold chosen on
+training folds only, with the dollar cost of each against all-strong at real prices.
+Usage: .venv/bin/python -m bench.routing_replay [--write] [--skip-rules]
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ version: 1
 models:
   strong: {provider: openai, upstream_model: gpt-4-1106-preview}
   weak: {provider: together_ai, upstream_model: mistralai/Mixtral-8x7B-Instruct-v0.1}
+  gpt-4o: {provider: openai}
+  gpt-4o-mini: {provider: openai}
 teams:
   eval: {keys: [sk-eval]}
 tasks:
@@ -78,6 +82,39 @@ async def _replay(policy_text: str, rows: list[tuple[str, bool, bool]]) -> tuple
         cost += out["projected_cost_usd"]
     n = len(rows)
     return strong / n, correct / n, cost
+
+
+def _costs(questions) -> dict[str, tuple]:
+    """Per question, the cost of the answer from each model of a price pair (prompt tokens + one letter)."""
+    import numpy as np
+
+    from proxy.services.tokens import counter_for
+
+    prices = Runtime(parse_policy_text(BASE, "routing.yaml", {}), MemoryStore(), None).prices
+    tokens = [counter_for("gpt-4").text(q.prompt) for q in questions]
+    out = {}
+    for label, strong, weak in (
+        ("GPT-4-1106 / Mixtral-8x7B (the data's models)", "strong", "weak"),
+        ("gpt-4o / gpt-4o-mini", "gpt-4o", "gpt-4o-mini"),
+    ):
+        out[label] = (
+            np.asarray([prices.cost(weak, t, ANSWER_TOKENS) for t in tokens]),
+            np.asarray([prices.cost(strong, t, ANSWER_TOKENS) for t in tokens]),
+        )
+    return out
+
+
+def learned_main(write: bool) -> None:
+    from bench.routing_data import embed_questions, load_questions, results_heading
+    from bench.routing_learned import learned_section
+
+    questions = load_questions()
+    vectors, identity = embed_questions(questions)
+    table = "\n".join(learned_section(questions, vectors, identity, _costs(questions)))
+    print(table)
+    if write:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(results_heading("Learned router on MMLU", "python -m bench.routing_replay") + table + "\n")
 
 
 async def main_async(write: bool) -> None:
@@ -153,4 +190,8 @@ async def main_async(write: bool) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true")
-    asyncio.run(main_async(ap.parse_args().write))
+    ap.add_argument("--skip-rules", action="store_true", help="only the learned router")
+    args = ap.parse_args()
+    if not args.skip_rules:
+        asyncio.run(main_async(args.write))
+    learned_main(args.write)

@@ -11,6 +11,7 @@ import sys
 from proxy.config import ConfigError, ConfigIssue, load_policy_file
 from proxy.keys_command import add_keys_parser
 from proxy.retrieval.commands import add_kb_parser
+from proxy.services.routers.commands import add_router_parser
 
 
 def _default_config() -> str:
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_kb_parser(sub)
     add_keys_parser(sub)
+    add_router_parser(sub)
     return p
 
 

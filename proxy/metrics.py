@@ -266,3 +266,9 @@ SHADOW_QUEUE_DEPTH = Gauge(
     "Shadow evaluations waiting for a worker.",
     multiprocess_mode="livesum",
 )
+ROUTER_PREDICTIONS = Counter(
+    "llm_proxy_router_predictions",
+    "Learned-router decisions by policy and outcome (cheap: predicted good enough, routed; requested: kept "
+    "the requested model; unavailable: no prediction, embedder down or mismatched, kept the requested model).",
+    ["policy", "outcome"],
+)

@@ -124,6 +124,7 @@ def parse_policy_text(
     if not isinstance(raw, dict):
         raise ConfigError([ConfigIssue(file, 1, "", "the policy file must be a mapping at the top level")])
     issues = list(builder.issues)
+    _resolve_router_paths(raw, file)
     try:
         policy = PolicyFile.model_validate(raw)
     except ValidationError as e:
@@ -184,6 +185,18 @@ def _resolve_verifiers(policy: PolicyFile, base: Path) -> tuple[PolicyFile, list
     if any(a is not b for a, b in zip(resolved, policy.policies, strict=True)):
         policy = policy.model_copy(update={"policies": resolved})
     return policy, errors
+
+
+def _resolve_router_paths(raw: dict[str, Any], file: str) -> None:
+    """A `route.learned.router` path is relative to the policy file's folder (as the file sits beside it)."""
+    base = Path(file).parent if Path(file).is_file() else Path.cwd()
+    policies = raw.get("policies")
+    for p in policies if isinstance(policies, list) else ():
+        learned = (
+            p.get("route", {}).get("learned") if isinstance(p, dict) and isinstance(p.get("route"), dict) else None
+        )
+        if isinstance(learned, dict) and isinstance(learned.get("router"), str) and learned["router"]:
+            learned["router"] = str(base / learned["router"])
 
 
 def load_policy_file(

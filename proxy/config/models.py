@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from proxy.config.capacity import BYTES_PER_PARAM, ModelMemory
 from proxy.config.evaluation import MEASUREMENT_TEAM, EvaluationConfig
-from proxy.config.policies import PolicyConfig, RouteAction, TaskConfig
+from proxy.config.policies import LearnedRoute, PolicyConfig, RouteAction, TaskConfig
+from proxy.config.router_file import RouterFileError, expected_embedder, read_router_file
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -336,6 +337,36 @@ def _embedder_error(policy: PolicyFile, embedder: str) -> str | None:
     return None
 
 
+def _learned_route_errors(
+    policy: PolicyFile, where: tuple[str | int, ...], learned: LearnedRoute
+) -> list[tuple[tuple[str | int, ...], str]]:
+    if (msg := _embedder_error(policy, learned.embedder)) is not None:
+        return [((*where, "embedder"), msg)]
+    try:
+        router = read_router_file(learned.router)
+    except RouterFileError as e:
+        return [((*where, "router"), str(e))]
+    expected = expected_embedder(learned.embedder, policy.retrieval.local_model, policy.models)
+    if not router.embedder.startswith(expected + ":"):
+        msg = f"router {learned.router} was fitted on embedder {router.embedder}; this policy embeds with {expected}"
+        return [((*where, "embedder"), msg)]
+    target = learned.target_quality if learned.target_quality is not None else router.target_quality
+    if router.threshold_for(target).threshold is None:
+        best = max((p.quality for p in router.curve[1:2]), default=0.0)
+        msg = f"on its held-out curve the router keeps {target:.3f} of the quality only by routing nothing"
+        return [((*where, "target_quality"), f"{msg} (routing its first 0.5% keeps {best:.3f})")]
+    return []
+
+
+def uses_embedder(policy: PolicyFile) -> bool:
+    """Whether a policy file needs embeddings: collections, tasks by examples, learned routes."""
+    return (
+        bool(policy.collections)
+        or any(t.examples for t in policy.tasks.values())
+        or any(p.route is not None and p.route.learned is not None for p in policy.policies)
+    )
+
+
 def _retrieval_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], str]]:
     errors: list[tuple[tuple[str | int, ...], str]] = []
     for name, coll in policy.collections.items():
@@ -345,6 +376,8 @@ def _retrieval_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], s
         if task.examples and (msg := _embedder_error(policy, task.embedder)) is not None:
             errors.append((("tasks", name, "embedder"), msg))
     for i, p in enumerate(policy.policies):
+        if p.route is not None and p.route.learned is not None:
+            errors += _learned_route_errors(policy, ("policies", i, "route", "learned"), p.route.learned)
         if p.retrieve is None:
             continue
         coll = policy.collections.get(p.retrieve.collection)

@@ -103,6 +103,17 @@ class PressureStep(_Strict):
     to: str
 
 
+class LearnedRoute(_Strict):
+    """Route only when a learned router (a file from `llm-numbers-proxy router fit`) predicts the cheap
+    model's answer is good enough for this prompt."""
+
+    router: Annotated[str, Field(min_length=1)]  # path of the router file, relative to the policy file
+    # The quality to keep against the requested model: the threshold is read off the file's held-out
+    # curve (default: the target the router was fitted for).
+    target_quality: Annotated[float, Field(gt=0, le=1)] | None = None
+    embedder: str = "local"  # must be the embedder the router was fitted on
+
+
 class RouteAction(_Strict):
     to: str | None = None
     # Route only when the requested model costs at least this many times the target for this request.
@@ -114,11 +125,14 @@ class RouteAction(_Strict):
     expected_output_tokens: Annotated[int, Field(ge=0)] = 256
     # If the cheap model fails after its retries and fallbacks, try the model the client asked for.
     fallback_to_requested: bool = False
+    learned: LearnedRoute | None = None
 
     @model_validator(mode="after")
     def _has_a_target(self) -> RouteAction:
         if self.to is None and not self.on_budget_pressure:
             raise ValueError("a route needs `to` or `on_budget_pressure`")
+        if self.learned is not None and self.to is None:
+            raise ValueError("a learned route needs `to`: the cheap model the router was fitted for")
         return self
 
     def targets(self) -> list[str]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from proxy.config import PolicyFile
+from proxy.config.models import uses_embedder
 from proxy.config.reload import Reloader
 from proxy.pipeline.runtime import Runtime
 from proxy.services.evaluation import ShadowEvaluator
@@ -135,7 +136,7 @@ class ProxyState:
             self._retired = [e for e in self._retired if not e.finished] + [previous.evaluation]
 
     def _retrieval_for(self, policy: PolicyFile) -> Retrieval | None:
-        if self.retrieval is None and (policy.collections or any(t.examples for t in policy.tasks.values())):
+        if self.retrieval is None and uses_embedder(policy):
             from proxy.retrieval.service import Retrieval
 
             self.retrieval = Retrieval(self.store, policy.store.key_prefix)

@@ -105,6 +105,7 @@ class RequestContext:
     limits: LimitSlot | None = None
     lookups: list[Any] | None = None  # Retrieve's lookups (proxy.steps.retrieve.Lookup)
     shadow: ShadowSlot | None = None
+    router_predictions: dict[str, Any] | None = None  # Route's learned routers: policy -> what its router predicted
     _user_text: str | None = None
 
     @property

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.services.budget_ledger import BudgetLedger
@@ -12,6 +13,7 @@ from proxy.store.base import Store
 
 if TYPE_CHECKING:
     from proxy.retrieval.service import RetrievalRuntime
+    from proxy.services.routers.learned import LearnedRouter
 
 
 @dataclass(frozen=True)
@@ -22,3 +24,4 @@ class ActionDeps:
     estimator: Estimator
     ledger: BudgetLedger
     retrieval: RetrievalRuntime | None = None  # None when the policy file uses no retrieval (and in replay)
+    routers: Mapping[str, LearnedRouter] = field(default_factory=dict)  # route.learned policy -> its router

@@ -88,6 +88,8 @@ async def explain(
     memory = runtime.model_memory.memory.get(ctx.model or "")
     if memory is not None:  # a self-hosted model with serving facts: the GPU memory the request would hold
         out["model_memory"] = memory.describe(ctx.prompt_tokens + ctx.max_output_tokens)
+    if ctx.router_predictions:
+        out["router"] = ctx.router_predictions
     # The saving belongs to the policies that change what a request costs (route, retrieve, ...).
     savers = list(dict.fromkeys([*ctx.routed_by, *ctx.saved_by_policy]))
     out["saved_by_policy"] = {p: out["saved_usd"] / len(savers) for p in savers}

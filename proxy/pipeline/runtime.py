@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from proxy.config.models import PolicyFile
+from proxy.config.models import PolicyFile, uses_embedder
 from proxy.pipeline.actions import build_action
 from proxy.pipeline.deps import ActionDeps
 from proxy.pipeline.step import Pipeline, PolicyAction, Step
@@ -40,6 +40,7 @@ from proxy.upstream.dispatch import Dispatcher
 
 if TYPE_CHECKING:
     from proxy.retrieval.service import Retrieval
+    from proxy.services.routers.learned import LearnedRouter
 
 
 class Runtime:
@@ -66,14 +67,20 @@ class Runtime:
         # Retrieval (collections, tasks by examples) is bound only when the policy file uses it, so the
         # base proxy never imports numpy or an embedding model.
         self.retrieval = None
-        if retrieval is not None and (policy.collections or any(t.examples for t in policy.tasks.values())):
+        if retrieval is not None and uses_embedder(policy):
             self.retrieval = retrieval.bind(policy, self.embedding_client, self.prices)
+        # Learned routers (route.learned), one per policy, over the runtime's embedders.
+        self.routers: dict[str, LearnedRouter] = {}
+        if self.retrieval is not None and any(p.route and p.route.learned for p in policy.policies):
+            from proxy.services.routers.learned import build_routers  # numpy: only for learned routes
+
+            self.routers = build_routers(policy, self.retrieval.embedders)
         self.tasks = TaskClassifier(policy.tasks, self.retrieval.tasks.matches if self.retrieval else None)
         # Shadow evaluation runs only where the runtime can call upstreams (not in explain or replay).
         self.evaluation: ShadowEvaluator | None = None
         if policy.evaluation is not None and self.dispatcher is not None and any(p.shadow for p in policy.policies):
             self.evaluation = ShadowEvaluator(policy, self.dispatcher, self.estimator, store)
-        deps = ActionDeps(self.prices, self.allowed, store, self.estimator, self.ledger, self.retrieval)
+        deps = ActionDeps(self.prices, self.allowed, store, self.estimator, self.ledger, self.retrieval, self.routers)
         rules = [(p, build_action(p, deps)) for p in policy.policies]
         # Actions with work after the answer (conciseness measures its arms) are steps of their own.
         followers: list[PolicyAction] = [a for _, a in rules if a.hooks()]

@@ -100,6 +100,9 @@ class Retrieval:
         tasks = {name: t for name, t in policy.tasks.items() if t.examples}
         for t in tasks.values():
             embedder(t.embedder)
+        for p in policy.policies:
+            if p.route is not None and p.route.learned is not None:
+                embedder(p.route.learned.embedder)
         for e in embedders.values():
             if isinstance(e, LocalEmbedder):
                 e.start_loading()  # on its worker thread: a reload keeps serving meanwhile

@@ -3,7 +3,8 @@
 `min_cost_multiple: N` routes only when the requested model costs at least N times the target for
 this very request (its prompt tokens and expected output, priced from the price book: the founding
 "GPT-4 ≈ 50× GPT-3.5" is read off the prices, never hard-coded). `on_budget_pressure` picks the
-target by how much of the team's budget is used. The saving is settled from real usage later.
+target by how much of the team's budget is used. `learned:` routes to `to` only where a learned router
+predicts the cheap model's answer is good enough for this prompt. The saving is settled from real usage later.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Route(PolicyAction):
         self._allowed = deps.allowed
         self._ledger = deps.ledger
         self._pressure = sorted(cfg.on_budget_pressure, key=lambda s: s.above, reverse=True)
+        self._router = deps.routers.get(name) if cfg.learned is not None else None
 
     async def _target(self, ctx: RequestContext) -> str | None:
         if self._pressure:
@@ -42,8 +44,22 @@ class Route(PolicyAction):
             multiple = self._prices.cost_multiple(ctx.model, target, ctx.prompt_tokens, expected_output)
             if multiple < self._cfg.min_cost_multiple:
                 return False
+        if self._cfg.learned is not None and target == self._cfg.to and not await self._predicts_cheap_ok(ctx):
+            return False
         ctx.model = target
         ctx.routed_by.append(self._name)
         if self._cfg.fallback_to_requested:
             ctx.fallback_to_requested = True
         return True
+
+    async def _predicts_cheap_ok(self, ctx: RequestContext) -> bool:
+        """The learned router's say, last because it embeds the prompt; no router or no prediction: keep."""
+        if self._router is None:
+            return False
+        prediction = await self._router.predict(ctx, ctx.user_text())
+        if prediction is None:
+            return False
+        if ctx.router_predictions is None:
+            ctx.router_predictions = {}
+        ctx.router_predictions[self._name] = prediction.as_json()
+        return prediction.routes

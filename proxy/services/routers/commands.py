@@ -1,0 +1,65 @@
+"""`llm-numbers-proxy router fit`: fit a learned router from labelled prompts and write its file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_router_fit(args: argparse.Namespace) -> int:
+    from proxy.config.router_file import RouterFileError, write_router_file
+    from proxy.retrieval.embedders import EmbedderDown, LocalModel
+    from proxy.services.routers.features import CHEAP_FEATURES, feature_matrix
+    from proxy.services.routers.fit import LabelsError, fit_router, read_labels, router_document
+
+    if not 0 < args.target_quality <= 1:
+        print(f"--target-quality must be in (0, 1], got {args.target_quality}", file=sys.stderr)
+        return 1
+    try:
+        labels = read_labels(args.labels)
+    except LabelsError as e:
+        for problem in e.problems[:50]:
+            print(problem, file=sys.stderr)
+        if len(e.problems) > 50:
+            print(f"... and {len(e.problems) - 50} more", file=sys.stderr)
+        return 1
+    model = LocalModel(args.model, args.threads)
+    try:
+        model.load_blocking()
+        vectors = model.encode_blocking(labels.prompts)
+    except EmbedderDown as e:
+        print(f"cannot embed the prompts: {e}", file=sys.stderr)
+        return 1
+    identity = f"local:{model.label}:{model.dim}"
+    x = feature_matrix(vectors, labels.prompts)
+    fitted = fit_router(x, labels, args.target_quality, args.folds, args.seed)
+    doc = router_document(fitted, labels, identity, int(model.dim or vectors.shape[1]), list(CHEAP_FEATURES))
+    try:
+        write_router_file(args.out, doc)
+    except (OSError, RouterFileError) as e:
+        print(f"cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
+    point = fitted.chosen
+    print(
+        f"{args.out}: {len(labels.prompts)} {labels.format} labels, embedder {identity}, logistic l2={fitted.l2:g}; "
+        f"held out ({args.folds} folds): {point.strong_share:.1%} strong calls keep {point.quality:.1%} of "
+        f"all-strong quality (target {args.target_quality:.1%}; all-weak keeps {doc['labels']['all_weak_quality']:.1%})"
+    )
+    return 0
+
+
+def add_router_parser(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("router", help="learned routers: fit one from labelled prompts")
+    rsub = r.add_subparsers(dest="router_command", required=True)
+    f = rsub.add_parser(
+        "fit",
+        help="fit a router from JSONL labels ({prompt, weak_ok, strong_ok} or {prompt, winner: weak|strong|tie})",
+    )
+    f.add_argument("--labels", required=True, help="JSONL of labelled prompts")
+    f.add_argument("--out", required=True, help="the router file to write (JSON)")
+    f.add_argument("--target-quality", type=float, default=0.95, help="quality to keep vs all-strong (held out)")
+    f.add_argument("--folds", type=int, default=5, choices=range(2, 21), metavar="K", help="held-out folds (2-20)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--model", metavar="PATH", help="a sentence-transformers folder (default: the packaged MiniLM)")
+    f.add_argument("--threads", type=int, default=2, help="torch threads for embedding the labels")
+    f.set_defaults(fn=cmd_router_fit)
