@@ -82,9 +82,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         for issue in e.issues:
             print(issue, file=sys.stderr)
         return 1
-    for warning in warnings:
+    for warning in warnings:  # worth a look, never a failure
         print(warning, file=sys.stderr)
-    print(f"{args.path}: OK ({len(policy.models)} models, {len(policy.teams)} teams, {len(policy.policies)} policies)")
+    counts = f"{len(policy.models)} models, {len(policy.teams)} teams, {len(policy.policies)} policies"
+    suffix = f", {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+    print(f"{args.path}: OK ({counts}{suffix})")
     return 0
 
 
