@@ -158,6 +158,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(replay_table(report))
     else:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    failed = report["totals"]["failed"]
+    if failed:  # the projection leaves these lines out: say so in the exit code too
+        print(f"{failed} line{'s' if failed != 1 else ''} of {args.traffic} could not be replayed", file=sys.stderr)
+        return 1
     return 0
 
 
