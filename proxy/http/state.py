@@ -14,6 +14,7 @@ from proxy.config import PolicyFile
 from proxy.config.reload import Reloader
 from proxy.pipeline.runtime import Runtime
 from proxy.services.request_log import RequestLogWriter
+from proxy.services.tokens import get_encoding
 from proxy.store import Store, build_store
 
 if TYPE_CHECKING:
@@ -68,6 +69,11 @@ class ProxyState:
         self.retrieval: Retrieval | None = None  # built when a policy file first uses collections
         self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "")
         self.in_flight = InFlight()
+        # Encodings the configured models count with, loaded in the background after start (readiness
+        # waits for them) so that no client request pays the ~0.65 s load of one.
+        self.tokenizers_loaded: list[str] = []
+        self._tokenizers_pending: set[str] = set()
+        self._warming: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         start_store = getattr(self.store, "start", None)
@@ -115,6 +121,38 @@ class ProxyState:
         )
         self._policy = policy
         self.runtime = runtime
+        self._warm_tokenizers(policy)
+
+    def _warm_tokenizers(self, policy: PolicyFile) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # built outside a loop (explain, tests): encodings load on first count
+            return
+        wanted = {self.runtime.estimator.counter(name).encoding_name for name in policy.models}
+        new = sorted(wanted - set(self.tokenizers_loaded) - self._tokenizers_pending)
+        if not new:
+            return
+        self._tokenizers_pending.update(new)
+        previous = self._warming
+
+        async def warm() -> None:
+            if previous is not None:
+                await previous  # one at a time: two threads building the same encoding would both pay
+            for name in new:
+                await asyncio.to_thread(get_encoding, name)  # off the event loop: /healthz answers meanwhile
+                self._tokenizers_pending.discard(name)
+                self.tokenizers_loaded.append(name)
+
+        self._warming = asyncio.get_running_loop().create_task(warm())
+
+    @property
+    def tokenizers_ready(self) -> bool:
+        return not self._tokenizers_pending
+
+    async def tokenizers_warmed(self) -> None:
+        """Wait until the configured models' encodings are loaded."""
+        while self._warming is not None and not self._warming.done():
+            await asyncio.shield(self._warming)
 
     def _retrieval_for(self, policy: PolicyFile) -> Retrieval | None:
         if self.retrieval is None and (policy.collections or any(t.examples for t in policy.tasks.values())):
@@ -124,6 +162,8 @@ class ProxyState:
         return self.retrieval
 
     async def stop(self) -> None:
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()  # the thread finishes on its own; nothing waits for it
         if not await self.in_flight.drained(SETTLE_ON_SHUTDOWN_S):
             log.error("shutting down with %d requests not settled", self.in_flight.count)
         if self.retrieval is not None:
