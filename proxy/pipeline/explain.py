@@ -103,7 +103,18 @@ async def explain(
     # The saving belongs to the policies that change what a request costs (route, retrieve, ...).
     savers = list(dict.fromkeys([*ctx.routed_by, *ctx.saved_by_policy]))
     out["saved_by_policy"] = {p: out["saved_usd"] / len(savers) for p in savers}
-    return out
+    return _tidy(out)
+
+
+def _tidy(value: Any) -> Any:
+    """Floats to 12 significant digits: sums of prices print as 0.0001566, not 0.00015659999999999998."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, dict):
+        return {k: _tidy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tidy(v) for v in value]
+    return value
 
 
 def _bucket() -> dict[str, float]:
@@ -181,13 +192,15 @@ async def replay(runtime: Runtime, lines: Iterable[str], default_team: str | Non
             by_policy[policy]["spend_usd"] += out["projected_cost_usd"]
             by_policy[policy]["counterfactual_usd"] += out["counterfactual_usd"]
             by_policy[policy]["saved_usd"] += out["saved_by_policy"].get(policy, 0.0)
-    return {
-        "totals": totals,
-        "by_policy": dict(by_policy),
-        "by_model": dict(by_model),
-        "by_team": dict(by_team),
-        "errors": errors[:100],
-    }
+    return _tidy(
+        {
+            "totals": totals,
+            "by_policy": dict(by_policy),
+            "by_model": dict(by_model),
+            "by_team": dict(by_team),
+            "errors": errors[:100],
+        }
+    )
 
 
 def replay_table(report: dict[str, Any]) -> str:
