@@ -101,8 +101,9 @@ def launch_process(args: list[str], port: int, tmp: Path, env: dict[str, str] | 
 
 
 def _serving(launch: Callable[[], Server], health_path: str, what: str) -> Server:
-    """Launch a server and wait for it to answer `health_path`. A start that timed out (a busy machine) is tried
-    once more on a new port before giving up; the error carries the cause and the server's own output."""
+    """Launch a server and wait for it to answer `health_path`. A start that timed out (a busy machine) or lost
+    its port to another process is tried once more on a new port; the error carries the cause and the server's
+    own output."""
     for attempt in (1, 2):
         server = launch()
         try:
@@ -112,9 +113,14 @@ def _serving(launch: Callable[[], Server], health_path: str, what: str) -> Serve
             server.stop()
             if attempt == 2:
                 raise RuntimeError(f"could not start {what} (twice):\n{server.log()}") from e
-        except Exception as e:
+        except ServerExited as e:
             server.stop()
-            raise RuntimeError(f"could not start {what}:\n{server.log()}") from e
+            # free_port() leaves a moment between finding a port and the server binding it
+            if attempt == 2 or "address already in use" not in server.log().lower():
+                raise RuntimeError(f"could not start {what}:\n{server.log()}") from e
+        except BaseException:
+            server.stop()
+            raise
     raise AssertionError("unreachable")
 
 
