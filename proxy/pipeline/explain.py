@@ -158,10 +158,9 @@ async def replay(runtime: Runtime, lines: Iterable[str], default_team: str | Non
             totals["failed"] += 1
             errors.append({"line": n, "error": f"unknown endpoint {endpoint!r} (one of {', '.join(_ENDPOINTS)})"})
             continue
-        if record.get("prompt_tokens") is not None:
+        if record.get("prompt_tokens") is not None and endpoint in _NO_TEXT:
             # A log without prompt text: the recorded count stands in for the text.
-            if endpoint in _NO_TEXT:
-                body.setdefault(*_NO_TEXT[endpoint])
+            body.setdefault(*_NO_TEXT[endpoint])
         team = record.get("team") or default_team
         key = record.get("key")
         usage = record.get("usage") if isinstance(record.get("usage"), dict) else {}
