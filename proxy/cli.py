@@ -7,15 +7,24 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from proxy.config import ConfigError, ConfigIssue, load_policy_file
 from proxy.keys_command import add_keys_parser
 from proxy.retrieval.commands import add_kb_parser
 from proxy.services.routers.commands import add_router_parser
 
+# Shipped in the package (identical to the checkout's policies/default.yaml): serve, explain and replay
+# work from any directory, not only from a checkout.
+PACKAGED_DEFAULT = Path(__file__).resolve().parent / "config" / "default.yaml"
+
 
 def _default_config() -> str:
-    return os.environ.get("LLM_PROXY_CONFIG", "policies/default.yaml")
+    """$LLM_PROXY_CONFIG, else ./policies/default.yaml when there is one (a checkout), else the packaged copy."""
+    configured = os.environ.get("LLM_PROXY_CONFIG")
+    if configured:
+        return configured
+    return "policies/default.yaml" if Path("policies/default.yaml").is_file() else str(PACKAGED_DEFAULT)
 
 
 def _workers_refusal(workers: int) -> str | None:
@@ -85,9 +94,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         for issue in e.issues:
             print(issue, file=sys.stderr)
         return 1
-    for warning in warnings:
+    for warning in warnings:  # worth a look, never a failure
         print(warning, file=sys.stderr)
-    print(f"{args.path}: OK ({len(policy.models)} models, {len(policy.teams)} teams, {len(policy.policies)} policies)")
+    counts = f"{len(policy.models)} models, {len(policy.teams)} teams, {len(policy.policies)} policies"
+    suffix = f", {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+    print(f"{args.path}: OK ({counts}{suffix})")
     return 0
 
 
@@ -159,6 +170,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(replay_table(report))
     else:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    failed = report["totals"]["failed"]
+    if failed:  # the projection leaves these lines out: say so in the exit code too
+        print(f"{failed} line{'s' if failed != 1 else ''} of {args.traffic} could not be replayed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -191,22 +206,33 @@ def cmd_reference_backend(args: argparse.Namespace) -> int:
     return run(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-numbers-proxy", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    # Every subcommand's --help shows the defaults (those from the environment included).
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("serve", help="run the proxy")
-    s.add_argument("--config", default=_default_config())
-    s.add_argument("--host", default=os.environ.get("LLM_PROXY_HOST", "127.0.0.1"))
-    s.add_argument("--port", type=int, default=int(os.environ.get("LLM_PROXY_PORT", "4000")))
-    s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--config", default=_default_config(), help="the policy file ($LLM_PROXY_CONFIG)")
+    s.add_argument("--host", default=os.environ.get("LLM_PROXY_HOST", "127.0.0.1"), help="address ($LLM_PROXY_HOST)")
+    s.add_argument(
+        "--port", type=int, default=int(os.environ.get("LLM_PROXY_PORT", "4000")), help="port ($LLM_PROXY_PORT)"
+    )
+    s.add_argument("--workers", type=int, default=1, help="worker processes (more than 1 needs $LLM_PROXY_REDIS_URL)")
+    s.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="log level"
+    )
     s.add_argument(
         "--graceful-timeout",
         type=float,
         default=float(os.environ.get("LLM_PROXY_GRACEFUL_TIMEOUT", "25")),
-        help="on SIGTERM, seconds requests in flight may take to finish before they are cancelled (default 25: "
-        "inside Kubernetes' 30 s grace period, leaving time to flush spend)",
+        help="on SIGTERM, seconds requests in flight may take to finish before they are cancelled (inside "
+        "Kubernetes' 30 s grace period, leaving time to flush spend; $LLM_PROXY_GRACEFUL_TIMEOUT)",
     )
     s.set_defaults(fn=cmd_serve)
 
@@ -215,17 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_check)
 
     e = sub.add_parser("explain", help="print the decision for one request body read on stdin (no upstream call)")
-    e.add_argument("--config", default=_default_config())
+    e.add_argument("--config", default=_default_config(), help="the policy file")
     e.add_argument("--key", help="a virtual key: explain as its team")
     e.add_argument("--team", help="explain as this team (instead of a key)")
     e.add_argument("--steps", action="store_true", help="print the request path (the pipeline's steps) instead")
     e.set_defaults(fn=cmd_explain)
 
     r = sub.add_parser("replay", help="project spend and savings of a policy over recorded traffic (JSONL)")
-    r.add_argument("traffic")
-    r.add_argument("--config", default=_default_config())
+    r.add_argument("traffic", help="JSONL traffic: the request log or request bodies (docs/replay.md)")
+    r.add_argument("--config", default=_default_config(), help="the policy file")
     r.add_argument("--team", help="team for lines that name neither a team nor a key")
-    r.add_argument("--format", choices=["json", "table"], default="json")
+    r.add_argument("--format", choices=["json", "table"], default="json", help="output format")
     r.set_defaults(fn=cmd_replay)
 
     h = sub.add_parser("hash-key", help="print the sha256:<hex> form of a virtual key for the policy file")
@@ -233,11 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(fn=cmd_hash_key)
 
     m = sub.add_parser("mock-upstream", help="an OpenAI-compatible fake upstream")
-    m.add_argument("--host", default="127.0.0.1")
-    m.add_argument("--port", type=int, default=8090)
-    m.add_argument("--latency-ms", type=float, default=0.0)
+    m.add_argument("--host", default="127.0.0.1", help="address")
+    m.add_argument("--port", type=int, default=8090, help="port")
+    m.add_argument("--latency-ms", type=float, default=0.0, help="delay before each reply")
     m.add_argument("--reply-tokens", type=int, default=32, help="words per reply")
-    m.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    m.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between stream chunks")
     m.add_argument("--no-usage", action="store_true", help="never report usage (the proxy must count)")
     m.add_argument("--concise-ratio", type=float, default=0.5, help="reply length when asked to be brief")
     m.add_argument("--length-jitter", type=float, default=0.0, help="vary reply length by prompt, ±fraction")

@@ -146,6 +146,15 @@ class GatewayTimeout(ProxyError):
     code = "upstream_timeout"
 
 
+class UpstreamMisconfigured(ProxyError):
+    """The policy file's upstream settings cannot work (an unknown provider, a missing credential): the
+    operator's mistake, not the client's, so never a 4xx the client would take for its own."""
+
+    status = 500
+    type = "api_error"
+    code = "upstream_misconfigured"
+
+
 class UpstreamHTTPError(ProxyError):
     """An upstream error response relayed as-is (status and OpenAI-shaped body)."""
 

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("LLM_PROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MASTER_KEY = "sk-master-test"
 TEAM_KEYS = {"alpha": "sk-alpha-test", "beta": "sk-beta-test"}
+# How long a server may take to answer after it was spawned. Generous: on a busy 2-core machine a proxy that
+# imports litellm has been seen to need more than 30 s. A server that exits is reported at once, whatever this is.
+START_TIMEOUT_S = float(os.environ.get("LLM_PROXY_TEST_START_TIMEOUT", "120"))
 
 
 def free_port() -> int:
@@ -31,19 +34,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+class ServerExited(RuntimeError):
+    """The server process ended before it served: starting it again would fail the same way."""
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float | None = None) -> None:
+    timeout = START_TIMEOUT_S if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             out = proc.stdout.read() if proc.stdout else ""
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
+            raise ServerExited(f"server exited with {proc.returncode}:\n{out}")
         try:
             if httpx.get(url, timeout=1.0).status_code < 500:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.05)  # polling a port that is not open yet; there is no event to wait on
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+    raise TimeoutError(f"{url} did not answer within {timeout}s (LLM_PROXY_TEST_START_TIMEOUT)")
 
 
 def wait_for(condition, what: str = "the condition", timeout: float = 60.0):
@@ -92,14 +100,38 @@ def launch_process(args: list[str], port: int, tmp: Path, env: dict[str, str] | 
     return Server(proc, port, log_path)
 
 
+def _serving(launch: Callable[[], Server], health_path: str, what: str) -> Server:
+    """Launch a server and wait for it to answer `health_path`. A start that timed out (a busy machine) or lost
+    its port to another process is tried once more on a new port; the error carries the cause and the server's
+    own output."""
+    for attempt in (1, 2):
+        server = launch()
+        try:
+            wait_until_serving(server.url + health_path, server.proc)
+            return server
+        except TimeoutError as e:
+            server.stop()
+            if attempt == 2:
+                raise RuntimeError(f"could not start {what} (twice):\n{server.log()}") from e
+        except ServerExited as e:
+            server.stop()
+            # free_port() leaves a moment between finding a port and the server binding it
+            if attempt == 2 or "address already in use" not in server.log().lower():
+                raise RuntimeError(f"could not start {what}:\n{server.log()}") from e
+        except BaseException:
+            server.stop()
+            raise
+    raise AssertionError("unreachable")
+
+
 def start_process(args: list[str], port: int, health_path: str, tmp: Path, env: dict[str, str] | None = None) -> Server:
+    """Start `llm-numbers-proxy ARGS` on `port` and wait until it serves (a fixed port: no second try elsewhere)."""
     server = launch_process(args, port, tmp, env)
-    proc = server.proc
     try:
-        wait_until_serving(server.url + health_path, proc)
-    except Exception:
+        wait_until_serving(server.url + health_path, server.proc)
+    except Exception as e:
         server.stop()
-        raise RuntimeError(f"could not start {args}:\n{server.log()}") from None
+        raise RuntimeError(f"could not start {args}:\n{server.log()}") from e
     return server
 
 
@@ -135,11 +167,44 @@ def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("servers")
 
 
+def start_mock_upstream(tmp: Path, *args: str) -> MockUpstream:
+    def launch() -> Server:
+        port = free_port()
+        return launch_process(["mock-upstream", "--port", str(port), *args], port, tmp)
+
+    server = _serving(launch, "/v1/models", "the mock upstream")
+    return MockUpstream(server.proc, server.port, server.log_path)
+
+
+class SharedServer:
+    """A server many tests share, started when the first of them needs it. A failed start fails that test
+    (with the server's output) and the next test tries again, so one slow start does not error every test
+    after it; after two failed starts the rest fail at once with the first failure."""
+
+    def __init__(self, start: Callable[[], Server]):
+        self._start = start
+        self._server: Server | None = None
+        self._failures: list[str] = []
+
+    def get(self) -> Server:
+        if self._server is None:
+            if len(self._failures) >= 2:
+                pytest.fail(f"the shared server failed to start twice; the first time:\n{self._failures[0]}")
+            try:
+                self._server = self._start()
+            except RuntimeError as e:
+                self._failures.append(f"{e}\ncaused by: {e.__cause__!r}")
+                raise
+        return self._server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+
+
 @pytest.fixture(scope="session")
 def mock_upstream(session_tmp: Path) -> Iterator[MockUpstream]:
-    port = free_port()
-    server = start_process(["mock-upstream", "--port", str(port)], port, "/v1/models", session_tmp)
-    mock = MockUpstream(server.proc, server.port, server.log_path)
+    mock = start_mock_upstream(session_tmp)
     yield mock
     mock.stop()
 
@@ -150,10 +215,23 @@ def mock(mock_upstream: MockUpstream) -> MockUpstream:
     return mock_upstream
 
 
-def policy_yaml(mock_url: str, extra: str = "") -> str:
-    """A policy for tests: cheap/expensive models on the mock upstream, two teams."""
-    return textwrap.dedent(
-        f"""\
+_LITELLM_MODEL = """\
+  claude:
+    provider: anthropic
+    api_base: {mock_url}
+    api_key: test-anthropic-key
+    upstream_model: claude-3-5-haiku-20241022
+    price: {{input_per_mtok: 0.8, output_per_mtok: 4}}
+"""
+
+
+def policy_yaml(mock_url: str, extra: str = "", *, litellm: bool = False) -> str:
+    """A policy for tests: cheap/expensive models on the mock upstream, two teams. With `litellm`, also a model
+    behind litellm (`claude`): a proxy then imports litellm at start, seconds of CPU, so only where a test needs it."""
+    claude = _LITELLM_MODEL.format(mock_url=mock_url) if litellm else ""
+    return (
+        textwrap.dedent(
+            f"""\
         version: 1
         server:
           max_body_bytes: 65536
@@ -189,12 +267,11 @@ def policy_yaml(mock_url: str, extra: str = "") -> str:
             upstream_model: mock-embed
             mode: embedding
             price: {{input_per_mtok: 0.02}}
-          claude:
-            provider: anthropic
-            api_base: {mock_url}
-            api_key: test-anthropic-key
-            upstream_model: claude-3-5-haiku-20241022
-            price: {{input_per_mtok: 0.8, output_per_mtok: 4}}
+        """
+        )
+        + claude
+        + textwrap.dedent(
+            f"""\
         teams:
           alpha:
             keys: [{TEAM_KEYS["alpha"]}]
@@ -203,7 +280,9 @@ def policy_yaml(mock_url: str, extra: str = "") -> str:
             keys: [sha256:{__import__("hashlib").sha256(TEAM_KEYS["beta"].encode()).hexdigest()}]
             models: [small, embed]
         """
-    ) + textwrap.dedent(extra)
+        )
+        + textwrap.dedent(extra)
+    )
 
 
 def launch_proxy(tmp: Path, policy: str, redis_url: str | None = None, env: dict[str, str] | None = None) -> Server:
@@ -219,20 +298,21 @@ def launch_proxy(tmp: Path, policy: str, redis_url: str | None = None, env: dict
 
 
 def start_proxy(tmp: Path, policy: str, redis_url: str | None = None, env: dict[str, str] | None = None) -> Server:
-    server = launch_proxy(tmp, policy, redis_url, env)
-    try:
-        wait_until_serving(server.url + "/healthz", server.proc)
-    except Exception:
-        server.stop()
-        raise RuntimeError(f"could not start a proxy:\n{server.log()}") from None
-    return server
+    """A proxy on `policy`, serving (tried twice when a start times out; errors carry the proxy's log)."""
+    return _serving(lambda: launch_proxy(tmp, policy, redis_url, env), "/healthz", "a proxy")
 
 
 @pytest.fixture(scope="session")
-def proxy(session_tmp: Path, mock_upstream: MockUpstream) -> Iterator[Server]:
-    server = start_proxy(session_tmp, policy_yaml(mock_upstream.url))
-    yield server
-    server.stop()
+def _shared_proxy(session_tmp: Path, mock_upstream: MockUpstream) -> Iterator[SharedServer]:
+    shared = SharedServer(lambda: start_proxy(session_tmp, policy_yaml(mock_upstream.url, litellm=True)))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def proxy(_shared_proxy: SharedServer) -> Server:
+    """The proxy most tests share (memory store, the test policy with a litellm model)."""
+    return _shared_proxy.get()
 
 
 def delete_redis_keys(prefix: str, url: str = REDIS_URL) -> None:
@@ -259,11 +339,17 @@ def redis_prefix() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_proxy(session_tmp: Path, mock_upstream: MockUpstream, redis_prefix: str) -> Iterator[Server]:
+def _shared_redis_proxy(session_tmp: Path, mock_upstream: MockUpstream, redis_prefix: str) -> Iterator[SharedServer]:
     policy = policy_yaml(mock_upstream.url, f"store:\n  key_prefix: {redis_prefix}\n")
-    server = start_proxy(session_tmp, policy, redis_url=REDIS_URL)
-    yield server
-    server.stop()
+    shared = SharedServer(lambda: start_proxy(session_tmp, policy, redis_url=REDIS_URL))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def redis_proxy(_shared_redis_proxy: SharedServer) -> Server:
+    """The shared proxy on the real Redis (this session's own key prefix)."""
+    return _shared_redis_proxy.get()
 
 
 def client_for(server: Server, team: str = "alpha", **kw) -> openai.OpenAI:

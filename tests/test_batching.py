@@ -34,7 +34,17 @@ from proxy.fakes.mock_upstream import build_mock_app
 from proxy.services.tokens import counter_for
 from proxy.upstream.batcher import MicroBatcher
 from proxy.upstream.openai_compat import OpenAICompatUpstream
-from tests.conftest import ROOT, TEAM_KEYS, MockUpstream, Server, client_for, free_port, start_proxy, wait_until_serving
+from tests.conftest import (
+    ROOT,
+    START_TIMEOUT_S,
+    TEAM_KEYS,
+    MockUpstream,
+    Server,
+    client_for,
+    free_port,
+    start_proxy,
+    wait_until_serving,
+)
 
 AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
 WAIT_S = 60.0
@@ -83,10 +93,11 @@ def backend(session_tmp: Path) -> Iterator[Backend]:
         )
     server = Backend(proc, port, log_path)
     try:
-        wait_until_serving(server.url + "/healthz", proc, timeout=180)  # torch + transformers imports are slow
-    except Exception:
+        # torch + transformers imports are slow
+        wait_until_serving(server.url + "/healthz", proc, timeout=max(180, START_TIMEOUT_S))
+    except Exception as e:
         server.stop()
-        raise RuntimeError(f"the reference backend did not start:\n{server.log()}") from None
+        raise RuntimeError(f"the reference backend did not start:\n{server.log()}") from e
     yield server
     server.stop()
 

@@ -212,10 +212,10 @@ class Prometheus:
                 stderr=subprocess.STDOUT,
             )
         try:
-            wait_until_serving(self.url + "/-/ready", self.proc, timeout=30)
+            wait_until_serving(self.url + "/-/ready", self.proc)
         except Exception as e:
             self.stop()
-            raise RuntimeError(f"Prometheus did not start: {e}\n{self.log_path.read_text()}") from None
+            raise RuntimeError(f"Prometheus did not start: {e}\n{self.log_path.read_text()}") from e
 
     def query(self, expr: str) -> dict[str, Any]:
         r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)

@@ -78,10 +78,10 @@ def _start(tmp_path: Path, mock: MockUpstream, redis_server: OwnRedis, *extra: s
     server = Server(proc, port, log_path)
     try:
         # Two workers each import the whole proxy: on a loaded machine that takes longer than one.
-        wait_until_serving(server.url + "/healthz", proc, timeout=120)
-    except Exception:
+        wait_until_serving(server.url + "/healthz", proc)
+    except Exception as e:
         server.stop()
-        raise RuntimeError(f"could not start {args}:\n{server.log()}") from None
+        raise RuntimeError(f"could not start {args}:\n{server.log()}") from e
     return server
 
 

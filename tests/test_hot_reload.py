@@ -102,7 +102,7 @@ def test_valid_and_invalid_edits_while_requests_flow(config_dir, mock):
 
 
 def test_admin_reload_reports_errors_and_sighup_reloads(config_dir, mock):
-    base = policy_yaml(mock.url).replace(
+    base = policy_yaml(mock.url, litellm=True).replace(
         "  max_body_bytes: 65536\n", "  max_body_bytes: 65536\n  watch_config: false\n"
     )
     server = start_proxy(config_dir, base)

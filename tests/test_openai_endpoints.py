@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import TEAM_KEYS, client_for, team_spend
+from tests.conftest import TEAM_KEYS, client_for, policy_yaml, start_proxy, team_spend, wait_for
 
 
 def test_chat_completion_is_relayed_with_usage_cost_and_proxy_headers(proxy, mock):
@@ -126,8 +126,18 @@ def test_api_key_header_is_accepted(proxy, mock):
 
 def test_health_and_readiness(proxy):
     assert httpx.get(proxy.url + "/healthz").json() == {"status": "ok"}
-    ready = httpx.get(proxy.url + "/readyz")
-    assert ready.status_code == 200 and ready.json()["store"] == {"backend": "memory", "healthy": True}
+    ready = wait_for(lambda: (r := httpx.get(proxy.url + "/readyz")).status_code == 200 and r, "readiness", 60)
+    assert ready.json()["store"] == {"backend": "memory", "healthy": True}
+
+
+def test_tokenizers_are_loaded_before_the_proxy_is_ready_not_on_the_first_request(tmp_path, mock):
+    server = start_proxy(tmp_path, policy_yaml(mock.url))
+    try:
+        ready = wait_for(lambda: (r := httpx.get(server.url + "/readyz")).status_code == 200 and r, "readiness", 60)
+        # every test model counts with o200k_base: loaded before any request was sent
+        assert ready.json()["tokenizers"] == {"ready": True, "loaded": ["o200k_base"]}
+    finally:
+        server.stop()
 
 
 def test_litellm_adapter_serves_a_non_openai_provider(proxy, mock):

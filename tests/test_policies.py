@@ -198,9 +198,11 @@ def test_replay_projects_spend_and_savings(tmp_path, mock_upstream):
         text=True,
         cwd=ROOT,
     )
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # the broken line could not be replayed
+    assert "1 line of" in r.stderr and "could not be replayed" in r.stderr
     report = json.loads(r.stdout)
-    assert report["totals"]["requests"] == 3 and report["totals"]["rejected"] == 1
+    assert report["totals"]["requests"] == 3
+    assert report["totals"]["rejected"] == 1 and report["totals"]["failed"] == 1  # the forbidden one; the broken one
     assert report["by_policy"]["cheap-summaries"]["requests"] == 1
     assert report["by_policy"]["cheap-summaries"]["saved_usd"] > 0
     assert report["by_model"]["big"]["requests"] == 1 and report["by_model"]["small"]["requests"] == 2
@@ -232,29 +234,47 @@ def test_request_log_is_replayable_and_has_no_prompt_text(tmp_path, mock_upstrea
         client = client_for(server)
         client.chat.completions.create(model="big", messages=[{"role": "user", "content": "SECRET summarize"}])
         client.chat.completions.create(model="small", messages=[{"role": "user", "content": "SECRET hello"}])
+        client.embeddings.create(model="embed", input=["SECRET one", "SECRET two"])
+        client.completions.create(model="small", prompt="SECRET complete", max_tokens=5)
+        with pytest.raises(openai.PermissionDeniedError):  # beta may not use big: logged as a 403
+            client_for(server, "beta").chat.completions.create(model="big", messages=[{"role": "user", "content": "x"}])
     finally:
         server.stop()  # flushes the log
     text = log_path.read_text()
     assert "SECRET" not in text and TEAM_KEYS["alpha"] not in text
     records = [json.loads(line) for line in text.splitlines()]
-    assert [r["body"]["model"] for r in records] == ["big", "small"]
+    assert [r["body"]["model"] for r in records] == ["big", "small", "embed", "small", "big"]
+    assert [r["endpoint"] for r in records] == ["chat", "chat", "embeddings", "completions", "chat"]
     assert records[0]["model_chosen"] == "small" and records[0]["prompt_tokens"] > 0
-    r = subprocess.run(
-        [
+
+    def replay(path) -> tuple[subprocess.CompletedProcess, dict]:
+        cmd = [
             sys.executable,
             "-m",
             "proxy.cli",
             "replay",
-            str(log_path),
+            str(path),
             "--config",
             _policy_file(tmp_path, mock_upstream.url),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    report = json.loads(r.stdout)
-    assert report["totals"]["requests"] == 2 and report["errors"] == []
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        return r, json.loads(r.stdout)
+
+    r, report = replay(log_path)
+    assert r.returncode == 0, r.stderr
+    assert report["errors"] == []
+    assert report["totals"]["requests"] == 4 and report["totals"]["rejected"] == 1 and report["totals"]["failed"] == 0
+    assert report["by_model"]["embed"]["requests"] == 1 and report["by_model"]["embed"]["spend_usd"] > 0
+    # the summary stays on big: the log kept no prompt text for the summarize task to match
+    assert report["by_model"]["big"]["requests"] == 1 and report["by_model"]["small"]["requests"] == 2
+
+    log_path.write_text(text + "not json\n" + json.dumps({**records[1], "endpoint": "images"}) + "\n")
+    r, report = replay(log_path)
+    assert r.returncode == 1
+    assert report["totals"]["requests"] == 4 and report["totals"]["failed"] == 2
+    assert [e["line"] for e in report["errors"]] == [6, 7] and "unknown endpoint 'images'" in report["errors"][1][
+        "error"
+    ]
 
 
 POLICY_ERRORS = textwrap.dedent("""\

@@ -18,6 +18,7 @@ from tests.conftest import (
     MASTER_KEY,
     REDIS_URL,
     ROOT,
+    START_TIMEOUT_S,
     MockUpstream,
     Server,
     client_for,
@@ -84,13 +85,13 @@ def launch_proxies(tmp: Path, policy: str, n: int, redis_url: str | None = None)
         servers.append(launch_proxy(tmp, policy, redis_url))
     try:
         for s in servers:
-            wait_until_serving(s.url + "/healthz", s.proc, timeout=180)
+            wait_until_serving(s.url + "/healthz", s.proc, timeout=max(180, START_TIMEOUT_S))
             wait_for(lambda s=s: collections_ready(s), "the collections to load", timeout=60)
-    except Exception:
+    except Exception as e:
         logs = "\n".join(s.log() for s in servers)
         for s in servers:
             s.stop()
-        raise RuntimeError(f"proxies did not start:\n{logs}") from None
+        raise RuntimeError(f"proxies did not start:\n{logs}") from e
     return servers
 
 

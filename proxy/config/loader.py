@@ -1,11 +1,13 @@
 """Load a policy file: YAML with `${VAR}` / `${VAR:-default}` interpolation, validated by pydantic.
 
 Every error names the file, the line and the field path, so `llm-numbers-proxy check` can list
-them all at once and hot reload can log exactly what is wrong.
+them all at once (field errors and cross-references in one pass) and hot reload can log exactly what
+is wrong; warnings (plaintext secrets, globs that match nothing) never stop a load.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -58,6 +60,7 @@ class _Builder:
         self.env = env
         self.lines: dict[Path_, int] = {}
         self.issues: list[ConfigIssue] = []
+        self.interpolated: set[Path_] = set()  # scalars that came from `${VAR}`, not written in the file
 
     def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
         self.lines[path] = node.start_mark.line + 1
@@ -73,6 +76,7 @@ class _Builder:
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         value = yaml.SafeLoader.construct_object(_SCALAR_LOADER, node)
         if isinstance(value, str) and "${" in value:
+            self.interpolated.add(path)
             return self._interpolate(value, path, node)
         return value
 
@@ -125,26 +129,21 @@ def parse_policy_text(
         raise ConfigError([ConfigIssue(file, 1, "", "the policy file must be a mapping at the top level")])
     issues = list(builder.issues)
     _resolve_router_paths(raw, file)
-    try:
-        policy = PolicyFile.model_validate(raw)
-    except ValidationError as e:
-        for err in e.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
+    policy, field_errors, pruned_names = _validate_all(raw)
+    issues += [ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg) for loc, msg in field_errors]
+    if policy is not None:
+        for loc, msg in policy.reference_errors():
+            # A reference to an entry that was itself invalid (and left out to check the rest) is no news.
+            if not any(f"'{name}'" in msg for name in pruned_names):
+                issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
+        base = Path(file).parent if file != "<string>" else Path.cwd()
+        policy, verifier_issues = _resolve_verifiers(policy, base)
+        for loc, msg in verifier_issues:
             issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
-        raise ConfigError(issues) from None
-    for loc, msg in policy.reference_errors():
-        issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
-    base = Path(file).parent if file != "<string>" else Path.cwd()
-    policy, verifier_issues = _resolve_verifiers(policy, base)
-    for loc, msg in verifier_issues:
-        issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
-    if issues:
+    if issues or policy is None:
         raise ConfigError(issues)
     if warnings is not None:
-        for loc, msg in policy.capacity_warnings():
+        for loc, msg in [*policy.capacity_warnings(), *policy.warnings(builder.interpolated)]:
             warnings.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg, warning=True))
     return policy
 
@@ -197,6 +196,72 @@ def _resolve_router_paths(raw: dict[str, Any], file: str) -> None:
         )
         if isinstance(learned, dict) and isinstance(learned.get("router"), str) and learned["router"]:
             learned["router"] = str(base / learned["router"])
+
+
+_NAMED_SECTIONS = ("models", "teams", "tasks", "collections")
+
+
+def _validate_all(raw: dict[str, Any]) -> tuple[PolicyFile | None, list[tuple[Path_, str]], set[str]]:
+    """Validate `raw`; on field errors, leave each faulty part out and validate again, so that the
+    cross-references of the rest can be checked in the same pass. Returns the policy of what remained
+    valid (None when nothing could be salvaged), the field errors, and the names of left-out entries."""
+    errors: list[tuple[Path_, str]] = []
+    pruned_names: set[str] = set()
+    below_pruned: list[Path_] = []  # parts removed because a required field inside was missing
+    work = copy.deepcopy(raw)
+    for _ in range(8):  # each round removes at least one part; nested faults need a few rounds
+        try:
+            return PolicyFile.model_validate(work), errors, pruned_names
+        except ValidationError as e:
+            found = [(_loc(err), err) for err in e.errors()]
+        progress = False
+        for loc, err in found:
+            # After a part was removed for a missing field, errors about its container are echoes.
+            issue = (loc, "unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+            if issue not in errors and not any(loc == p[: len(loc)] for p in below_pruned):
+                errors.append(issue)
+            removed = _remove(work, loc if err["type"] != "missing" else loc[:-1])
+            if removed is None:
+                continue
+            progress = True
+            if removed != loc:
+                below_pruned.append(removed)
+            if len(removed) == 2 and removed[0] in _NAMED_SECTIONS:
+                pruned_names.add(str(removed[1]))
+        if not progress:
+            break
+    return None, errors, pruned_names
+
+
+def _loc(err: Any) -> Path_:
+    return tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p == "[key]")))
+
+
+def _remove(work: dict[str, Any], loc: Path_) -> Path_ | None:
+    """Remove the part at `loc` (its nearest enclosing mapping entry); where a policy in the `policies`
+    list is at fault, put a neutral one in its place so later policies keep their indexes. The path
+    removed, or None when nothing is left to remove (a missing top-level section)."""
+    for cut in range(len(loc), 0, -1):
+        path = loc[:cut]
+        parent = _at(work, path[:-1])
+        key = path[-1]
+        if path[:1] == ("policies",) and len(path) == 2 and isinstance(parent, list) and isinstance(key, int):
+            if key < len(parent):
+                parent[key] = {"name": f"left-out-{key}", "reject": {}}
+                return path
+        elif isinstance(parent, dict) and key in parent:
+            del parent[key]
+            return path
+    return None
+
+
+def _at(work: Any, path: Path_) -> Any:
+    for part in path:
+        in_dict = isinstance(work, dict) and part in work
+        if not in_dict and not (isinstance(work, list) and isinstance(part, int) and 0 <= part < len(work)):
+            return None
+        work = work[part]
+    return work
 
 
 def load_policy_file(

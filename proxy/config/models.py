@@ -5,8 +5,12 @@ Every model forbids unknown keys so a typo in the policy file is an error, not a
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import os
 import re
 from fnmatch import fnmatchcase
+from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -425,6 +429,29 @@ def _evaluation_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], 
     return errors
 
 
+@cache
+def _litellm_providers() -> frozenset[str]:
+    """The providers litellm can call. litellm is imported only for a policy that names a provider
+    other than `openai`, which would import it at start-up anyway."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # the packaged map: no fetch at import
+    litellm = importlib.import_module("litellm")
+    return frozenset(str(getattr(p, "value", p)) for p in litellm.provider_list)
+
+
+def _provider_errors(models: dict[str, ModelConfig]) -> list[tuple[tuple[str | int, ...], str]]:
+    errors: list[tuple[tuple[str | int, ...], str]] = []
+    others = {name: m.provider for name, m in models.items() if m.provider != "openai"}
+    if not others:
+        return errors
+    known = _litellm_providers()
+    for name, provider in others.items():
+        if provider not in known:
+            close = difflib.get_close_matches(provider, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else " (see litellm's provider list)"
+            errors.append((("models", name, "provider"), f"unknown provider '{provider}'{hint}"))
+    return errors
+
+
 class PolicyFile(_Strict):
     version: Literal[1] = 1
     server: ServerConfig = ServerConfig()
@@ -441,7 +468,7 @@ class PolicyFile(_Strict):
 
     def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field checks pydantic cannot express per field: (path, message) pairs."""
-        errors: list[tuple[tuple[str | int, ...], str]] = []
+        errors = _provider_errors(self.models)
         for name, model in self.models.items():
             if re.search(r"[\x00-\x1f\x7f]", name):
                 errors.append((("models", name), "a model name must not contain control characters"))
@@ -511,6 +538,23 @@ class PolicyFile(_Strict):
     def capacity_warnings(self) -> list[tuple[tuple[str | int, ...], str]]:
         """What `check` warns about but serves: batches that memory, not their size, will bound."""
         return [w for name, model in self.models.items() for w in _serving_warnings(name, model)]
+
+    def warnings(self, interpolated: set[tuple[str | int, ...]]) -> list[tuple[tuple[str | int, ...], str]]:
+        """What is allowed but likely a mistake: (path, message) pairs. `interpolated` are the paths whose
+        value came from an environment variable."""
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        for name, model in self.models.items():
+            if model.api_key and ("models", name, "api_key") not in interpolated:
+                out.append((("models", name, "api_key"), "the key is written in the file: use ${ENV_VAR} instead"))
+        for name, team in self.teams.items():
+            for i, key in enumerate(team.keys):
+                if not key.startswith("sha256:") and ("teams", name, "keys", i) not in interpolated:
+                    msg = "a plaintext virtual key: store its hash instead (llm-numbers-proxy hash-key KEY)"
+                    out.append((("teams", name, "keys", i), msg))
+            for i, glob in enumerate(team.models):
+                if any(c in glob for c in "*?[") and not any(fnmatchcase(m, glob) for m in self.models):
+                    out.append((("teams", name, "models", i), f"'{glob}' matches no model under models:"))
+        return out
 
     def _route_errors(
         self, where: tuple[str | int, ...], route: RouteAction, teams: list[str] | None

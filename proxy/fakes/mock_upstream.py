@@ -22,11 +22,14 @@ makes its answers lose.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import math
 import re
+import struct
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,52 +352,60 @@ class MockUpstream:
         created: int,
         fault: Fault | None,
     ) -> web.StreamResponse:
+        head = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": created, "model": model}
+
+        def chunk(index: int, piece: str, first: bool) -> dict[str, Any]:
+            # As OpenAI does, a choice's first delta names the role (the Node SDK's stream helper needs it).
+            delta = {"role": "assistant", "content": piece} if first else {"content": piece}
+            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
+
+        final = [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
+        return await self._stream(request, body, fault, [text], prompt_tokens, head, chunk, final)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        fault: Fault | None,
+        texts: list[str],
+        prompt_tokens: int,
+        head: dict[str, Any],
+        chunk: Callable[[int, str, bool], dict[str, Any]],
+        final: list[dict[str, Any]],
+    ) -> web.StreamResponse:
+        """Stream each choice's text (`texts[index]`) one word per SSE event (`chunk(index, piece, first)`),
+        then each of the `final` choices (finish_reason), then a usage-only chunk when the client asked for it
+        (`stream_options.include_usage`), then `[DONE]`, as OpenAI does."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         if await self._client_gone(request):
             return resp
         await resp.prepare(request)
-        words = text.split(" ")
+        pieces = [
+            (index, word if i == 0 else " " + word, i == 0)
+            for index, text in enumerate(texts)
+            for i, word in enumerate(text.split(" "))
+        ]
         sent_text: list[str] = []
         try:
-            for i, word in enumerate(words):
-                if fault is not None and fault.hold_after_chunks == i:
+            for n, (index, piece, first) in enumerate(pieces):
+                if fault is not None and fault.hold_after_chunks == n:
                     await self._hold()
-                if fault is not None and fault.after_chunks is not None and i >= fault.after_chunks:
+                if fault is not None and fault.after_chunks is not None and n >= fault.after_chunks:
                     # close, not abort: the chunks already written still reach the client, then the
                     # connection ends without the chunked terminator (a stream cut mid-way)
                     if request.transport is not None:
                         request.transport.close()
                     return resp
-                piece = word if i == 0 else " " + word
-                chunk = {
-                    "id": "chatcmpl-mock",
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
-                }
-                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                await resp.write(b"data: " + orjson.dumps(chunk(index, piece, first)) + b"\n\n")
                 sent_text.append(piece)
                 if self.state.chunk_delay_s:
                     await asyncio.sleep(self.state.chunk_delay_s)
-            final = {
-                "id": "chatcmpl-mock",
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-            }
-            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+            for choice in final:  # one chunk per choice, as OpenAI sends them
+                await resp.write(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
             opts = body.get("stream_options") or {}
             if self.state.usage and opts.get("include_usage"):
-                usage = {
-                    "id": "chatcmpl-mock",
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": self._usage(prompt_tokens, self._counter.text(text)),
-                }
+                completion = sum(self._counter.text(t) for t in texts)
+                usage = {**head, "choices": [], "usage": self._usage(prompt_tokens, completion)}
                 await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
@@ -422,13 +433,21 @@ class MockUpstream:
             choices.append({"index": i, "text": text, "finish_reason": "stop", "logprobs": None})
             prompt_tokens += self._counter.text(p)
             completion_tokens += self._counter.text(text)
-        reply = {
+        head = {
             "id": "cmpl-mock",
             "object": "text_completion",
             "created": int(time.time()),
             "model": body.get("model", "mock"),
-            "choices": _misfit(choices, fault.results if fault else None),
         }
+        if body.get("stream"):
+            # Streamed completions are text_completion objects too, one choice's piece of text each.
+            def chunk(index: int, piece: str, first: bool) -> dict[str, Any]:
+                return {**head, "choices": [{"index": index, "text": piece, "logprobs": None, "finish_reason": None}]}
+
+            final = [{"index": c["index"], "text": "", "logprobs": None, "finish_reason": "stop"} for c in choices]
+            texts = [c["text"] for c in choices]
+            return await self._stream(request, body, fault, texts, prompt_tokens, head, chunk, final)
+        reply = {**head, "choices": _misfit(choices, fault.results if fault else None)}
         if self.state.usage:
             reply["usage"] = self._usage(prompt_tokens, completion_tokens)
         return await self._deliver(request, reply, prompt_tokens, completion_tokens)
@@ -442,12 +461,16 @@ class MockUpstream:
             inputs = [" ".join(map(str, inputs))]
         data, tokens = [], 0
         dim = body.get("dimensions") or self.state.embedding_dim
+        as_base64 = body.get("encoding_format") == "base64"
         for i, text in enumerate(inputs):
             text = text if isinstance(text, str) else " ".join(map(str, text))
             seed = hashlib.blake2b(text.encode(), digest_size=8).digest()
             vec = [math.sin(seed[j % 8] + j) for j in range(dim)]
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-            data.append({"object": "embedding", "index": i, "embedding": [v / norm for v in vec]})
+            unit = [v / norm for v in vec]
+            # base64 is the little-endian float32 bytes of the vector, as OpenAI (and the SDKs' decoders) have it.
+            embedding: Any = base64.b64encode(struct.pack(f"<{dim}f", *unit)).decode() if as_base64 else unit
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
             tokens += self._counter.text(text)
         reply = {
             "object": "list",

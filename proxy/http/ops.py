@@ -109,15 +109,17 @@ def build_ops_app(state: ProxyState) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> Response:
         store_ok = await state.store.healthy()
+        tokenizers_ok = state.tokenizers_ready
         body: dict[str, Any] = {
-            "status": "ready" if store_ok else "degraded",
+            "status": ("ready" if tokenizers_ok else "starting") if store_ok else "degraded",
             "store": {"backend": state.store.name, "healthy": store_ok},
             "models": len(state.runtime.policy.models),
+            "tokenizers": {"ready": tokenizers_ok, "loaded": list(state.tokenizers_loaded)},
         }
         if state.retrieval is not None:
             body["collections"] = state.retrieval.status()
             body["tasks"] = state.retrieval.task_status()  # example embeddings: a task matches once ready
-        return JSONResponse(body, status_code=200 if store_ok else 503)
+        return JSONResponse(body, status_code=200 if store_ok and tokenizers_ok else 503)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:

@@ -17,6 +17,7 @@ from proxy.pipeline.runtime import Runtime
 from proxy.services.evaluation import ShadowEvaluator
 from proxy.services.request_log import RequestLogWriter
 from proxy.services.runtime_keys import RuntimeKeys
+from proxy.services.tokens import get_encoding
 from proxy.services.tracing import Tracing, tracing_from_env
 from proxy.store import Store, build_store
 from proxy.store.keys import AuditLog, MemoryAuditLog, RedisKeyStore, build_key_store
@@ -79,6 +80,11 @@ class ProxyState:
         self.runtime: Runtime = Runtime(policy, self.store, None, config_path or "", runtime_keys=self.runtime_keys)
         self.in_flight = InFlight()
         self._retired: list[ShadowEvaluator] = []  # evaluators of replaced runtimes, closed on stop
+        # Encodings the configured models count with, loaded in the background after start (readiness
+        # waits for them) so that no client request pays the ~0.65 s load of one.
+        self.tokenizers_loaded: list[str] = []
+        self._tokenizers_pending: set[str] = set()
+        self._warming: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         start_store = getattr(self.store, "start", None)
@@ -134,6 +140,38 @@ class ProxyState:
             # Its queued shadow comparisons still finish (their budget is reserved); it takes no new ones.
             previous.evaluation.retire()
             self._retired = [e for e in self._retired if not e.finished] + [previous.evaluation]
+        self._warm_tokenizers(policy)
+
+    def _warm_tokenizers(self, policy: PolicyFile) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # built outside a loop (explain, tests): encodings load on first count
+            return
+        wanted = {self.runtime.estimator.counter(name).encoding_name for name in policy.models}
+        new = sorted(wanted - set(self.tokenizers_loaded) - self._tokenizers_pending)
+        if not new:
+            return
+        self._tokenizers_pending.update(new)
+        previous = self._warming
+
+        async def warm() -> None:
+            if previous is not None:
+                await previous  # one at a time: two threads building the same encoding would both pay
+            for name in new:
+                await asyncio.to_thread(get_encoding, name)  # off the event loop: /healthz answers meanwhile
+                self._tokenizers_pending.discard(name)
+                self.tokenizers_loaded.append(name)
+
+        self._warming = asyncio.get_running_loop().create_task(warm())
+
+    @property
+    def tokenizers_ready(self) -> bool:
+        return not self._tokenizers_pending
+
+    async def tokenizers_warmed(self) -> None:
+        """Wait until the configured models' encodings are loaded."""
+        while self._warming is not None and not self._warming.done():
+            await asyncio.shield(self._warming)
 
     def _retrieval_for(self, policy: PolicyFile) -> Retrieval | None:
         if self.retrieval is None and uses_embedder(policy):
@@ -143,6 +181,8 @@ class ProxyState:
         return self.retrieval
 
     async def stop(self) -> None:
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()  # the thread finishes on its own; nothing waits for it
         if not await self.in_flight.drained(SETTLE_ON_SHUTDOWN_S):
             log.error("shutting down with %d requests not settled", self.in_flight.count)
         for evaluator in [*self._retired, self.runtime.evaluation]:

@@ -19,6 +19,16 @@ from proxy.wire.formats import BY_ENDPOINT
 DEFAULT_EXPECTED_OUTPUT = 256
 # Fields of a traffic line that describe the request rather than being part of its body.
 _REPLAY_FIELDS = frozenset({"team", "key", "usage", "prompt_tokens", "endpoint", "ts", "request_id", "status"})
+_ENDPOINTS = tuple(BY_ENDPOINT)
+# What stands in for prompt text a log left out (its recorded token count is used instead).
+_NO_TEXT: dict[str, tuple[str, Any]] = {
+    Endpoint.CHAT: ("messages", [{"role": "user", "content": ""}]),
+    Endpoint.COMPLETIONS: ("prompt", ""),
+    Endpoint.EMBEDDINGS: ("input", ""),
+}
+# Rejections that say the line itself cannot be replayed (malformed, unknown model or key), as opposed
+# to a decision of the policy (forbidden, over budget, over a limit) that replay projects.
+_UNREPLAYABLE = frozenset({400, 401, 404, 413, 415})
 
 
 def endpoint_of(body: dict[str, Any]) -> str:
@@ -38,9 +48,11 @@ async def explain(
     team: str | None = None,
     prompt_tokens: int | None = None,
     output_tokens: int | None = None,
+    endpoint: str | None = None,
 ) -> dict[str, Any]:
-    """The decision for one request body, as JSON-able data."""
-    endpoint = endpoint_of(body)
+    """The decision for one request body, as JSON-able data (the endpoint guessed from the body's fields
+    unless given)."""
+    endpoint = endpoint or endpoint_of(body)
     ctx = RequestContext(
         request_id=secrets.token_hex(12),
         endpoint=endpoint,
@@ -93,7 +105,18 @@ async def explain(
     # The saving belongs to the policies that change what a request costs (route, retrieve, ...).
     savers = list(dict.fromkeys([*ctx.routed_by, *ctx.saved_by_policy]))
     out["saved_by_policy"] = {p: out["saved_usd"] / len(savers) for p in savers}
-    return out
+    return _tidy(out)
+
+
+def _tidy(value: Any) -> Any:
+    """Floats to 12 significant digits: sums of prices print as 0.0001566, not 0.00015659999999999998."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, dict):
+        return {k: _tidy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tidy(v) for v in value]
+    return value
 
 
 def _bucket() -> dict[str, float]:
@@ -101,10 +124,16 @@ def _bucket() -> dict[str, float]:
 
 
 async def replay(runtime: Runtime, lines: Iterable[str], default_team: str | None = None) -> dict[str, Any]:
-    """Project spend and savings over JSONL traffic: one OpenAI request body per line, with optional
-    `team` or `key`, `prompt_tokens` (when the log kept no prompt text) and `usage`."""
+    """Project spend and savings over JSONL traffic (docs/replay.md): one OpenAI request body per line,
+    with optional `team` or `key`, `endpoint`, `prompt_tokens` (when the log kept no prompt text) and
+    `usage`; or a line of the proxy's own request log, whose request body is under `body`.
+
+    `totals.rejected` counts the requests the policy would refuse (forbidden, over budget or a limit);
+    lines that cannot be replayed at all (not JSON, a malformed body, an unknown model, key or endpoint)
+    are counted in `totals.failed` and listed under `errors` (the first 100)."""
     totals = _bucket()
     totals["rejected"] = 0
+    totals["failed"] = 0
     by_policy: dict[str, dict[str, float]] = defaultdict(_bucket)
     by_model: dict[str, dict[str, float]] = defaultdict(_bucket)
     by_team: dict[str, dict[str, float]] = defaultdict(_bucket)
@@ -117,18 +146,23 @@ async def replay(runtime: Runtime, lines: Iterable[str], default_team: str | Non
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
         except (orjson.JSONDecodeError, ValueError) as e:
+            totals["failed"] += 1
             errors.append({"line": n, "error": f"invalid JSON: {e}"})
             continue
         if isinstance(record.get("body"), dict):  # the proxy's own request log
             body = dict(record["body"])
         else:
             body = {k: v for k, v in record.items() if k not in _REPLAY_FIELDS}
-        if record.get("prompt_tokens") is not None:
+        endpoint = record.get("endpoint")
+        if endpoint is None:
+            endpoint = endpoint_of(body)
+        elif endpoint not in _ENDPOINTS:
+            totals["failed"] += 1
+            errors.append({"line": n, "error": f"unknown endpoint {endpoint!r} (one of {', '.join(_ENDPOINTS)})"})
+            continue
+        if record.get("prompt_tokens") is not None and endpoint in _NO_TEXT:
             # A log without prompt text: the recorded count stands in for the text.
-            body.setdefault(
-                "messages" if record.get("endpoint", "chat") == "chat" else "prompt",
-                [{"role": "user", "content": ""}] if record.get("endpoint", "chat") == "chat" else "",
-            )
+            body.setdefault(*_NO_TEXT[endpoint])
         team = record.get("team") or default_team
         key = record.get("key")
         usage = record.get("usage") if isinstance(record.get("usage"), dict) else {}
@@ -140,11 +174,14 @@ async def replay(runtime: Runtime, lines: Iterable[str], default_team: str | Non
             team=None if key else team,
             prompt_tokens=record.get("prompt_tokens"),
             output_tokens=usage.get("completion_tokens"),
+            endpoint=endpoint,
         )
         if out["decision"] == "rejected":
-            totals["rejected"] += 1
-            if out["error"]["status"] in (401, 404, 400, 413):
+            if out["error"]["status"] in _UNREPLAYABLE:
+                totals["failed"] += 1
                 errors.append({"line": n, "error": out["error"]["message"]})
+            else:
+                totals["rejected"] += 1
             continue
         for row in (totals, by_model[out["model"]], by_team[out["team"] or "-"]):
             row["requests"] += 1
@@ -156,20 +193,22 @@ async def replay(runtime: Runtime, lines: Iterable[str], default_team: str | Non
             by_policy[policy]["spend_usd"] += out["projected_cost_usd"]
             by_policy[policy]["counterfactual_usd"] += out["counterfactual_usd"]
             by_policy[policy]["saved_usd"] += out["saved_by_policy"].get(policy, 0.0)
-    return {
-        "totals": totals,
-        "by_policy": dict(by_policy),
-        "by_model": dict(by_model),
-        "by_team": dict(by_team),
-        "errors": errors[:100],
-    }
+    return _tidy(
+        {
+            "totals": totals,
+            "by_policy": dict(by_policy),
+            "by_model": dict(by_model),
+            "by_team": dict(by_team),
+            "errors": errors[:100],
+        }
+    )
 
 
 def replay_table(report: dict[str, Any]) -> str:
     lines = []
     t = report["totals"]
     lines.append(
-        f"requests {t['requests']} (+{t['rejected']} rejected)  spend ${t['spend_usd']:.6f}  "
+        f"requests {t['requests']} (+{t['rejected']} rejected, {t['failed']} failed)  spend ${t['spend_usd']:.6f}  "
         f"without policies ${t['counterfactual_usd']:.6f}  saved ${t['saved_usd']:.6f}"
     )
     for section in ("by_policy", "by_model", "by_team"):

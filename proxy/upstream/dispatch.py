@@ -129,7 +129,7 @@ class Dispatcher:
                 result = await call_with_retries(attempt, self._retry[name], on_retry)
             except RetryableUpstreamError as e:
                 metrics.UPSTREAM_ERRORS.labels(name, e.kind).inc()
-                last = e.as_proxy_error()
+                last = e.as_proxy_error(name)
             except BadGateway as e:
                 metrics.UPSTREAM_ERRORS.labels(name, "bad_response").inc()
                 last = e

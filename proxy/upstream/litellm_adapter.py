@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from proxy.config.models import ModelConfig
-from proxy.errors import BadGateway, UpstreamHTTPError
+from proxy.errors import BadGateway, UpstreamHTTPError, UpstreamMisconfigured
 from proxy.upstream.reply import UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError
 
@@ -42,13 +42,35 @@ def _import_litellm() -> Any:
     for name in _LITELLM_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     litellm.telemetry = False
+    litellm.suppress_debug_info = True  # no "Provider List: ..." banner printed with each error
     litellm.drop_params = True
     return litellm
 
 
-def _translate_error(e: Exception) -> Exception:
+# What litellm says when it refuses a call itself, before reaching the provider: the policy file's
+# settings for the model are wrong (litellm raises these as 400/401 errors, as if the client had erred).
+_CONFIG_REFUSALS = (
+    ("LLM Provider NOT provided", "litellm does not know its provider"),
+    ("API Key", "its provider's credential is missing: set api_key (e.g. api_key: ${PROVIDER_API_KEY})"),
+)
+
+
+def _config_refusal(e: Exception) -> str | None:
+    message = str(getattr(e, "message", "") or e)
+    for marker, reason in _CONFIG_REFUSALS:
+        if marker in message and (marker != "API Key" or "Missing" in message):
+            return reason
+    return None
+
+
+def _translate_error(e: Exception, model: str) -> Exception:
     status = getattr(e, "status_code", None)
     name = type(e).__name__
+    if status in (400, 401) and (reason := _config_refusal(e)) is not None:
+        return UpstreamMisconfigured(
+            f"Model '{model}' is misconfigured on the proxy: {reason}. Check its entry under models: in the "
+            "policy file (`llm-numbers-proxy check`)."
+        )
     if name in ("Timeout", "APITimeoutError") or status == 408:
         return RetryableUpstreamError("timeout", name)
     if name == "APIConnectionError" or status is None:
@@ -117,7 +139,7 @@ class LiteLLMUpstream:
         try:
             return await fn(**kwargs)
         except Exception as e:
-            raise _translate_error(e) from None
+            raise _translate_error(e, self.name) from None
 
     async def send(self, endpoint: str, body: dict[str, Any]) -> UpstreamReply:
         resp = await self._call(endpoint, body)

@@ -38,12 +38,15 @@ class RetryableUpstreamError(Exception):
         self.body = body
         self.retry_after = retry_after
 
-    def as_proxy_error(self) -> ProxyError:
-        """What the client sees once retries and fallbacks are exhausted."""
+    def as_proxy_error(self, model: str | None = None) -> ProxyError:
+        """What the client sees once retries and fallbacks are exhausted (`model`: the configured model
+        that failed last, named so an operator knows which entry of the policy file to look at)."""
+        of = f" of model '{model}'" if model else ""
         if self.kind == "timeout":
-            return GatewayTimeout(f"The upstream did not answer in time: {self}")
+            return GatewayTimeout(f"The upstream{of} did not answer in time: {self}")
         if self.kind == "connect":
-            return UpstreamUnavailable(f"Cannot reach the upstream: {self}")
+            hint = f": is the server at models.{model}.api_base running and reachable from the proxy?" if model else ""
+            return UpstreamUnavailable(f"Cannot reach the upstream{of} ({self}){hint}")
         if self.status is not None and self.body[:1] == b"{" and b'"error"' in self.body:
             headers = {"retry-after": str(int(self.retry_after + 0.999))} if self.retry_after else {}
             return UpstreamHTTPError(self.status, self.body, headers)
