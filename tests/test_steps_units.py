@@ -78,10 +78,11 @@ def _step(runtime: Runtime, cls: type) -> Step:
 def test_every_step_is_a_step_and_says_what_it_does():
     runtime = _runtime()
     described = runtime.pipeline.describe()
-    assert [d["step"] for d in described][:5] == [
+    assert [d["step"] for d in described][:6] == [
         "Authenticate",
         "ValidateRequest",
         "ResolveModel",
+        "KeepConversation",
         "CountTokens",
         "EnforceRateLimits",
     ]

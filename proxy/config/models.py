@@ -262,6 +262,9 @@ class ServerConfig(_Strict):
     # Used when a request sets no max_tokens and the model's max output is unknown.
     default_max_output_tokens: Annotated[int, Field(ge=1)] = 4096
     watch_config: bool = True  # reload the policy file when it changes on disk
+    # How long a Responses API response the proxy made (for a Chat Completions upstream) is kept for
+    # `previous_response_id` and `GET /v1/responses/{id}`: a day by default, 30 days at most.
+    responses_ttl_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0
 
 
 class LogConfig(_Strict):

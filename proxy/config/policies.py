@@ -53,7 +53,7 @@ class WhenConfig(_Strict):
 
     teams: list[str] | None = None
     models: list[str] | None = None  # globs over the model as it stands when the policy is evaluated
-    endpoints: list[Literal["chat", "completions", "embeddings"]] | None = None
+    endpoints: list[Literal["chat", "completions", "embeddings", "responses", "messages"]] | None = None
     task: str | None = None
     prompt_tokens: TokenRange | None = None
     tools: bool | None = None

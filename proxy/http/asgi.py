@@ -100,6 +100,12 @@ async def send_sse(send: Send, body: bytes, headers: Headers) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, error: ProxyError, extra: Headers | None = None) -> None:
+async def send_error(
+    send: Send,
+    error: ProxyError,
+    extra: Headers | None = None,
+    body: Callable[[ProxyError], bytes] | None = None,
+) -> None:
+    """An error response; `body` makes it in the endpoint's format's shape (OpenAI's by default)."""
     headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
-    await send_json(send, error.status, error.body(), headers + (extra or []))
+    await send_json(send, error.status, body(error) if body else error.body(), headers + (extra or []))

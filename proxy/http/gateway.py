@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from proxy import metrics
-from proxy.errors import MethodNotAllowed, ProxyError
+from proxy.errors import InvalidRequest, MethodNotAllowed, ModelNotFound, ProxyError
 from proxy.http.asgi import (
     SSE_HEADERS,
     ASGIApp,
@@ -32,11 +33,11 @@ from proxy.http.asgi import (
     send_sse,
     start_message,
 )
+from proxy.http.endpoints import unknown_path
 from proxy.pipeline.context import RequestContext
-from proxy.upstream.reply import stream_reply
-from proxy.wire.adapter import WireAdapter
+from proxy.upstream.reply import UpstreamReply, stream_reply
+from proxy.wire.adapter import Endpoint, StreamAccount, WireAdapter
 from proxy.wire.formats import BY_PATH
-from proxy.wire.sse import StreamAccount
 
 if TYPE_CHECKING:
     from proxy.http.state import ProxyState
@@ -45,6 +46,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("llm_proxy.gateway")
 
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
+_MODEL_PREFIXES = ("/v1/models/", "/models/")
+_RESPONSE_PREFIXES = ("/v1/responses/", "/responses/")
+_RESPONSE_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+# Paths the ops app serves under /v1; every other /v1 path is the gateway's to refuse.
+_OPS_V1_PREFIX = "/v1/proxy/"
 
 
 def _proxy_headers(ctx: RequestContext, with_cost: bool) -> list[tuple[bytes, bytes]]:
@@ -118,32 +124,95 @@ class Gateway:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
+        method = scope["method"]
         wire = BY_PATH.get(path)
         if wire is not None:
-            if scope["method"] != "POST":
-                await send_error(send, MethodNotAllowed(f"Use POST for {path}."))
+            if method != "POST":
+                await send_error(send, MethodNotAllowed(f"Use POST for {path}."), body=wire.error_body)
                 return
-            await self._handle(wire, scope, receive, send)
+            await (self._count if wire.counts_only else self._handle)(wire, scope, receive, send)
             return
-        if path in _MODELS_PATHS and scope["method"] == "GET":
-            await self._list_models(scope, send)
-            return
-        await self.fallback(scope, receive, send)
+        if path in _MODELS_PATHS and method == "GET":
+            await self._models(scope, send, None)
+        elif path.startswith(_MODEL_PREFIXES) and method == "GET":
+            await self._models(scope, send, path.split("/models/", 1)[1])
+        elif path.startswith(_RESPONSE_PREFIXES) and method in ("GET", "DELETE"):
+            await self._stored_response(scope, send, method, path.split("/responses/", 1)[1])
+        elif path.startswith("/v1/") and not path.startswith(_OPS_V1_PREFIX):
+            await send_error(send, unknown_path(path))
+        else:
+            await self.fallback(scope, receive, send)
 
-    async def _list_models(self, scope: Scope, send: Send) -> None:
+    def _bare_context(self, scope: Scope, endpoint: str) -> RequestContext:
+        return RequestContext(request_id=secrets.token_hex(12), endpoint=endpoint, headers=request_headers(scope))
+
+    async def _models(self, scope: Scope, send: Send, model_id: str | None) -> None:
+        """`GET /v1/models` (the caller's team's models) and `GET /v1/models/{id}`."""
         runtime = self.state.runtime
-        ctx = RequestContext(request_id=secrets.token_hex(12), endpoint="models", headers=request_headers(scope))
+        ctx = self._bare_context(scope, "models")
         try:
             await runtime.authenticate.on_request(ctx)
+            created = int(self.state.started_at)
+            models = runtime.models_for(ctx.team or "", ctx.key_rights)
+            if model_id is not None and model_id not in models:
+                message = f"The model '{model_id[:200]}' does not exist or is not yours to use."
+                raise ModelNotFound(message, param="model")
         except ProxyError as e:
             await send_error(send, e)
             return
-        created = int(self.state.started_at)
-        data = [
-            {"id": m, "object": "model", "created": created, "owned_by": runtime.policy.models[m].provider}
-            for m in runtime.models_for(ctx.team or "", ctx.key_rights)
-        ]
-        await send_json(send, 200, orjson.dumps({"object": "list", "data": data}), [])
+
+        def card(m: str) -> dict[str, object]:
+            return {"id": m, "object": "model", "created": created, "owned_by": runtime.policy.models[m].provider}
+
+        body = card(model_id) if model_id is not None else {"object": "list", "data": [card(m) for m in models]}
+        await send_json(send, 200, orjson.dumps(body), [])
+
+    async def _stored_response(self, scope: Scope, send: Send, method: str, response_id: str) -> None:
+        """`GET` / `DELETE /v1/responses/{id}`: a response the proxy kept (it made it by translation), else
+        the upstream's, at the first of the team's models that serves the Responses API."""
+        runtime = self.state.runtime
+        ctx = self._bare_context(scope, Endpoint.RESPONSES)
+        try:
+            await runtime.authenticate.on_request(ctx)
+            if not _RESPONSE_ID.match(response_id):  # it goes into an upstream URL: an id, nothing else
+                raise InvalidRequest("The response id must be letters, digits, '_' or '-'.", param="response_id")
+            team = ctx.team or ""
+            if method == "GET":
+                kept = await runtime.conversations.kept_response(team, response_id)
+                if kept is not None:
+                    await send_json(send, 200, orjson.dumps(kept), [])
+                    return
+            elif await runtime.conversations.forget(team, response_id):
+                deleted = {"id": response_id, "object": "response", "deleted": True}
+                await send_json(send, 200, orjson.dumps(deleted), [])
+                return
+            if runtime.dispatcher is None:
+                raise ModelNotFound("No upstream is configured.")
+            reply = await runtime.dispatcher.stored_response(runtime.models_for(team), method, response_id)
+        except ProxyError as e:
+            await send_error(send, e)
+            return
+        await send_json(send, 200, reply.raw, [])
+
+    async def _count(self, wire: WireAdapter, scope: Scope, receive: Receive, send: Send) -> None:
+        """A token-counting endpoint: the checks of a request, then the upstream's count when it speaks the
+        format, else the model's tokenizer's. Nothing is generated, reserved or billed."""
+        runtime = self.state.runtime
+        headers = request_headers(scope)
+        ctx = RequestContext(request_id=secrets.token_hex(12), endpoint=wire.endpoint, headers=headers, wire=wire)
+        try:
+            check_content_type(headers)
+            ctx.raw = await read_body(receive, headers, runtime.policy.server.max_body_bytes)
+            await runtime.counting.run_request(ctx)
+            tokens = await runtime.dispatcher.count_tokens(ctx) if runtime.dispatcher is not None else None
+            if tokens is None:
+                tokens, _ = wire.count_prompt(runtime.estimator.counter(ctx.model), ctx.body)
+        except ProxyError as e:
+            await send_error(send, e, _proxy_headers(ctx, False), wire.error_body)
+            return
+        except asyncio.CancelledError:
+            return
+        await send_json(send, 200, wire.count_answer(tokens), _proxy_headers(ctx, False))
 
     async def _handle(self, wire: WireAdapter, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self.state.runtime  # this request keeps this runtime even if a reload swaps it
@@ -157,7 +226,7 @@ class Gateway:
             await runtime.pipeline.run_request(ctx)
             if ctx.answer is not None:
                 await runtime.pipeline.run_response(ctx)
-                body, is_sse = wire.answer_bytes(ctx.answer, ctx.stream, ctx.include_usage)
+                body, is_sse = wire.answer_bytes(ctx.answer, ctx.stream, ctx.include_usage, ctx.body)
                 await (send_sse if is_sse else _send_ok)(send, body, _proxy_headers(ctx, True))
             elif ctx.stream:
                 await self._stream(ctx, runtime, receive, send)
@@ -168,7 +237,8 @@ class Gateway:
             ctx.status = e.status
             if not ctx.cancelled:
                 # A refused or failed request still tells its cost when it spent something (an embedding).
-                await send_error(send, e, _proxy_headers(ctx, ctx.embeddings is not None and ctx.billed() > 0))
+                extra = _proxy_headers(ctx, ctx.embeddings is not None and ctx.billed() > 0)
+                await send_error(send, e, extra, wire.error_body)
         except asyncio.CancelledError:
             ctx.cancelled = True
             ctx.status = 499
@@ -181,7 +251,7 @@ class Gateway:
             log.exception("unexpected error in request %s", ctx.request_id)
             ctx.status = 500
             err = ProxyError("The proxy failed unexpectedly; the request id is in x-llm-proxy-request-id.")
-            await send_error(send, err, _proxy_headers(ctx, False))
+            await send_error(send, err, _proxy_headers(ctx, False), wire.error_body)
         finally:
             try:
                 await runtime.pipeline.run_settle(ctx)
@@ -212,7 +282,7 @@ class Gateway:
         ctx.sent_upstream = True
         handle = await runtime.dispatcher.open_stream(ctx)
         # From here on the response belongs to this stream: no retry, no fallback, no JSON error.
-        account = StreamAccount(ctx.include_usage)
+        account = ctx.wire.stream_account(ctx.include_usage)
         watch = _ClientWatch(receive, ctx)
         responded = False
         try:
@@ -225,34 +295,46 @@ class Gateway:
                     if first:
                         first = False
                         metrics.child(metrics.TIME_TO_FIRST_CHUNK, ctx.model_requested).observe(ctx.elapsed())
-            if account.owes_usage and not ctx.cancelled:
+            if getattr(account, "owes_usage", False) and not ctx.cancelled:
                 # The upstream ignored stream_options (llama.cpp does): the client still gets the usage
                 # chunk it asked for, counted by the estimator, before [DONE].
                 responded = True
-                await self._stream_done(ctx, runtime, account)
+                await self._stream_done(ctx, runtime, account, handle)
                 body = account.usage_tail(ctx.usage)
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             watch.done()
+            # The answer is settled before the stream ends: what a step keeps of it (a conversation's
+            # turn) is there when the client, seeing the end, sends its next turn.
+            if not responded:
+                responded = True
+                await self._stream_done(ctx, runtime, account, handle)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except ProxyError as e:
             # The stream broke after it began: tell the client in-band and end the stream.
             ctx.error = e
             ctx.status = e.status
             watch.done()
-            await send({"type": "http.response.body", "body": b"data: " + e.body() + b"\n\n", "more_body": False})
+            await send({"type": "http.response.body", "body": ctx.wire.stream_error(e), "more_body": False})
         except asyncio.CancelledError:
             watch.absorb_cancellation()
         finally:
             watch.done()
             handle.close()
             if not responded:
-                await self._stream_done(ctx, runtime, account)
+                await self._stream_done(ctx, runtime, account, handle)
 
     @staticmethod
-    async def _stream_done(ctx: RequestContext, runtime: Runtime, account: StreamAccount) -> None:
+    async def _stream_done(ctx: RequestContext, runtime: Runtime, account: StreamAccount, handle: Any) -> None:
         """The stream's normalised reply, and the response hooks over it (its usage is known from here)."""
-        ctx.reply = stream_reply(account.relayed, account.usage)
+        ctx.reply = _stream_reply(account, handle)
         await runtime.pipeline.run_response(ctx)
+
+
+def _stream_reply(account: StreamAccount, handle: Any) -> UpstreamReply:
+    """A relayed stream's reply: the usage the upstream reported (a translated stream's chat usage is the
+    exact one), else what the relayed events carried; the finished object the stream ended with."""
+    usage = getattr(handle, "usage", None) or account.usage
+    return stream_reply(account.relayed, usage, account.final, getattr(handle, "translated", False))
 
 
 async def _send_ok(send: Send, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

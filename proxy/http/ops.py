@@ -18,6 +18,7 @@ from proxy.config import PolicyFile
 from proxy.errors import ProxyError, Unauthorized
 from proxy.http.admin_auth import require_master_key
 from proxy.http.asgi import check_content_type
+from proxy.http.endpoints import unknown_path
 from proxy.http.feedback import add_feedback_routes
 from proxy.http.kb_routes import add_kb_routes
 from proxy.http.keys_routes import add_key_routes
@@ -89,7 +90,9 @@ def build_ops_app(state: ProxyState) -> FastAPI:
         return _error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
+        if e.status_code == 404 and e.detail == "Not Found":  # no route: say which exist
+            return _error_response(unknown_path(request.url.path))
         err = ProxyError(str(e.detail), code="not_found" if e.status_code == 404 else None)
         err.status = e.status_code
         err.type = "invalid_request_error"

@@ -17,7 +17,7 @@ from proxy.wire.adapter import Endpoint
 from proxy.wire.content import user_text
 from proxy.wire.usage import TokenUsage
 
-__all__ = ["BudgetSlot", "Endpoint", "LimitSlot", "RequestContext", "ShadowSlot"]
+__all__ = ["BudgetSlot", "ConversationSlot", "Endpoint", "LimitSlot", "RequestContext", "ShadowSlot"]
 
 if TYPE_CHECKING:
     from proxy.retrieval.embedders import RequestEmbeddings
@@ -53,6 +53,15 @@ class ShadowSlot:
 
 
 @dataclass(slots=True, eq=False)
+class ConversationSlot:
+    """KeepConversation's: the kept response a request continues (`previous_response_id`), if any, and
+    the input items of the whole conversation so far (what the next turn's history will be)."""
+
+    previous: str | None
+    items: list[Any]
+
+
+@dataclass(slots=True, eq=False)
 class RequestContext:
     request_id: str
     endpoint: str
@@ -75,6 +84,8 @@ class RequestContext:
     prompt_count: int = 1  # prompts in a completions/embeddings batch
     known_prompt_tokens: int | None = None  # replay of a log without prompt text
     max_output_tokens: int = 0
+    upstream_headers: dict[str, str] = field(default_factory=dict)  # client headers its format forwards
+    chat_body: dict[str, Any] | None = None  # the request translated to chat, for an upstream that speaks only chat
     policies: list[str] = field(default_factory=list)
     # estimates before the call
     cost_estimate: float = 0.0
@@ -106,6 +117,7 @@ class RequestContext:
     lookups: list[Any] | None = None  # Retrieve's lookups (proxy.steps.retrieve.Lookup)
     shadow: ShadowSlot | None = None
     router_predictions: dict[str, Any] | None = None  # Route's learned routers: policy -> what its router predicted
+    conversation: ConversationSlot | None = None
     _user_text: str | None = None
 
     @property

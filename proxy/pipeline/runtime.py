@@ -26,6 +26,7 @@ from proxy.steps.accounting import RecordUsage
 from proxy.steps.apply_policies import ApplyPolicies
 from proxy.steps.auth import Authenticate
 from proxy.steps.budget import EnforceBudget
+from proxy.steps.conversation import KeepConversation
 from proxy.steps.count_tokens import CountTokens
 from proxy.steps.key_usage import NoteKeyUse
 from proxy.steps.limits import EnforceRateLimits
@@ -34,6 +35,7 @@ from proxy.steps.model_access import ResolveModel
 from proxy.steps.model_memory import FitModelMemory
 from proxy.steps.retrieve import SettleRetrieval
 from proxy.steps.shadow import SampleForShadow
+from proxy.steps.translate import TranslateForUpstream
 from proxy.steps.validate import ValidateRequest
 from proxy.store.base import Store
 from proxy.upstream.dispatch import Dispatcher
@@ -87,16 +89,23 @@ class Runtime:
         # steps, in the order a request crosses them
         self.authenticate = Authenticate(self.keyring)
         self.model_memory = FitModelMemory(policy)
+        self.conversations = KeepConversation(store, policy.server.responses_ttl_s)
+        validate, resolve, count = ValidateRequest(), ResolveModel(policy, self.allowed), CountTokens(self.estimator)
+        # The token-counting endpoints (Anthropic's count_tokens, the Responses API's input_tokens) take
+        # only the checks: nothing is generated, reserved or billed.
+        self.counting = Pipeline([self.authenticate, validate, resolve], concurrent_settle=False)
         steps: list[Step] = [
             self.authenticate,
-            ValidateRequest(),
-            ResolveModel(policy, self.allowed),
-            CountTokens(self.estimator),
+            validate,
+            resolve,
+            self.conversations,
+            count,
             EnforceRateLimits(policy, store),
             *([SampleForShadow(policy, self.evaluation)] if self.evaluation else []),  # before policies change it
             ApplyPolicies(rules, self.tasks, self.ledger, self.estimator, self.evaluation and self.evaluation.floor),
             *followers,
             *([self.model_memory] if self.model_memory.memory else []),  # after routing, before the budget
+            TranslateForUpstream(policy),
             EnforceBudget(self.ledger, self.estimator, self.allowed),
             RecordUsage(policy, self.estimator, store),
         ]

@@ -9,7 +9,6 @@ from proxy.config.models import PolicyFile
 from proxy.errors import ContextLengthExceeded, InvalidRequest
 from proxy.services.pricing import PriceBook
 from proxy.services.tokens import TokenCounter, counter_for
-from proxy.wire import sse
 from proxy.wire.adapter import Endpoint
 from proxy.wire.formats import BY_ENDPOINT
 from proxy.wire.usage import TokenUsage, counted_usage, usage_from
@@ -86,12 +85,16 @@ class Estimator:
         if ctx.endpoint == Endpoint.EMBEDDINGS:
             ctx.max_output_tokens = 0
         else:
+            wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
             cap = price.max_output_tokens
-            per_choice = body.get("max_completion_tokens") or body.get("max_tokens") or cap or self._default_max_output
+            per_choice = wire.max_output(body) or cap or self._default_max_output
             if cap:  # a model routed to after the check cannot generate more than its cap either
                 per_choice = min(per_choice, cap)
             ctx.max_output_tokens = per_choice * (body.get("n") or 1) * ctx.prompt_count
-        ctx.cost_estimate = price.cost(ctx.prompt_tokens, ctx.max_output_tokens)
+        # A prompt that marks `cache_control` may be written to the cache whole, at the dearer write price.
+        ctx.cost_estimate = price.worst_case_cost(
+            ctx.prompt_tokens, ctx.max_output_tokens, cache_writes=b'"cache_control"' in ctx.raw
+        )
 
     def real_usage(self, ctx: RequestContext) -> TokenUsage:
         """The usage of what answered the request: the upstream's report, else counted by the answering
@@ -105,14 +108,13 @@ class Estimator:
         if ctx.endpoint == Endpoint.EMBEDDINGS:
             return counted_usage(ctx.prompt_tokens, 0)
         counter = self._counters[ctx.answered_by or ctx.model]
-        if reply.events is not None:
-            text = sse.generated_text(reply.events)
-        else:
-            text = (ctx.wire or BY_ENDPOINT[ctx.endpoint]).reply_text(reply.data or {})
+        wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
+        text = wire.stream_text(reply.events) if reply.events is not None else wire.reply_text(reply.data or {})
         return counted_usage(ctx.prompt_tokens, counter.text(text))
 
     def cost(self, model: str, usage: TokenUsage) -> float:
-        return self.prices.cost(model, usage.input, usage.output)
+        """Exact: cache reads, cache writes and reasoning tokens at their own prices, tiers by prompt length."""
+        return self.prices.cost(model, usage)
 
     def embedding_tokens(self, model: str, texts: list[str], reported: Any) -> int:
         """Input tokens of an embedding call: as reported, else counted."""

@@ -1,6 +1,7 @@
 """Virtual keys: where a client presents one, its hashed form, and the ring of hashed keys → team.
 
-Keys arrive as `Authorization: Bearer <key>` or `api-key: <key>` (Azure style). The presented key
+Keys arrive as `Authorization: Bearer <key>`, `api-key: <key>` (Azure style) or `x-api-key: <key>`
+(Anthropic's SDKs; `ANTHROPIC_AUTH_TOKEN` sends a Bearer token). The presented key
 is hashed with SHA-256 and looked up; the final comparison is constant-time.
 """
 
@@ -27,7 +28,7 @@ def presented_key(headers: dict[str, str]) -> str | None:
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
         return None
-    key = headers.get("api-key")
+    key = headers.get("api-key") or headers.get("x-api-key")
     return key.strip() if key else None
 
 

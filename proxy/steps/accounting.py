@@ -14,6 +14,7 @@ from proxy.pipeline.context import RequestContext
 from proxy.pipeline.step import Step
 from proxy.services.estimator import Estimator
 from proxy.store.base import Store, StoreUnavailable, Usage, to_nano, utc_day
+from proxy.wire.usage import TokenUsage
 
 log = logging.getLogger("llm_proxy.accounting")
 
@@ -40,7 +41,7 @@ class RecordUsage(Step):
         ctx.cost = self._estimator.cost(model, ctx.usage) if ctx.usage is not None else 0.0
         requested = ctx.model_requested
         if ctx.routed_by and requested in self._models and requested != model and ctx.route != "retrieval":
-            saving = max(0.0, self._prices.cost(requested, ctx.input_tokens, ctx.output_tokens) - ctx.cost)
+            saving = max(0.0, self._prices.cost(requested, ctx.usage or TokenUsage()) - ctx.cost)
             for policy in ctx.routed_by:
                 ctx.saved_by_policy[policy] = saving / len(ctx.routed_by)
         ctx.saved = sum(ctx.saved_by_policy.values())
@@ -63,6 +64,14 @@ class RecordUsage(Step):
         source = "counted" if used is not None and used.counted else "reported"
         metrics.child(metrics.TOKENS, team, model, "input", source).inc(input_tokens)
         metrics.child(metrics.TOKENS, team, model, "output", source).inc(output_tokens)
+        if used is not None:  # of those, the kinds priced apart (cache reads and writes, reasoning)
+            for kind, count in (
+                ("cached_input", used.cached_input),
+                ("cache_write", used.cache_write),
+                ("reasoning", used.reasoning),
+            ):
+                if count:
+                    metrics.child(metrics.TOKENS, team, model, kind, source).inc(count)
         metrics.child(metrics.TOKEN_USAGE, model, "input").observe(input_tokens)
         if output_tokens:
             metrics.child(metrics.TOKEN_USAGE, model, "output").observe(output_tokens)

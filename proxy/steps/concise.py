@@ -10,35 +10,19 @@ requests: the output tokens they would have used, at the requested model's outpu
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from proxy import metrics
 from proxy.config.policies import ConciseAction
-from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.pipeline.context import RequestContext
 from proxy.pipeline.deps import ActionDeps
 from proxy.pipeline.step import PolicyAction
 from proxy.services.holdout_stats import HOLDOUT, TREATED, ArmStats, SavingEstimate, holdout_bucket, realised_saving
+from proxy.wire.formats import BY_ENDPOINT
 
 _STATS_TTL_S = 5.0
 # Until both arms have enough samples, look again sooner: the first estimate should not wait long.
 _NO_ESTIMATE_TTL_S = 1.0
 _MESSAGE_FRAMING_TOKENS = 4
-
-
-def _contains(content: Any, text: str) -> bool:
-    if isinstance(content, str):
-        return text in content
-    if isinstance(content, list):
-        return any(isinstance(p, dict) and text in str(p.get("text", "")) for p in content)
-    return False
-
-
-def _appended(content: Any, text: str) -> Any:
-    if isinstance(content, list):
-        return [*content, {"type": "text", "text": text}]
-    if not content:
-        return text
-    return f"{content}\n\n{text}"
 
 
 class Concise(PolicyAction):
@@ -55,13 +39,12 @@ class Concise(PolicyAction):
         self._instruction_tokens: dict[str, int] = {}  # model -> tokens the instruction adds (counted once)
 
     def _skip(self, ctx: RequestContext) -> bool:
-        body = ctx.body
-        if ctx.endpoint != Endpoint.CHAT:
+        body, wire = ctx.body, ctx.wire or BY_ENDPOINT[ctx.endpoint]
+        if not wire.conversational:
             return True
-        fmt = body.get("response_format")
-        if self.cfg.skip_json and isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        if self.cfg.skip_json and wire.wants_structured(body):
             return True
-        if self.cfg.skip_tools and (body.get("tools") or body.get("functions")):
+        if self.cfg.skip_tools and wire.offers_tools(body):
             return True
         return bool(self._opt_out and ctx.headers.get(self._opt_out))
 
@@ -79,30 +62,16 @@ class Concise(PolicyAction):
                 added = self._estimator.counter(ctx.model).text(self.cfg.instruction) + _MESSAGE_FRAMING_TOKENS
                 self._instruction_tokens[ctx.model] = added
             ctx.prompt_tokens += added
-        if self.cfg.max_tokens and not (ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")):
-            ctx.body["max_tokens"] = self.cfg.max_tokens
+        wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
+        if self.cfg.max_tokens and not wire.max_output(ctx.body):
+            wire.limit_output(ctx.body, self.cfg.max_tokens)
         return True
 
     def _inject(self, ctx: RequestContext) -> bool:
-        """Add the instruction once, in its place; False when it is already there."""
-        text = self.cfg.instruction
-        messages: list[dict[str, Any]] = ctx.body["messages"]
-        if any(_contains(m.get("content"), text) for m in messages):
-            return False
-        placement = self.cfg.placement
-        if placement == "append_system":
-            for i, m in enumerate(messages):
-                if m.get("role") in ("system", "developer"):
-                    messages[i] = {**m, "content": _appended(m.get("content"), text)}
-                    return True
-            placement = "system"
-        if placement == "user":
-            for i in range(len(messages) - 1, -1, -1):
-                if messages[i].get("role") == "user":
-                    messages[i] = {**messages[i], "content": _appended(messages[i].get("content"), text)}
-                    return True
-        messages.insert(0, {"role": "system", "content": text})
-        return True
+        """Add the instruction once, in its place (the format's: a system message, `instructions`,
+        Anthropic's `system`); False when it is already there."""
+        wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
+        return wire.add_instruction(ctx.body, self.cfg.instruction, self.cfg.placement)
 
     async def estimate(self, model: str) -> SavingEstimate | None:
         """The realised saving for `model`, refreshed from the store at most every few seconds."""

@@ -17,11 +17,13 @@ from typing import Any
 
 from proxy import metrics
 from proxy.config.policies import RetrieveAction
-from proxy.pipeline.context import Endpoint, RequestContext
+from proxy.errors import InvalidRequest
+from proxy.pipeline.context import RequestContext
 from proxy.pipeline.deps import ActionDeps
 from proxy.pipeline.step import PolicyAction, Step
 from proxy.store.base import Store, StoreUnavailable
 from proxy.wire import sse
+from proxy.wire.formats import BY_ENDPOINT
 
 log = logging.getLogger("llm_proxy.retrieval")
 
@@ -44,15 +46,14 @@ class Lookup:
 EXPLORE_BAND = 0.04  # under max_error, the matcher looks this far below the start threshold to learn
 
 
-def _answerable(body: dict[str, Any]) -> bool:
-    """Only plain text answers can come from an entry: no tools, no structured output, one choice."""
-    if body.get("n") not in (None, 1) or body.get("tools") or body.get("functions") or body.get("logprobs"):
-        return False
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        return False
-    modalities = body.get("modalities")
-    return not (isinstance(modalities, list) and any(m != "text" for m in modalities))
+def _chat_view(wire: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """The request as chat messages (the query reads the last user turn); {} when it does not translate."""
+    if wire.endpoint == "chat":
+        return body
+    try:
+        return wire.to_chat(body)
+    except InvalidRequest:
+        return {}
 
 
 def _matcher(cfg: RetrieveAction, name: str, retrieval: Any) -> tuple[Any, Any, Any]:
@@ -102,7 +103,8 @@ class Retrieve(PolicyAction):
 
     async def apply(self, ctx: RequestContext) -> bool:
         retrieval = self._retrieval
-        if retrieval is None or ctx.dry_run or ctx.endpoint != Endpoint.CHAT:
+        wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
+        if retrieval is None or ctx.dry_run or not wire.conversational:
             return False
         from proxy.retrieval.collection import NotReady
         from proxy.retrieval.embedders import EmbedderDown, embed_for_request
@@ -113,10 +115,10 @@ class Retrieve(PolicyAction):
         collection = retrieval.collections.get(self._cfg.collection)
         if collection is None:
             return False
-        if not _answerable(ctx.body):
+        if not wire.asks_plain_text(ctx.body):
             self._count("unsupported")
             return False
-        query = query_from_chat(ctx.body, self._cfg.system_prompt)
+        query = query_from_chat(_chat_view(wire, ctx.body), self._cfg.system_prompt)
         if query is None:
             self._count("unsupported")
             return False

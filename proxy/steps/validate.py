@@ -79,7 +79,9 @@ class ValidateRequest(Step):
                 param="model",
                 code="invalid_model",
             )
-        (ctx.wire or BY_ENDPOINT[ctx.endpoint]).validate(body)  # the format's own fields
+        wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
+        wire.validate(body)  # the format's own fields
+        ctx.upstream_headers = wire.upstream_headers(ctx.headers)  # validated where they enter
         _check_metadata(body.get("metadata"))
         _positive_int(body, "max_tokens")
         _positive_int(body, "max_completion_tokens")

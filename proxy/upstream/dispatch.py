@@ -1,7 +1,9 @@
 """Dispatch: call the chosen model with retries, then its `fallbacks:` in order.
 
 Streams are retried and fall back only until the stream is open: once the first byte has gone to
-the client, a failure ends the stream.
+the client, a failure ends the stream. A request in a format a model's upstream does not speak (the
+Responses API or Anthropic Messages to a Chat Completions server) is translated to chat for that upstream
+alone, so a fallback from a native to a translating upstream (or back) answers in the client's format too.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import aiohttp
 
 from proxy import metrics
 from proxy.config.models import ModelConfig, PolicyFile, RetryConfig
-from proxy.errors import BadGateway, ProxyError
+from proxy.errors import BadGateway, NotFound, ProxyError
+from proxy.upstream.anthropic_native import AnthropicUpstream
 from proxy.upstream.batcher import BatchedReply, MicroBatcher
 from proxy.upstream.openai_compat import OpenAICompatUpstream
 from proxy.upstream.reply import UpstreamReply
 from proxy.upstream.retries import RetryableUpstreamError, call_with_retries
+from proxy.upstream.translated import TranslatedStream, reply_in_format
+from proxy.wire.adapter import Endpoint
+from proxy.wire.formats import BY_ENDPOINT
 
 T = TypeVar("T")
 
@@ -41,6 +47,8 @@ class Call(Protocol):
     answered_by: str | None
     upstream_seconds: float
     trace: Any  # the request's trace (proxy.services.tracing.RequestTrace) when tracing is on, else None
+    chat_body: dict[str, Any] | None  # the request translated to chat, when made before the call
+    upstream_headers: dict[str, str]  # client headers a native upstream of the format gets
 
 
 @dataclass(slots=True, eq=False)
@@ -58,6 +66,8 @@ class DispatchRequest:
     answered_by: str | None = None
     upstream_seconds: float = field(default=0.0)
     trace: Any = None
+    chat_body: dict[str, Any] | None = None
+    upstream_headers: dict[str, str] = field(default_factory=dict)
 
 
 def _traced(ctx: Call, name: str, upstream: Upstream, call: Callable[[Upstream], Awaitable[T]]) -> Any:
@@ -84,17 +94,46 @@ def build_upstream(name: str, cfg: ModelConfig, session: aiohttp.ClientSession, 
     if cfg.provider in PASS_THROUGH_PROVIDERS:
         upstream = OpenAICompatUpstream(name, cfg, session, connect_timeout_s)
         return MicroBatcher(upstream) if cfg.batching is not None else upstream
+    if cfg.provider == "anthropic":  # Messages natively; chat through litellm, imported when first used
+        return AnthropicUpstream(name, cfg, session, connect_timeout_s)
     from proxy.upstream.litellm_adapter import LiteLLMUpstream
 
     return LiteLLMUpstream(name, cfg)
 
 
-def _send(upstream: Upstream, ctx: Call) -> Awaitable[UpstreamReply]:
+def _send(upstream: Upstream, ctx: Call, endpoint: str, body: dict[str, Any]) -> Awaitable[UpstreamReply]:
     if isinstance(upstream, MicroBatcher):
         # The one place the batcher reads the context: the tokens a request holds in the model's memory
         # (0 when nobody counted them, as for the proxy's own embedding calls: the batcher then counts).
-        return upstream.send(ctx.endpoint, ctx.body, (ctx.prompt_tokens + ctx.max_output_tokens) or None)
-    return upstream.send(ctx.endpoint, ctx.body)
+        return upstream.send(endpoint, body, (ctx.prompt_tokens + ctx.max_output_tokens) or None)
+    if isinstance(upstream, AnthropicUpstream):
+        return upstream.send(endpoint, body, ctx.upstream_headers)
+    return upstream.send(endpoint, body)
+
+
+def _chat_body(ctx: Call) -> dict[str, Any]:
+    return ctx.chat_body if ctx.chat_body is not None else BY_ENDPOINT[ctx.endpoint].to_chat(ctx.body)
+
+
+async def _call(upstream: Upstream, ctx: Call) -> UpstreamReply:
+    wire = BY_ENDPOINT[ctx.endpoint]
+    if wire.spoken_by(upstream.cfg):
+        return await _send(upstream, ctx, ctx.endpoint, ctx.body)
+    chat_reply = await _send(upstream, ctx, Endpoint.CHAT, _chat_body(ctx))
+    reply = reply_in_format(wire, chat_reply, ctx.body, ctx.prompt_tokens)
+    reply.batched = isinstance(chat_reply, BatchedReply)
+    return reply
+
+
+async def _open(upstream: Upstream, ctx: Call) -> Stream:
+    wire = BY_ENDPOINT[ctx.endpoint]
+    if wire.spoken_by(upstream.cfg):
+        if isinstance(upstream, AnthropicUpstream):
+            return await upstream.open_stream(ctx.endpoint, ctx.body, ctx.include_usage, ctx.upstream_headers)
+        return await upstream.open_stream(ctx.endpoint, ctx.body, ctx.include_usage)
+    stream = await upstream.open_stream(Endpoint.CHAT, _chat_body(ctx), True)
+    model = upstream.cfg.upstream_model or upstream.name
+    return TranslatedStream(stream, wire.chat_stream(ctx.body, model, ctx.prompt_tokens))
 
 
 class Dispatcher:
@@ -147,10 +186,40 @@ class Dispatcher:
 
     async def send(self, ctx: Call) -> UpstreamReply:
         """The normalised reply of the first model in the chain that answers (usage read from it)."""
-        reply = await self._with_fallbacks(ctx, lambda u: _send(u, ctx))
+        reply = await self._with_fallbacks(ctx, lambda u: _call(u, ctx))
         if isinstance(reply, BatchedReply):
             reply.batched = True
         return reply.read_usage()
 
     async def open_stream(self, ctx: Call) -> Stream:
-        return await self._with_fallbacks(ctx, lambda u: u.open_stream(ctx.endpoint, ctx.body, ctx.include_usage))
+        return await self._with_fallbacks(ctx, lambda u: _open(u, ctx))
+
+    def speaks(self, model: str, endpoint: str) -> bool:
+        """Whether `model`'s upstream serves `endpoint`'s format itself (else it is translated to chat)."""
+        return BY_ENDPOINT[endpoint].spoken_by(self._upstreams[model].cfg)
+
+    async def count_tokens(self, ctx: Call) -> int | None:
+        """A counting endpoint answered by the model's upstream when it speaks the format (Anthropic's
+        count_tokens, OpenAI's input_tokens), else None: the proxy counts with the model's tokenizer."""
+        upstream = self._upstreams[ctx.model]
+        if not self.speaks(ctx.model, ctx.endpoint):
+            return None
+        started = time.perf_counter()
+        try:
+            reply = await call_with_retries(
+                lambda: _send(upstream, ctx, ctx.endpoint, ctx.body), self._retry[ctx.model]
+            )
+        finally:
+            ctx.upstream_seconds += time.perf_counter() - started
+        count = (reply.data or {}).get("input_tokens")
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise BadGateway("The upstream's token count has no integer 'input_tokens'.")
+        return count
+
+    async def stored_response(self, models: list[str], method: str, response_id: str) -> UpstreamReply:
+        """GET or DELETE `/responses/{id}` at the first of `models` whose upstream serves the Responses API."""
+        for name in models:
+            upstream = self._upstreams.get(name)
+            if isinstance(upstream, OpenAICompatUpstream) and self.speaks(name, Endpoint.RESPONSES):
+                return await upstream.stored_response(method, response_id)
+        raise NotFound(f"No response found with id '{response_id}'.", param="response_id")

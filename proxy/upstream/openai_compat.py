@@ -21,11 +21,21 @@ from proxy.upstream.retries import RetryableUpstreamError, parse_retry_after
 from proxy.upstream.trace_headers import TRACE_HEADERS
 
 OPENAI_API_BASE = "https://api.openai.com/v1"
-_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+_PATHS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+    "responses": "/responses",  # an `api: responses` model: OpenAI's Responses API, forwarded as is
+    "responses_input_tokens": "/responses/input_tokens",
+}
+# Only these endpoints take `stream_options.include_usage` (the Responses API reports usage at its end anyway).
+_STREAM_USAGE_ENDPOINTS = frozenset({"chat", "completions"})
 
 
 class StreamHandle:
     """An open upstream SSE stream. Iterate `events()`; always `close()`."""
+
+    usage = None  # a stream relayed as it came tells its own usage, in its events
 
     def __init__(self, response: aiohttp.ClientResponse):
         self._response = response
@@ -134,17 +144,31 @@ class OpenAICompatUpstream:
             total=None, sock_connect=connect_timeout_s, sock_read=cfg.timeout_s
         )
 
-    def _payload(self, body: dict[str, Any], stream: bool, include_usage: bool) -> bytes:
+    def _payload(self, body: dict[str, Any], stream: bool, include_usage: bool, endpoint: str = "chat") -> bytes:
         out = {**body, "model": self._upstream_model}
-        if stream and self.cfg.stream_usage and not include_usage:
+        if stream and self.cfg.stream_usage and not include_usage and endpoint in _STREAM_USAGE_ENDPOINTS:
             out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return orjson.dumps(out)
 
-    async def _post(self, path: str, payload: bytes, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+    async def _post(
+        self,
+        path: str,
+        payload: bytes | None,
+        timeout: aiohttp.ClientTimeout,
+        method: str = "POST",
+        headers: dict[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
         try:
             trace = TRACE_HEADERS.get()  # the attempt's traceparent, when tracing is on
-            headers = self._headers if trace is None else {**self._headers, **trace}
-            return await self._session.post(self._base + path, data=payload, headers=headers, timeout=timeout)
+            if trace is not None:
+                headers = {**(headers or {}), **trace}
+            return await self._session.request(
+                method,
+                self._base + path,
+                data=payload,
+                headers={**self._headers, **headers} if headers else self._headers,
+                timeout=timeout,
+            )
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
             raise RetryableUpstreamError("connect", type(e).__name__) from None
         except TimeoutError:
@@ -174,7 +198,13 @@ class OpenAICompatUpstream:
     async def post_json(self, path: str, body: dict[str, Any]) -> UpstreamReply:
         """POST one JSON body to `api_base + path` and parse the JSON object it answers (the
         micro-batcher's batch endpoint uses this too)."""
-        resp = await self._post(path, self._payload(body, False, False), self._timeout)
+        return await self._json_reply(await self._post(path, self._payload(body, False, False), self._timeout))
+
+    async def stored_response(self, method: str, response_id: str) -> UpstreamReply:
+        """GET or DELETE a response the upstream stored (`/responses/{id}`)."""
+        return await self._json_reply(await self._post(f"/responses/{response_id}", None, self._timeout, method))
+
+    async def _json_reply(self, resp: aiohttp.ClientResponse) -> UpstreamReply:
         try:
             raw = await resp.read()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
@@ -193,7 +223,11 @@ class OpenAICompatUpstream:
         return UpstreamReply(data, raw)
 
     async def open_stream(self, endpoint: str, body: dict[str, Any], include_usage: bool) -> StreamHandle:
-        resp = await self._post(_PATHS[endpoint], self._payload(body, True, include_usage), self._stream_timeout)
+        payload = self._payload(body, True, include_usage, endpoint)
+        return await self._checked_stream(await self._post(_PATHS[endpoint], payload, self._stream_timeout))
+
+    async def _checked_stream(self, resp: aiohttp.ClientResponse) -> StreamHandle:
+        """An upstream's answer to a stream request: its error raised, or the open stream."""
         if resp.status >= 400:
             try:
                 raw = await asyncio.wait_for(resp.read(), timeout=self.cfg.timeout_s)

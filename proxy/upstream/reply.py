@@ -17,6 +17,7 @@ class UpstreamReply:
     usage: TokenUsage | None = None
     events: list[bytes] | None = None  # a stream's relayed events
     batched: bool = False  # answered as part of a micro-batch
+    translated: bool = False  # made by the proxy from a chat reply (the upstream does not speak the format)
 
     def read_usage(self) -> UpstreamReply:
         """Fill `usage` from the reply's own usage object (any supported shape)."""
@@ -25,6 +26,9 @@ class UpstreamReply:
         return self
 
 
-def stream_reply(events: list[bytes], usage: Any) -> UpstreamReply:
-    """A finished (or broken-off) stream: what was relayed, and the usage its events carried, if any."""
-    return UpstreamReply(None, b"", usage_from(usage), events)
+def stream_reply(
+    events: list[bytes], usage: Any, final: dict[str, Any] | None = None, translated: bool = False
+) -> UpstreamReply:
+    """A finished (or broken-off) stream: what was relayed, the usage its events carried, if any, and the
+    finished object it ended with (a Response), if its format has one."""
+    return UpstreamReply(final, b"", usage_from(usage), events, translated=translated)

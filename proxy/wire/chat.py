@@ -8,7 +8,7 @@ import orjson
 
 from proxy.errors import BadGateway, InvalidRequest
 from proxy.wire import sse
-from proxy.wire.adapter import Counter, Endpoint
+from proxy.wire.adapter import Counter, Endpoint, OpenAIWire
 from proxy.wire.content import reply_text
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -71,8 +71,46 @@ def completion_as_events(answer: dict[str, Any], include_usage: bool) -> bytes:
     return b"".join(events)
 
 
-class ChatWire:
+def _contains(content: Any, text: str) -> bool:
+    if isinstance(content, str):
+        return text in content
+    if isinstance(content, list):
+        return any(isinstance(p, dict) and text in str(p.get("text", "")) for p in content)
+    return False
+
+
+def appended(content: Any, text: str) -> Any:
+    """Message content (a string or parts) with `text` added at its end."""
+    if isinstance(content, list):
+        return [*content, {"type": "text", "text": text}]
+    if not content:
+        return text
+    return f"{content}\n\n{text}"
+
+
+def add_instruction(messages: list[dict[str, Any]], text: str, placement: str) -> bool:
+    """Add a system instruction to chat messages once, in its place (`system`: a system message first;
+    `append_system`: at the end of the first system message; `user`: at the end of the last user message)."""
+    if any(_contains(m.get("content"), text) for m in messages):
+        return False
+    if placement == "append_system":
+        for i, m in enumerate(messages):
+            if m.get("role") in ("system", "developer"):
+                messages[i] = {**m, "content": appended(m.get("content"), text)}
+                return True
+        placement = "system"
+    if placement == "user":
+        for i in range(len(messages) - 1, -1, -1):
+            if messages[i].get("role") == "user":
+                messages[i] = {**messages[i], "content": appended(messages[i].get("content"), text)}
+                return True
+    messages.insert(0, {"role": "system", "content": text})
+    return True
+
+
+class ChatWire(OpenAIWire):
     endpoint = Endpoint.CHAT
+    conversational = True
     paths = ("/v1/chat/completions", "/chat/completions")
     prompt_param = "messages"
 
@@ -95,7 +133,20 @@ class ChatWire:
     def reply_text(self, data: dict[str, Any]) -> str:
         return reply_text(data)
 
-    def answer_bytes(self, answer: dict[str, Any], stream: bool, include_usage: bool) -> tuple[bytes, bool]:
+    def add_instruction(self, body: dict[str, Any], text: str, placement: str) -> bool:
+        return add_instruction(body["messages"], text, placement)
+
+    def asks_plain_text(self, body: dict[str, Any]) -> bool:
+        if body.get("n") not in (None, 1) or self.offers_tools(body) or body.get("logprobs"):
+            return False
+        if self.wants_structured(body):
+            return False
+        modalities = body.get("modalities")
+        return not (isinstance(modalities, list) and any(m != "text" for m in modalities))
+
+    def answer_bytes(
+        self, answer: dict[str, Any], stream: bool, include_usage: bool, body: dict[str, Any] | None = None
+    ) -> tuple[bytes, bool]:
         if stream and answer.get("object") == "chat.completion":
             return completion_as_events(answer, include_usage), True
         return orjson.dumps(answer), False

@@ -7,11 +7,11 @@ from typing import Any
 import orjson
 
 from proxy.errors import BadGateway, InvalidRequest
-from proxy.wire.adapter import Counter, Endpoint, check_prompt, prompts_in
+from proxy.wire.adapter import Counter, Endpoint, OpenAIWire, check_prompt, prompts_in
 from proxy.wire.content import reply_text
 
 
-class CompletionsWire:
+class CompletionsWire(OpenAIWire):
     endpoint = Endpoint.COMPLETIONS
     paths = ("/v1/completions", "/completions")
     prompt_param = "prompt"
@@ -31,7 +31,9 @@ class CompletionsWire:
     def reply_text(self, data: dict[str, Any]) -> str:
         return reply_text(data)
 
-    def answer_bytes(self, answer: dict[str, Any], stream: bool, include_usage: bool) -> tuple[bytes, bool]:
+    def answer_bytes(
+        self, answer: dict[str, Any], stream: bool, include_usage: bool, body: dict[str, Any] | None = None
+    ) -> tuple[bytes, bool]:
         return orjson.dumps(answer), False
 
 

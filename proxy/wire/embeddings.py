@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 
 from proxy.errors import BadGateway, InvalidRequest
-from proxy.wire.adapter import Counter, Endpoint, check_prompt, prompts_in
+from proxy.wire.adapter import Counter, Endpoint, OpenAIWire, check_prompt, prompts_in
 
 
-class EmbeddingsWire:
+class EmbeddingsWire(OpenAIWire):
     endpoint = Endpoint.EMBEDDINGS
     paths = ("/v1/embeddings", "/embeddings")
     prompt_param = "input"
@@ -32,7 +32,9 @@ class EmbeddingsWire:
     def reply_text(self, data: dict[str, Any]) -> str:
         return ""  # nothing is generated: an embedding has no output tokens
 
-    def answer_bytes(self, answer: dict[str, Any], stream: bool, include_usage: bool) -> tuple[bytes, bool]:
+    def answer_bytes(
+        self, answer: dict[str, Any], stream: bool, include_usage: bool, body: dict[str, Any] | None = None
+    ) -> tuple[bytes, bool]:
         return orjson.dumps(answer), False
 
 

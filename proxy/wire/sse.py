@@ -51,13 +51,14 @@ def json_payloads(events: list[bytes], strict: bool = False) -> Iterator[Any]:
 class StreamAccount:
     """Watches relayed SSE events; knows the usage at the end."""
 
-    __slots__ = ("_client_wants_usage", "_held_done", "_relayed", "usage")
+    __slots__ = ("_client_wants_usage", "_held_done", "_relayed", "final", "usage")
 
     def __init__(self, client_wants_usage: bool):
         self._client_wants_usage = client_wants_usage
         self._relayed: list[bytes] = []
         self._held_done = False
         self.usage: dict[str, Any] | None = None
+        self.final: dict[str, Any] | None = None  # a chat stream ends with no finished object
 
     def relay(self, events: bytes) -> bytes:
         """Record a run of one or more events; the part to relay (all of it but a usage chunk the
