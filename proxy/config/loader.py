@@ -129,12 +129,11 @@ def parse_policy_text(
         raise ConfigError([ConfigIssue(file, 1, "", "the policy file must be a mapping at the top level")])
     issues = list(builder.issues)
     _resolve_router_paths(raw, file)
-    policy, field_errors, pruned_names = _validate_all(raw)
+    policy, field_errors, pruned = _validate_all(raw)
     issues += [ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg) for loc, msg in field_errors]
     if policy is not None:
         for loc, msg in policy.reference_errors():
-            # A reference to an entry that was itself invalid (and left out to check the rest) is no news.
-            if not any(f"'{name}'" in msg for name in pruned_names):
+            if not _echoes_a_left_out_part(loc, msg, pruned):
                 issues.append(ConfigIssue(file, builder.line_of(loc), _dotted(loc), msg))
         base = Path(file).parent if file != "<string>" else Path.cwd()
         policy, verifier_issues = _resolve_verifiers(policy, base)
@@ -201,36 +200,45 @@ def _resolve_router_paths(raw: dict[str, Any], file: str) -> None:
 _NAMED_SECTIONS = ("models", "teams", "tasks", "collections")
 
 
-def _validate_all(raw: dict[str, Any]) -> tuple[PolicyFile | None, list[tuple[Path_, str]], set[str]]:
+def _echoes_a_left_out_part(loc: Path_, msg: str, pruned: list[Path_]) -> bool:
+    """A cross-reference error caused by leaving a faulty part out: a reference to a left-out entry
+    (`unknown model 'b'`), or a check in the same entry about the field that was left out (`needs params_b`)."""
+    for path in pruned:
+        if len(path) == 2 and path[0] in _NAMED_SECTIONS and f"'{path[1]}'" in msg:
+            return True
+        if len(path) > 2 and loc[:2] == path[:2] and str(path[-1]) in msg:
+            return True
+    return False
+
+
+def _validate_all(raw: dict[str, Any]) -> tuple[PolicyFile | None, list[tuple[Path_, str]], list[Path_]]:
     """Validate `raw`; on field errors, leave each faulty part out and validate again, so that the
     cross-references of the rest can be checked in the same pass. Returns the policy of what remained
-    valid (None when nothing could be salvaged), the field errors, and the names of left-out entries."""
+    valid (None when nothing could be salvaged), the field errors, and the paths of the parts left out.
+
+    Only the first round's field errors are reported: what a later round finds is mostly the echo of a
+    part left out (a required field now missing, a sibling that needed it)."""
     errors: list[tuple[Path_, str]] = []
-    pruned_names: set[str] = set()
-    below_pruned: list[Path_] = []  # parts removed because a required field inside was missing
+    pruned: list[Path_] = []
     work = copy.deepcopy(raw)
-    for _ in range(8):  # each round removes at least one part; nested faults need a few rounds
+    for round_ in range(8):  # each round removes at least one part; nested faults need a few rounds
         try:
-            return PolicyFile.model_validate(work), errors, pruned_names
+            return PolicyFile.model_validate(work), errors, pruned
         except ValidationError as e:
             found = [(_loc(err), err) for err in e.errors()]
         progress = False
         for loc, err in found:
-            # After a part was removed for a missing field, errors about its container are echoes.
             issue = (loc, "unknown key" if err["type"] == "extra_forbidden" else err["msg"])
-            if issue not in errors and not any(loc == p[: len(loc)] for p in below_pruned):
+            if round_ == 0 and issue not in errors:
                 errors.append(issue)
             removed = _remove(work, loc if err["type"] != "missing" else loc[:-1])
             if removed is None:
                 continue
             progress = True
-            if removed != loc:
-                below_pruned.append(removed)
-            if len(removed) == 2 and removed[0] in _NAMED_SECTIONS:
-                pruned_names.add(str(removed[1]))
+            pruned.append(removed)
         if not progress:
             break
-    return None, errors, pruned_names
+    return None, errors, pruned
 
 
 def _loc(err: Any) -> Path_:
