@@ -55,10 +55,11 @@ def _has_tool_result(messages: list[dict[str, Any]]) -> bool:
 
 def _arguments(tool: dict[str, Any]) -> str:
     """Arguments for a tool call: every required string property set to "Paris" (deterministic)."""
-    fn = tool.get("function") or {}
-    schema = fn.get("parameters") or {}
-    props = schema.get("properties") or {}
-    return orjson.dumps({name: "Paris" for name in schema.get("required") or props}).decode()
+    fn = tool.get("function") if isinstance(tool.get("function"), dict) else {}
+    schema = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
+    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = schema.get("required") if isinstance(schema.get("required"), list) else list(props)
+    return orjson.dumps({str(name): "Paris" for name in required}).decode()
 
 
 class AgentAPIs:
@@ -93,12 +94,20 @@ class AgentAPIs:
         """The mock's chat completion for a chat request, and its prompt tokens."""
         messages = chat["messages"]
         prompt = self.mock._counter.chat_prompt(messages, chat.get("tools"))
-        tools = chat.get("tools") or []
+        # Only well-formed function tools get calls (a fuzzed body must not crash the mock).
+        tools = [
+            t
+            for t in chat.get("tools") or ()
+            if isinstance(t, dict)
+            and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str)
+        ]
         created = int(time.time())
         if tools and chat.get("tool_choice") != "none" and not _has_tool_result(messages):
             tool = tools[0]
-            if isinstance(chat.get("tool_choice"), dict):
-                wanted = chat["tool_choice"]["function"]["name"]
+            choice = chat.get("tool_choice")
+            if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+                wanted = choice["function"].get("name")
                 tool = next((t for t in tools if t["function"]["name"] == wanted), tool)
             arguments = _arguments(tool)
             call = {
