@@ -38,7 +38,8 @@ REQUESTS = Counter(
 )
 TOKENS = Counter(
     "llm_proxy_tokens",
-    "Tokens billed, by team, model that answered, token type (input/output) and source (reported by the "
+    "Tokens billed, by team, model that answered, token type (input/output; of those cached_input, cache_write, "
+    "reasoning) and source (reported by the "
     "upstream, or counted by the proxy when it reported none).",
     ["team", "model", "type", "source"],
 )

@@ -34,8 +34,15 @@ def test_openai_only_policy_imports_no_heavy_library():
 
 def test_a_litellm_provider_imports_litellm(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text("models:\n  claude: {provider: anthropic, api_key: x, price: {input_per_mtok: 1}}\n")
+    path.write_text("models:\n  titan: {provider: bedrock, api_key: x, price: {input_per_mtok: 1}}\n")
     assert "litellm" in _heavy_modules(str(path))
+
+
+def test_an_anthropic_model_needs_no_litellm_until_chat_is_sent_to_it(tmp_path):
+    # /v1/messages goes to Anthropic natively; only a chat request to it would need litellm's translation.
+    path = tmp_path / "p.yaml"
+    path.write_text("models:\n  claude: {provider: anthropic, api_key: x, price: {input_per_mtok: 1}}\n")
+    assert "litellm" not in _heavy_modules(str(path))
 
 
 TOKENIZER_PROBE = """

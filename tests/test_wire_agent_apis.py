@@ -476,3 +476,56 @@ def test_reasoning_deltas_stream_as_reasoning_items_and_thinking_blocks():
     blocks = [d["content_block"]["type"] for n, d in _messages_stream(REASONING_STREAM) if n == "content_block_start"]
     assert blocks == ["thinking", "text"]
     assert _messages_stream(REASONING_STREAM)[-2][1]["delta"]["stop_reason"] == "max_tokens"
+
+
+# --------------------------------------------------------------- the adapters: answers the proxy makes itself
+
+RETRIEVAL_ANSWER = {
+    "id": "chatcmpl-kb",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "big",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_retrieval_answer_goes_back_as_a_response_or_a_message(stream):
+    from proxy.wire.messages_api import MESSAGES
+    from proxy.wire.responses_api import RESPONSES
+
+    body, is_sse = RESPONSES.answer_bytes(RETRIEVAL_ANSWER, stream, False, {"model": "big", "input": "Capital?"})
+    assert is_sse == stream
+    if stream:
+        events = [TypeAdapter(ResponseStreamEvent).validate_json(p) for p in _payloads(body)]
+        assert events[-1].type == "response.completed" and events[-1].response.output_text == "Paris."
+    else:
+        assert Response.model_validate_json(body).output_text == "Paris."
+    body, is_sse = MESSAGES.answer_bytes(RETRIEVAL_ANSWER, stream, False, {"model": "big"})
+    assert is_sse == stream
+    if stream:
+        # `ping` is a keep-alive the SDK skips; every other event is one of the SDK's stream events.
+        events = [TypeAdapter(RawMessageStreamEvent).validate_json(p) for p in _payloads(body) if b'"ping"' not in p]
+        assert [e.type for e in events][-1] == "message_stop"
+        assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == "Paris."
+    else:
+        assert Message.model_validate_json(body).content[0].text == "Paris."
+
+
+def test_concise_goes_into_instructions_or_system_once():
+    from proxy.wire.messages_api import MESSAGES
+    from proxy.wire.responses_api import RESPONSES
+
+    body = {"model": "m", "input": "Hi"}
+    assert RESPONSES.add_instruction(body, "Be concise.", "system") and body["instructions"] == "Be concise."
+    assert not RESPONSES.add_instruction(body, "Be concise.", "system")
+    cached = {"type": "text", "text": "prefix", "cache_control": {"type": "ephemeral"}}
+    body = {"model": "m", "max_tokens": 5, "system": [cached], "messages": [{"role": "user", "content": "Hi"}]}
+    assert MESSAGES.add_instruction(body, "Be concise.", "system")
+    assert body["system"] == [cached, {"type": "text", "text": "Be concise."}]
+    assert not MESSAGES.add_instruction(body, "Be concise.", "system")
+
+
+def _payloads(events: bytes) -> list[bytes]:
+    return [line[6:] for line in events.split(b"\n") if line.startswith(b"data: ")]

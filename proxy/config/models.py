@@ -435,7 +435,7 @@ def _evaluation_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], 
 @cache
 def _litellm_providers() -> frozenset[str]:
     """The providers litellm can call. litellm is imported only for a policy that names a provider
-    other than `openai`, which would import it at start-up anyway."""
+    other than `openai` or `anthropic`, which would import it at start-up anyway."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # the packaged map: no fetch at import
     litellm = importlib.import_module("litellm")
     return frozenset(str(getattr(p, "value", p)) for p in litellm.provider_list)
@@ -443,7 +443,8 @@ def _litellm_providers() -> frozenset[str]:
 
 def _provider_errors(models: dict[str, ModelConfig]) -> list[tuple[tuple[str | int, ...], str]]:
     errors: list[tuple[tuple[str | int, ...], str]] = []
-    others = {name: m.provider for name, m in models.items() if m.provider != "openai"}
+    # openai and anthropic are served by the proxy's own pass-throughs: checking them needs no litellm.
+    others = {name: m.provider for name, m in models.items() if m.provider not in ("openai", "anthropic")}
     if not others:
         return errors
     known = _litellm_providers()

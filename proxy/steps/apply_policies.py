@@ -17,6 +17,7 @@ from proxy.services.budget_ledger import BudgetLedger
 from proxy.services.estimator import Estimator
 from proxy.services.evaluation import QualityFloor
 from proxy.services.tasks import TaskClassifier
+from proxy.wire.formats import BY_ENDPOINT
 
 
 class _Matcher:
@@ -47,10 +48,13 @@ class _Matcher:
             return False
         if w.stream is not None and ctx.stream != w.stream:
             return False
-        if w.tools is not None and bool(ctx.body.get("tools") or ctx.body.get("functions")) != w.tools:
+        wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
+        if w.tools is not None and wire.offers_tools(ctx.body) != w.tools:
             return False
-        if w.response_format is not None and (ctx.body.get("response_format") is not None) != w.response_format:
-            return False
+        if w.response_format is not None:
+            asked = ctx.body.get("response_format") is not None or wire.wants_structured(ctx.body)
+            if asked != w.response_format:
+                return False
         if w.prompt_tokens is not None:
             lo, hi = w.prompt_tokens.min, w.prompt_tokens.max
             if (lo is not None and ctx.prompt_tokens < lo) or (hi is not None and ctx.prompt_tokens > hi):

@@ -1,5 +1,5 @@
 """The text inside OpenAI-shaped request bodies: message content (a string or typed parts) and the
-user's text of a chat, completions or embeddings body."""
+user's text of a chat, completions, embeddings, Responses or Messages body."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ def content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return "\n".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") in ("text", "input_text")
+        )
     return ""
 
 
@@ -40,7 +42,12 @@ def user_text(body: dict[str, Any]) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return "\n".join(v for v in value if isinstance(v, str))
+        # Strings (completions, embeddings), or the Responses API's input items (the user's messages).
+        return "\n".join(
+            v if isinstance(v, str) else content_text(v.get("content"))
+            for v in value
+            if isinstance(v, str) or (isinstance(v, dict) and v.get("role") == "user")
+        )
     return ""
 
 
