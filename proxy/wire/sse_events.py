@@ -6,6 +6,8 @@ from typing import Any
 
 import orjson
 
+from proxy.wire import sse
+
 
 def named_event(name: str, data: dict[str, Any]) -> bytes:
     """One SSE event with an `event:` line, as the Responses API and Anthropic's Messages API send them."""
@@ -14,20 +16,7 @@ def named_event(name: str, data: dict[str, Any]) -> bytes:
 
 def chat_chunks(events: bytes) -> list[dict[str, Any]]:
     """The JSON chunks in a run of chat-completion SSE events (`[DONE]` and comments skipped)."""
-    chunks: list[dict[str, Any]] = []
-    for line in events.split(b"\n"):
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if not payload or payload == b"[DONE]":
-            continue
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(chunk, dict):
-            chunks.append(chunk)
-    return chunks
+    return [chunk for chunk in sse.json_payloads([events]) if isinstance(chunk, dict)]
 
 
 class SSEBuffer:
