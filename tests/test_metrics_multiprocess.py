@@ -24,9 +24,9 @@ from tests.conftest import (
     MockUpstream,
     Server,
     free_port,
-    wait_for,
     policy_yaml,
     start_process,
+    wait_for,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
