@@ -59,7 +59,7 @@ class Row:
     rss_mb: float
     fds: int
     conns: int
-    series: int
+    series: frozenset[str]  # every metric series by name and labels, without its value
     cpu_s: float
 
     def outcome(self, outcome: str, lane: str | None = None) -> int:
@@ -118,7 +118,7 @@ async def _sample(proc: psutil.Process, session: aiohttp.ClientSession, url: str
         rss_mb=proc.memory_info().rss / 2**20,
         fds=proc.num_fds(),
         conns=len(proc.net_connections(kind="tcp")),
-        series=sum(1 for line in text.splitlines() if line and not line.startswith("#")),
+        series=frozenset(line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")),
         cpu_s=cpu.user + cpu.system,
     )
 
@@ -169,7 +169,7 @@ def _table(name: str, base: Row, rows: list[Row]) -> str:
         cpu = (r.cpu_s - prev.cpu_s) * 1000 / reqs if reqs else 0.0
         cells = " ".join(f"{r.outcome(o):>10}" for o in OUTCOMES)
         lines.append(
-            f"{r.t_s:>6.0f} {reqs:>6} {cells} {r.rss_mb:>7.1f} {r.fds:>4} {r.conns:>5} {r.series:>6} {cpu:>10.2f}"
+            f"{r.t_s:>6.0f} {reqs:>6} {cells} {r.rss_mb:>7.1f} {r.fds:>4} {r.conns:>5} {len(r.series):>6} {cpu:>10.2f}"
         )
         prev = r
     return "\n".join(lines)
@@ -252,9 +252,12 @@ async def test_soak_keeps_memory_fds_and_error_rates_flat(
             warm_conns = max(r.conns for r in rows[name][:WARMUP_ROWS])
             assert last.conns <= warm_conns + 16, f"{name}: TCP connections grew from {warm_conns} to {last.conns}"
             assert after[name].fds <= warm_fds + 16, f"{name}: {after[name].fds} fds stay open after the load"
-            # Every label combination of the mix shows up early; a per-request label would keep adding.
+            # The label combinations of the mix show up early; a per-request label would add one series per
+            # request (thousands over the second half). A rare combination may still first appear late on a
+            # loaded machine (a fault meeting a streamed request, say): a handful, named in the message.
             mid = rows[name][(WARMUP_ROWS + ROWS) // 2]
-            assert last.series <= mid.series, f"{name}: metric series grew from {mid.series} to {last.series}"
+            new = sorted(last.series - mid.series)
+            assert len(new) <= 4, f"{name}: {len(new)} metric series appeared in the second half: {new[:20]}"
             _check_rates_stay_flat(name, rows[name])
             _check_books_balance(name, server, tallies[name])
             assert "Traceback" not in server.log(), f"{name}:\n{server.log()[-4000:]}"
