@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import redis
@@ -50,6 +51,24 @@ def _gc_in(pauses: list, windows: list[tuple[float, float]]) -> dict:
     }
 
 
+def _stalls_in(lags: list, stalls: list, windows: list[tuple[float, float]]) -> dict:
+    def inside(t: float) -> bool:
+        return any(a <= t <= b for a, b in windows)
+
+    seconds = sum(b - a for a, b in windows)
+    late = sorted(ms for t, ms in lags if inside(t))
+    where: Counter[str] = Counter()
+    for t, _, stack in stalls:
+        if inside(t) and stack:
+            where[" ← ".join(line.split(" | ")[0] for line in reversed(stack[-3:]))] += 1
+    return {
+        "lag_p99_ms": late[int(len(late) * 0.99)] if late else 0.0,
+        "lag_max_ms": late[-1] if late else 0.0,
+        "per_s": sum(1 for t, *_ in stalls if inside(t)) / seconds,
+        "where": where.most_common(5),
+    }
+
+
 async def run(seconds: float, rounds: int, before: Path | None, with_redis: bool, threshold: str = "") -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="tail-"))
     mock_port = _free_port()
@@ -58,11 +77,20 @@ async def run(seconds: float, rounds: int, before: Path | None, with_redis: bool
     prefix = f"llmpbench{uuid.uuid4().hex[:6]}"
     config = tmp / "policy.yaml"
     config.write_text(full_policy(mock_url, prefix, str(tmp / "requests.jsonl")))
-    script = tmp / "plain.lua"
-    script.write_text(_lua(BODY, True))
+    scripts = {auth: tmp / f"plain-{auth}.lua" for auth in (False, True)}
+    for auth, path in scripts.items():
+        path.write_text(_lua(BODY, auth))
     checkouts = [("head", ROOT)] + ([("before", before.resolve())] if before is not None else [])
     stores = [("memory", {})] + ([("redis", {"LLM_PROXY_REDIS_URL": REDIS_URL})] if with_redis else [])
-    targets: list[tuple[Target, Path]] = []
+    # The bare pass-through floor (uvicorn + one aiohttp call, no policy) under the same probe: the tail a
+    # saturated single event loop on this machine has anyway.
+    bare_args = ["uvicorn", "bench.bare_passthrough:app", "--loop", "uvloop", "--http", "httptools",
+                 "--no-access-log", "--log-level", "warning"]  # fmt: skip
+    bare_out = tmp / "gc-bare.json"
+    bare_env = {"BARE_UPSTREAM": mock_url + "/v1/chat/completions", "PYTHONPATH": str(ROOT)}
+    targets: list[tuple[Target, Path]] = [
+        (Target("bare floor", [sys.executable, str(PROBE), str(bare_out), "--", *bare_args], bare_env, False), bare_out)
+    ]
     for label, checkout in checkouts:
         for store, env in stores:
             out = tmp / f"gc-{label}-{store}.json"
@@ -83,6 +111,7 @@ async def run(seconds: float, rounds: int, before: Path | None, with_redis: bool
             await t.start()
         for _ in range(rounds):
             for t, _ in targets:
+                script = scripts[t.auth]
                 wrk(t.url, str(script), 16, 1, t.proc.pid)  # warm up
                 for c in (16, 64):
                     t0 = time.time()
@@ -103,8 +132,9 @@ async def run(seconds: float, rounds: int, before: Path | None, with_redis: bool
             client.close()
     rows = []
     for t, out in targets:
-        pauses = json.loads(out.read_text())["pauses"] if out.exists() else []
-        row = {"name": t.name, "gc": _gc_in(pauses, windows[t.name])}
+        probe = json.loads(out.read_text()) if out.exists() else {}
+        row = {"name": t.name, "gc": _gc_in(probe.get("pauses", []), windows[t.name])}
+        row["stalls"] = _stalls_in(probe.get("lags", []), probe.get("stalls", []), windows[t.name])
         for c in (16, 64):
             runs = cells[t.name][c]
             ratios = [r["p99_ms"] / r["p50_ms"] for r in runs]
@@ -123,8 +153,9 @@ async def run(seconds: float, rounds: int, before: Path | None, with_redis: bool
 def render(rows: list[dict]) -> str:
     lines = [
         "| server | c=16 p50 / p99 ms | c=16 p99/p50 (each round) | c=64 p50 / p99 ms | c=64 p99/p50 (each round) "
-        "| rps c=16 / c=64 | gc gen0 / gen1 / gen2 per s | longest gen2 pause ms | gc ms per s (gen0 / 1 / 2) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rps c=16 / c=64 | gc gen0 / gen1 / gen2 per s | longest gen2 pause ms | gc ms per s (gen0 / 1 / 2) "
+        "| loop stalls > 15 ms per s | longest loop lag ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         g = r["gc"]
@@ -136,8 +167,12 @@ def render(rows: list[dict]) -> str:
             f"| {b['p50']:.2f} / {b['p99']:.2f} | {b['ratio']:.1f} ({rb}) "
             f"| {a['rps']:.0f} / {b['rps']:.0f} "
             f"| {g['per_s'][0]:.1f} / {g['per_s'][1]:.2f} / {g['per_s'][2]:.2f} | {g['max_ms'][2]:.1f} "
-            f"| {g['ms_per_s']:.1f} ({by_gen}) |"
+            f"| {g['ms_per_s']:.1f} ({by_gen}) | {r['stalls']['per_s']:.2f} | {r['stalls']['lag_max_ms']:.0f} |"
         )
+    for r in rows:
+        if r["stalls"]["where"]:
+            lines.append(f"\nWhere the loop was during stalls ({r['name']}, innermost first):")
+            lines += [f"- {n}× {where}" for where, n in r["stalls"]["where"]]
     lines.append(f"\nLoad average (1 min) at the end, other engineers' jobs included: {os.getloadavg()[0]:.1f}.")
     return "\n".join(lines)
 
