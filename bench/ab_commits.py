@@ -44,8 +44,10 @@ def main() -> None:
     ap.add_argument("base", type=Path)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--same-script", action="store_true", help="run this checkout's script in both checkouts")
-    ap.add_argument("bench_args", nargs="*", default=["--requests", "5000", "--repeats", "3"])
-    args = ap.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # after --: the benchmark's own options
+    args = ap.parse_args(argv[:cut])
+    args.bench_args = argv[cut + 1 :] or ["--requests", "5000", "--repeats", "3"]
     base: list[float] = []
     head: list[float] = []
     for i in range(args.rounds):
