@@ -189,7 +189,9 @@ def _proxy_args(config: str, workers: int = 1) -> list[str]:
     )
 
 
-async def run(seconds: float, rounds: int, scaling: bool, before: Path | None) -> tuple[list[dict], dict, dict]:
+async def run(
+    seconds: float, rounds: int, scaling: bool, before: Path | None, only: set[str] | None = None
+) -> tuple[list[dict], dict, dict]:
     tmp = Path(tempfile.mkdtemp(prefix="hotpath-"))
     mock_port = _free_port()
     mock_url = f"http://127.0.0.1:{mock_port}"
@@ -215,6 +217,8 @@ async def run(seconds: float, rounds: int, scaling: bool, before: Path | None) -
             Target("memory, before", _proxy_args(str(config)), {}, True, before),
             Target("redis, before", _proxy_args(str(config)), {"LLM_PROXY_REDIS_URL": REDIS_URL}, True, before),
         ]
+    if only:  # the bare floor always stays: every ratio is to it
+        targets = [t for t in targets if t.name == "bare" or t.name in only]
     results: dict[str, dict[str, list[dict]]] = {t.name: {} for t in targets}
     scaling_rows: dict = {}
     try:
@@ -308,9 +312,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers-scaling", action="store_true")
     ap.add_argument("--before", type=Path, help="also run the proxy from this source tree (an older commit)")
+    ap.add_argument("--only", help="servers to run besides the bare floor, ';'-separated, e.g. 'redis;redis, before'")
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
-    rows, scaling, extra = asyncio.run(run(args.seconds, args.rounds, args.workers_scaling, args.before))
+    only = {name.strip() for name in args.only.split(";")} if args.only else None
+    rows, scaling, extra = asyncio.run(run(args.seconds, args.rounds, args.workers_scaling, args.before, only))
     table = render(rows, scaling, extra)
     print(table)
     if args.write:

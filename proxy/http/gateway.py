@@ -77,6 +77,7 @@ class _ClientWatch:
     stops the upstream work it asked for (and, through settle, releases what it reserved)."""
 
     __slots__ = ("_ctx", "_done", "_task", "_watcher")
+    _watcher: asyncio.Task[None] | None
 
     def __init__(self, receive: Receive, ctx: RequestContext):
         self._ctx = ctx
@@ -95,7 +96,12 @@ class _ClientWatch:
 
     def done(self) -> None:
         self._done = True
-        self._watcher.cancel()
+        # Forget the watcher as it is cancelled: its cancellation's traceback holds the watch's frame,
+        # and so this object; a reference back to the task would make a cycle, and then the whole
+        # request (context, reply) garbage for the cyclic collector instead of freed on the spot.
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
 
     def absorb_cancellation(self) -> None:
         """Inside `except CancelledError`: swallow the cancellation this watch caused, re-raise any other."""

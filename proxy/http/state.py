@@ -13,6 +13,7 @@ import aiohttp
 from proxy.config import PolicyFile
 from proxy.config.models import uses_embedder
 from proxy.config.reload import Reloader
+from proxy.http.heap import freeze_startup_heap, refreeze_after_reload
 from proxy.pipeline.runtime import Runtime
 from proxy.services.evaluation import ShadowEvaluator
 from proxy.services.request_log import RequestLogWriter
@@ -85,6 +86,7 @@ class ProxyState:
         self.tokenizers_loaded: list[str] = []
         self._tokenizers_pending: set[str] = set()
         self._warming: asyncio.Task[None] | None = None
+        self._started = False  # start() has run: a later apply_policy is a reload
 
     async def start(self) -> None:
         start_store = getattr(self.store, "start", None)
@@ -112,6 +114,8 @@ class ProxyState:
         if self.config_path:
             self.reloader = Reloader(self.config_path, self.apply_policy)
             self.reloader.start(watch=self._policy.server.watch_config)
+        self._started = True
+        freeze_startup_heap()
 
     def _log_writer(self, policy: PolicyFile) -> RequestLogWriter | None:
         path = policy.log.requests
@@ -140,6 +144,8 @@ class ProxyState:
             # Its queued shadow comparisons still finish (their budget is reserved); it takes no new ones.
             previous.evaluation.retire()
             self._retired = [e for e in self._retired if not e.finished] + [previous.evaluation]
+        if self._started:
+            refreeze_after_reload()
         self._warm_tokenizers(policy)
 
     def _warm_tokenizers(self, policy: PolicyFile) -> None:
@@ -161,6 +167,7 @@ class ProxyState:
                 await asyncio.to_thread(get_encoding, name)  # off the event loop: /healthz answers meanwhile
                 self._tokenizers_pending.discard(name)
                 self.tokenizers_loaded.append(name)
+            freeze_startup_heap()  # an encoding's tables are start-up heap too
 
         self._warming = asyncio.get_running_loop().create_task(warm())
 

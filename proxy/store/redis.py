@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from proxy.config.models import StoreConfig
@@ -222,44 +223,138 @@ def _policy_lines(h: dict[bytes, bytes]) -> dict[str, PolicyLine]:
     return out
 
 
-class _AutoPipeline:
-    """Scripts called in the same event-loop turn go to Redis as one pipeline (as ioredis's
-    auto-pipelining does): one round trip and far less client CPU per call under concurrency.
-    Each script stays atomic on its own; only the network trip is shared."""
+# Every write and check above as a Lua function of its own KEYS and ARGV, and one script that runs a list
+# of them: the store calls queued in one event-loop turn, by all the requests in flight, go to Redis as
+# one EVALSHA. Each operation keeps its own atomicity and its own spend-once mark (the batch as a whole
+# is atomic too); one that fails (pcall) answers its error in its place and the others still run.
+# ARGV: the number of operations, then per operation its name, key count, arg count and args; KEYS: the
+# operations' keys in order.
+_OPERATIONS = {
+    "record": _RECORD,
+    "record_once": _ONCE + _RECORD,
+    "reserve": _RESERVE,
+    "reserve_once": _RESERVE_ONCE,
+    "settle": _SETTLE,
+    "settle_once": _ONCE + _SETTLE,
+    "limits": _LIMITS,
+    "add": _ADD,
+    "arm": _ARM,
+    "arm_once": _ONCE + _ARM,
+    "release": _RELEASE_IF_RESERVED,
+    "judgement": _JUDGEMENT,
+    "judgement_once": _ONCE + _JUDGEMENT,
+}
+_BATCH = (
+    "local ops = {}\n"
+    + "".join(f"ops['{name}'] = function(KEYS, ARGV)\n{src}\nend\n" for name, src in _OPERATIONS.items())
+    + """
+local out = {}
+local k, a = 0, 1
+for i = 1, tonumber(ARGV[1]) do
+  local name, nk, na = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  a = a + 3
+  local keys, args = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j] end
+  for j = 1, na do args[j] = ARGV[a + j] end
+  k = k + nk
+  a = a + na
+  local ok, res = pcall(ops[name], keys, args)
+  if not ok then
+    if type(res) == 'table' and res.err then out[i] = res else out[i] = redis.error_reply(tostring(res)) end
+  elseif res == nil then
+    out[i] = false
+  else
+    out[i] = res
+  end
+end
+return out
+"""
+)
 
-    def __init__(self, client: aioredis.Redis, scripts: list[Any]):
+
+def _resp(args: list[Any]) -> bytes:
+    """A command in Redis's wire format (RESP), packed in one pass: the arguments are strs and numbers,
+    nearly always ASCII (then the whole command is encoded once)."""
+    items = [a if isinstance(a, str) else repr(a) for a in args]
+    text = f"*{len(items)}\r\n" + "".join([f"${len(x)}\r\n{x}\r\n" for x in items])
+    if text.isascii():
+        return text.encode()
+    parts = [f"*{len(items)}\r\n".encode()]
+    for x in items:
+        data = x.encode()
+        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(parts)
+
+
+# Operations per EVALSHA at most: a burst is split so that no one script holds Redis for long.
+_BATCH_MAX = 256
+
+
+class _Batcher:
+    """Store calls made in the same event-loop turn go to Redis as one EVALSHA of the batch script (what
+    ioredis's auto-pipelining does for round trips, and one command to pack and parse instead of one
+    per call): far less client CPU per call under concurrency."""
+
+    def __init__(self, client: aioredis.Redis, script: Any):
         self._client = client
-        self._scripts = scripts
-        self._queue: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._script = script
+        self._queue: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def call(self, script: Any, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def call(self, operation: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._start_flush)
-        self._queue.append((script, keys, args, future))
+        self._queue.append((operation, keys, args, future))
         return future
 
     def _start_flush(self) -> None:
-        batch, self._queue = self._queue, []
-        task = asyncio.get_running_loop().create_task(self._flush(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        queue, self._queue = self._queue, []
+        loop = asyncio.get_running_loop()
+        for i in range(0, len(queue), _BATCH_MAX):
+            task = loop.create_task(self._flush(queue[i : i + _BATCH_MAX]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _execute(self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as p:
-            for script, keys, args, _ in batch:
-                p.evalsha(script.sha, len(keys), *keys, *args)
-            return await p.execute(raise_on_error=False)
-
-    async def _flush(self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> None:
+    async def _execute(self, keys: list[str], argv: list[Any]) -> list[Any]:
+        command = _resp(["EVALSHA", self._script.sha, len(keys), *keys, *argv])
         try:
-            results = await self._execute(batch)
-            if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted: scripts are gone
-                for script in self._scripts:
-                    await self._client.script_load(script.script)
-                results = await self._execute(batch)
+            return await self._send(command)
+        except NoScriptError:  # Redis restarted (or its scripts were flushed): load it again
+            await self._client.script_load(self._script.script)
+            return await self._send(command)
+
+    async def _send(self, command: bytes) -> Any:
+        """One packed command on a pooled connection, without redis-py's per-command machinery. A
+        connection found dead (Redis restarted since it was last used) is reconnected once: the command
+        did not run on it. A timeout is not retried (the command may have run): the caller's write ids
+        and journal deal with that."""
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            try:
+                await conn.send_packed_command(command)
+                return await conn.read_response()
+            except RedisConnectionError:
+                await conn.disconnect()
+            await conn.send_packed_command(command)
+            return await conn.read_response()
+        except BaseException:
+            # A reply may still be on its way (a timeout, a cancellation): never hand it to the next user.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def _flush(self, batch: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        keys: list[str] = []
+        argv: list[Any] = [len(batch)]
+        for operation, op_keys, op_args, _ in batch:
+            keys += op_keys
+            argv += (operation, len(op_keys), len(op_args), *op_args)
+        try:
+            results = await self._execute(keys, argv)
         except (RedisError, OSError) as e:
             for *_, future in batch:
                 if not future.done():
@@ -287,34 +382,23 @@ class RedisStore:
             )
         else:
             self.client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        sources = (
-            _RECORD,
-            _RESERVE,
-            _SETTLE,
-            _LIMITS,
-            _ADD,
-            _ARM,
-            _ONCE + _RECORD,
-            _RESERVE_ONCE,
-            _ONCE + _SETTLE,
-            _ONCE + _ARM,
-            _RELEASE_IF_RESERVED,
-            _JUDGEMENT,
-            _ONCE + _JUDGEMENT,
-        )
-        scripts = [self.client.register_script(src) for src in sources]
-        self._scripts = scripts
-        self._record, self._reserve, self._settle, self._limits, self._add, self._arm = scripts[:6]
-        self._record_once, self._reserve_once, self._settle_once, self._arm_once, self._release = scripts[6:11]
-        self._judgement, self._judgement_once = scripts[11:]
-        # Cluster pipelines split by slot anyway; auto-pipelining is for a single Redis.
-        self._pipeline = None if url.startswith("redis+cluster://") else _AutoPipeline(self.client, scripts)
+        # A single Redis takes every call through the batch script; Redis Cluster runs a multi-key script
+        # only within one slot, so there each operation is its own script (keys of one team: one slot).
+        self._cluster = url.startswith("redis+cluster://")
+        if self._cluster:
+            self._operations = {name: self.client.register_script(src) for name, src in _OPERATIONS.items()}
+            self._scripts = list(self._operations.values())
+            self._batcher = None
+        else:
+            batch = self.client.register_script(_BATCH)
+            self._scripts = [batch]
+            self._batcher = _Batcher(self.client, batch)
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _run(self, operation: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            if self._pipeline is not None:
-                return await self._pipeline.call(script, keys, args)
-            return await script(keys=keys, args=args)
+            if self._batcher is not None:
+                return await self._batcher.call(operation, keys, args)
+            return await self._operations[operation](keys=keys, args=args)
         except (RedisError, OSError) as e:
             raise StoreUnavailable(str(e)) from e
 
@@ -350,9 +434,9 @@ class RedisStore:
         for policy, nano in usage.saved_by_policy:
             args += [policy, nano]
         if write_id is None:
-            await self._run(self._record, keys, args)
+            await self._run("record", keys, args)
             return
-        await self._run(self._record_once, *self._once(self.team_key(usage.team, ""), write_id, keys, args))
+        await self._run("record_once", *self._once(self.team_key(usage.team, ""), write_id, keys, args))
 
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
         try:
@@ -382,9 +466,9 @@ class RedisStore:
     async def record_arm(self, policy: str, model: str, arm: str, tokens: int, write_id: str | None = None) -> None:
         keys, args = [f"{self._prefix}:{{p:{policy}}}:holdout"], [f"{model}|{arm}", tokens]
         if write_id is None:
-            await self._run(self._arm, keys, args)
+            await self._run("arm", keys, args)
             return
-        await self._run(self._arm_once, *self._once(f"{self._prefix}:{{p:{policy}}}:", write_id, keys, args))
+        await self._run("arm_once", *self._once(f"{self._prefix}:{{p:{policy}}}:", write_id, keys, args))
 
     async def arm_stats(self, policy: str) -> dict[tuple[str, str], tuple[int, int, int]]:
         try:
@@ -405,9 +489,9 @@ class RedisStore:
     ) -> None:
         keys, args = [self._judgement_key(policy, day)], [f"{pair}|{outcome}", _DAY_TTL_S]
         if write_id is None:
-            await self._run(self._judgement, keys, args)
+            await self._run("judgement", keys, args)
             return
-        await self._run(self._judgement_once, *self._once(f"{self._prefix}:{{p:{policy}}}:", write_id, keys, args))
+        await self._run("judgement_once", *self._once(f"{self._prefix}:{{p:{policy}}}:", write_id, keys, args))
 
     async def judgements(self, policies: list[str], days: list[str]) -> Judgements:
         try:
@@ -443,25 +527,25 @@ class RedisStore:
         keys = [self._budget_key(s) for s in scopes]
         args = [amount_nano, *(s.limit_nano for s in scopes), *(s.ttl_s for s in scopes)]
         if write_id is None:
-            ok, failed, *used = await self._run(self._reserve, keys, args)
+            ok, failed, *used = await self._run("reserve", keys, args)
         else:
             once = self._once(self.team_key(scopes[0].team, ""), write_id, keys, args)
-            ok, failed, *used = await self._run(self._reserve_once, *once)
+            ok, failed, *used = await self._run("reserve_once", *once)
         return Reservation(bool(ok), tuple(int(float(u)) for u in used), int(failed) - 1 if not ok else None)
 
     async def release_if_reserved(self, scopes: list[BudgetScope], amount_nano: int, write_id: str) -> None:
         """Undo the reservation `write_id` made, if it did (its reply was lost)."""
         keys = [self._budget_key(s) for s in scopes]
-        await self._run(self._release, *self._once(self.team_key(scopes[0].team, ""), write_id, keys, [amount_nano]))
+        await self._run("release", *self._once(self.team_key(scopes[0].team, ""), write_id, keys, [amount_nano]))
 
     async def settle_budget(
         self, scopes: list[BudgetScope], reserved_nano: int, actual_nano: int, write_id: str | None = None
     ) -> None:
         keys, args = [self._budget_key(s) for s in scopes], [reserved_nano, actual_nano]
         if write_id is None:
-            await self._run(self._settle, keys, args)
+            await self._run("settle", keys, args)
             return
-        await self._run(self._settle_once, *self._once(self.team_key(scopes[0].team, ""), write_id, keys, args))
+        await self._run("settle_once", *self._once(self.team_key(scopes[0].team, ""), write_id, keys, args))
 
     async def budget_usage(self, scopes: list[BudgetScope]) -> list[tuple[int, int]]:
         try:
@@ -481,7 +565,7 @@ class RedisStore:
             keys += [self._window_key(w, index - 1), self._window_key(w, index)]
             args += [w.limit, w.cost]
         args.append(_WINDOW_TTL_S)
-        ok, failed, *values = await self._run(self._limits, keys, args)
+        ok, failed, *values = await self._run("limits", keys, args)
         if not ok:
             i = int(failed) - 1
             prev, curr = float(values[0]), float(values[1])
@@ -493,7 +577,7 @@ class RedisStore:
     async def add_to_limits(self, windows: list[LimitWindow], now: float) -> None:
         index, _ = window_position(now)
         keys = [self._window_key(w, index) for w in windows]
-        await self._run(self._add, keys, [*(w.cost for w in windows), _WINDOW_TTL_S])
+        await self._run("add", keys, [*(w.cost for w in windows), _WINDOW_TTL_S])
 
     async def put_conversation(self, team: str, response_id: str, data: bytes, ttl_s: float) -> None:
         try:
