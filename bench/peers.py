@@ -46,8 +46,12 @@ from bench.wrk_load import run_wrk, wrk_path
 
 MODES = {"non-stream": BODY, "stream": STREAM_BODY}
 PEERS = ("ours", "ours-redis", "portkey", "litellm")
+# Not in the default set: the same app (memory store) served by granian instead of uvicorn, for
+# `--peers ours,ours-granian` (granian importable, e.g. PYTHONPATH=bench/.peers/onnx-site).
+OPTIONAL = ("ours-granian",)
 LABELS = {
     "ours": "ours, memory store",
+    "ours-granian": "ours, memory store, on granian",
     "ours-redis": "ours, Redis store",
     "portkey": f"Portkey gateway {portkey_peer.GATEWAY_VERSION}",
     "litellm": f"LiteLLM {litellm_peer.LITELLM_VERSION}",
@@ -381,6 +385,12 @@ def _servers(tmp: Path, mock_url: str, wanted: tuple[str, ...]) -> dict[str, Ser
             servers[name] = ours(name, {})
         elif name == "ours-redis":
             servers[name] = ours(name, {"LLM_PROXY_REDIS_URL": REDIS_URL})
+        elif name == "ours-granian":
+            port = _free_port()
+            args = [sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--factory"]
+            args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "proxy.app:create_app"]
+            env = {**os.environ, "LLM_PROXY_CONFIG": str(tmp / "policy.yaml")}
+            servers[name] = Server(name, args, env, port, tmp / f"{name}.log", _AUTH)
         elif name == "portkey":
             port = _free_port()
             entry = portkey_peer.ensure_installed()
@@ -506,9 +516,9 @@ def main() -> None:
             setattr(args, key, value)
     args.concurrencies = tuple(int(c) for c in args.concurrencies.split(","))
     wanted = {p.strip() for p in args.peers.split(",") if p.strip()}
-    if unknown := wanted - set(PEERS):
-        ap.error(f"unknown peers {sorted(unknown)}; choose from {', '.join(PEERS)}")
-    args.peers = tuple(p for p in PEERS if p in wanted)
+    if unknown := wanted - set(PEERS + OPTIONAL):
+        ap.error(f"unknown peers {sorted(unknown)}; choose from {', '.join(PEERS + OPTIONAL)}")
+    args.peers = tuple(p for p in PEERS + OPTIONAL if p in wanted)
     if "ours" not in args.peers:
         ap.error("--peers must include ours (the other rows are given as multiples of it)")
     if not {1, 16} <= set(args.concurrencies):
