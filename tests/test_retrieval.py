@@ -42,6 +42,7 @@ collections:
   faq: {{kind: kb}}
   answers: {{kind: cache, ttl_s: 600}}
   checked: {{kind: kb}}
+  gated: {{kind: kb}}
 tasks:
   weather: {{examples: {json.dumps(WEATHER_EXAMPLES)}, min_similarity: 0.6}}
 policies:
@@ -58,6 +59,10 @@ policies:
   - name: checked
     when: {{models: [small]}}
     retrieve: {{collection: checked, min_similarity: 0.995, verify: {{model: small, band: [0.8, 0.995]}}}}
+  - name: gated
+    when: {{models: [small]}}
+    # worth it for the embedding alone (free), not with the check's cost: generation is ~10x the check
+    retrieve: {{collection: gated, min_similarity: 0.995, min_cost_multiple: 50, verify: {{model: small, band: [0.8, 0.995]}}}}
 """
 
 
@@ -511,3 +516,43 @@ def test_a_borderline_hit_is_checked_by_the_verify_model_and_an_unclear_verdict_
     assert chat_calls(rmock) == 2
     metrics = httpx.get(proxy1.url + "/metrics").text
     assert 'llm_proxy_retrieval_lookups_total{collection="checked",policy="checked",result="llm_error"}' in metrics
+
+
+def test_a_borderline_hit_the_verify_model_accepts_is_answered_from_the_kb_and_its_check_is_the_lookup_cost(
+    proxy1: Server, rmock: MockUpstream
+) -> None:
+    from proxy.retrieval.llm_check import PROMPT
+
+    stored = unique("How can I change the billing address on my account")
+    answer = "Open Billing, then Address; " + "enter the new address as it appears on your invoices. " * 6
+    assert upsert(proxy1, "checked", [{"id": "billing", "question": stored, "answer": answer}]).is_success
+    rmock.configure(scripted=[[PROMPT[:40], "Yes."]])
+    asked = stored.replace("How can I change", "How do I update")
+    headers, reply = ask(proxy1, asked, model="small")
+    assert headers["x-llm-proxy-route"] == "retrieval" and "entry=billing" in headers["x-llm-proxy-retrieval"]
+    assert reply.choices[0].message.content == answer
+    similarity = float(headers["x-llm-proxy-retrieval"].rsplit("=", 1)[1])
+    assert 0.8 <= similarity < 0.995  # inside the band: the check ran
+    assert chat_calls(rmock) == 1  # the check, and no generation
+    stats = rmock.stats()
+    check = stats["last_bodies"][-1]
+    assert check["messages"][0]["content"] == PROMPT and asked in check["messages"][1]["content"]
+    # The check's tokens at small's prices are the hit's cost (the local embedder is free); the saving is
+    # the generation it replaced (a long answer: a short one on small costs less than the check) less that.
+    cost, saved = float(headers["x-llm-proxy-cost-usd"]), float(headers["x-llm-proxy-saved-usd"])
+    expected = (stats["prompt_tokens_served"] * 0.15 + stats["completion_tokens_served"] * 0.6) / 1e6
+    assert cost == pytest.approx(expected, rel=1e-6) and cost > 0 and saved > 0
+    metrics = httpx.get(proxy1.url + "/metrics").text
+    assert 'llm_proxy_retrieval_lookups_total{collection="checked",policy="checked",result="hit"}' in metrics
+
+
+def test_the_cost_multiple_gate_counts_the_llm_check_in_the_lookup_cost(proxy1: Server, rmock: MockUpstream) -> None:
+    stored = unique("Where do I download my tax invoices")
+    assert upsert(proxy1, "gated", [{"id": "tax", "question": stored, "answer": "Billing > Invoices."}]).is_success
+    rmock.configure(scripted=[["cached answer may be reused", "yes"]])
+    headers, _ = ask(proxy1, stored.replace("Where do I download", "Where can I get"), model="small")
+    # The embedding is free, so only the check's expected cost can make the lookup not worth 50x: no check
+    # was asked and the request went upstream.
+    assert headers["x-llm-proxy-route"] == "upstream" and chat_calls(rmock) == 1
+    metrics = httpx.get(proxy1.url + "/metrics").text
+    assert 'llm_proxy_retrieval_lookups_total{collection="gated",policy="gated",result="not_worth_it"}' in metrics
