@@ -62,7 +62,11 @@ policies:
   - name: gated
     when: {{models: [small]}}
     # worth it for the embedding alone (free), not with the check's cost: generation is ~10x the check
-    retrieve: {{collection: gated, min_similarity: 0.995, min_cost_multiple: 50, verify: {{model: small, band: [0.8, 0.995]}}}}
+    retrieve:
+      collection: gated
+      min_similarity: 0.995
+      min_cost_multiple: 50
+      verify: {{model: small, band: [0.8, 0.995]}}
 """
 
 
