@@ -560,3 +560,37 @@ def test_the_cost_multiple_gate_counts_the_llm_check_in_the_lookup_cost(proxy1: 
     assert headers["x-llm-proxy-route"] == "upstream" and chat_calls(rmock) == 1
     metrics = httpx.get(proxy1.url + "/metrics").text
     assert 'llm_proxy_retrieval_lookups_total{collection="gated",policy="gated",result="not_worth_it"}' in metrics
+
+
+def test_feedback_to_one_replica_changes_what_the_other_answers_and_reports(
+    kb_proxies: list[Server], rmock: MockUpstream
+) -> None:
+    proxy1, proxy2 = kb_proxies
+    rmock.reset()
+    question = unique("Where is the parking garage entrance")
+    r = upsert(proxy1, "faq", [{"id": "garage", "question": question, "answer": "On Elm Street."}])
+    version = r.json()["version"]
+    # Not by asking: an answer from upstream would fill the semantic cache, which answers later on its own.
+    wait_for(
+        lambda: httpx.get(f"{proxy2.url}/admin/kb/faq", headers=ADMIN).json()["status"]["version"] >= version,
+        "the entry on the other replica",
+    )
+    before = [faq_bound(p) for p in kb_proxies]
+    assert all(b["answering"] for b in before)
+    hits = [ask(p, question)[0] for p in kb_proxies]
+    assert [served_by((h, None)) for h in hits] == ["faq", "faq"]
+    served_by_1, served_by_2 = (h["x-llm-proxy-request-id"] for h in hits)
+    # Feedback on replica 1's answer, given to replica 2 (any replica takes it): wrong.
+    r = feedback(proxy2, served_by_1, "bad")
+    assert r.status_code == 200, r.text
+    # Replica 1 learns it from the store: it reports the verdict and that entry no longer answers there.
+    wait_for(lambda: faq_bound(proxy1)["served_wrong"] == before[0]["served_wrong"] + 1, "replica 1 to see the verdict")
+    assert faq_bound(proxy1)["entries_raised"] >= before[0]["entries_raised"] + 1
+    assert served_by(ask(proxy1, question)) != "faq" and served_by(ask(proxy2, question)) != "faq"
+    # One verdict per request across the replicas; replica 2's answer judged on replica 1.
+    assert feedback(proxy1, served_by_1, "good").status_code == 409
+    assert feedback(proxy1, served_by_2, "good").status_code == 200
+    wait_for(
+        lambda: faq_bound(proxy2)["served_judged"] == before[1]["served_judged"] + 2, "replica 2 to see both verdicts"
+    )
+    assert faq_bound(proxy2)["served_wrong"] == before[1]["served_wrong"] + 1
