@@ -284,10 +284,10 @@ def simulate_error_bound(
             served_right += label
             served_wrong += not label
             if rng.random() < feedback_rate:
-                bound.record(texts[best], sim, label, served=True)
+                asyncio.run(bound.record(texts[best], sim, label, served=True))
         elif not bound.stopped:
             explored += 1
-            bound.record(texts[best], sim, label, served=False)
+            asyncio.run(bound.record(texts[best], sim, label, served=False))
         if (step + 1) % len(held.pairs) == 0:
             per_epoch.append((served_right, served_wrong))
     n = served_right + served_wrong

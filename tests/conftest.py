@@ -147,6 +147,7 @@ class MockUpstream(Server):
             length_jitter=0,
             judge=None,
             reply_tokens_by_model={},
+            scripted=[],
         )
 
     def configure(self, **cfg) -> None:

@@ -42,6 +42,7 @@ collections:
   faq: {{kind: kb}}
   answers: {{kind: cache, ttl_s: 600}}
   checked: {{kind: kb}}
+  gated: {{kind: kb}}
 tasks:
   weather: {{examples: {json.dumps(WEATHER_EXAMPLES)}, min_similarity: 0.6}}
 policies:
@@ -58,6 +59,14 @@ policies:
   - name: checked
     when: {{models: [small]}}
     retrieve: {{collection: checked, min_similarity: 0.995, verify: {{model: small, band: [0.8, 0.995]}}}}
+  - name: gated
+    when: {{models: [small]}}
+    # worth it for the embedding alone (free), not with the check's cost: generation is ~10x the check
+    retrieve:
+      collection: gated
+      min_similarity: 0.995
+      min_cost_multiple: 50
+      verify: {{model: small, band: [0.8, 0.995]}}
 """
 
 
@@ -511,3 +520,77 @@ def test_a_borderline_hit_is_checked_by_the_verify_model_and_an_unclear_verdict_
     assert chat_calls(rmock) == 2
     metrics = httpx.get(proxy1.url + "/metrics").text
     assert 'llm_proxy_retrieval_lookups_total{collection="checked",policy="checked",result="llm_error"}' in metrics
+
+
+def test_a_borderline_hit_the_verify_model_accepts_is_answered_from_the_kb_and_its_check_is_the_lookup_cost(
+    proxy1: Server, rmock: MockUpstream
+) -> None:
+    from proxy.retrieval.llm_check import PROMPT
+
+    stored = unique("How can I change the billing address on my account")
+    answer = "Open Billing, then Address; " + "enter the new address as it appears on your invoices. " * 6
+    assert upsert(proxy1, "checked", [{"id": "billing", "question": stored, "answer": answer}]).is_success
+    rmock.configure(scripted=[[PROMPT[:40], "Yes."]])
+    asked = stored.replace("How can I change", "How do I update")
+    headers, reply = ask(proxy1, asked, model="small")
+    assert headers["x-llm-proxy-route"] == "retrieval" and "entry=billing" in headers["x-llm-proxy-retrieval"]
+    assert reply.choices[0].message.content == answer
+    similarity = float(headers["x-llm-proxy-retrieval"].rsplit("=", 1)[1])
+    assert 0.8 <= similarity < 0.995  # inside the band: the check ran
+    assert chat_calls(rmock) == 1  # the check, and no generation
+    stats = rmock.stats()
+    check = stats["last_bodies"][-1]
+    assert check["messages"][0]["content"] == PROMPT and asked in check["messages"][1]["content"]
+    # The check's tokens at small's prices are the hit's cost (the local embedder is free); the saving is
+    # the generation it replaced (a long answer: a short one on small costs less than the check) less that.
+    cost, saved = float(headers["x-llm-proxy-cost-usd"]), float(headers["x-llm-proxy-saved-usd"])
+    expected = (stats["prompt_tokens_served"] * 0.15 + stats["completion_tokens_served"] * 0.6) / 1e6
+    assert cost == pytest.approx(expected, rel=1e-6) and cost > 0 and saved > 0
+    metrics = httpx.get(proxy1.url + "/metrics").text
+    assert 'llm_proxy_retrieval_lookups_total{collection="checked",policy="checked",result="hit"}' in metrics
+
+
+def test_the_cost_multiple_gate_counts_the_llm_check_in_the_lookup_cost(proxy1: Server, rmock: MockUpstream) -> None:
+    stored = unique("Where do I download my tax invoices")
+    assert upsert(proxy1, "gated", [{"id": "tax", "question": stored, "answer": "Billing > Invoices."}]).is_success
+    rmock.configure(scripted=[["cached answer may be reused", "yes"]])
+    headers, _ = ask(proxy1, stored.replace("Where do I download", "Where can I get"), model="small")
+    # The embedding is free, so only the check's expected cost can make the lookup not worth 50x: no check
+    # was asked and the request went upstream.
+    assert headers["x-llm-proxy-route"] == "upstream" and chat_calls(rmock) == 1
+    metrics = httpx.get(proxy1.url + "/metrics").text
+    assert 'llm_proxy_retrieval_lookups_total{collection="gated",policy="gated",result="not_worth_it"}' in metrics
+
+
+def test_feedback_to_one_replica_changes_what_the_other_answers_and_reports(
+    kb_proxies: list[Server], rmock: MockUpstream
+) -> None:
+    proxy1, proxy2 = kb_proxies
+    rmock.reset()
+    question = unique("Where is the parking garage entrance")
+    r = upsert(proxy1, "faq", [{"id": "garage", "question": question, "answer": "On Elm Street."}])
+    version = r.json()["version"]
+    # Not by asking: an answer from upstream would fill the semantic cache, which answers later on its own.
+    wait_for(
+        lambda: httpx.get(f"{proxy2.url}/admin/kb/faq", headers=ADMIN).json()["status"]["version"] >= version,
+        "the entry on the other replica",
+    )
+    before = [faq_bound(p) for p in kb_proxies]
+    assert all(b["answering"] for b in before)
+    hits = [ask(p, question)[0] for p in kb_proxies]
+    assert [served_by((h, None)) for h in hits] == ["faq", "faq"]
+    served_by_1, served_by_2 = (h["x-llm-proxy-request-id"] for h in hits)
+    # Feedback on replica 1's answer, given to replica 2 (any replica takes it): wrong.
+    r = feedback(proxy2, served_by_1, "bad")
+    assert r.status_code == 200, r.text
+    # Replica 1 learns it from the store: it reports the verdict and that entry no longer answers there.
+    wait_for(lambda: faq_bound(proxy1)["served_wrong"] == before[0]["served_wrong"] + 1, "replica 1 to see the verdict")
+    assert faq_bound(proxy1)["entries_raised"] >= before[0]["entries_raised"] + 1
+    assert served_by(ask(proxy1, question)) != "faq" and served_by(ask(proxy2, question)) != "faq"
+    # One verdict per request across the replicas; replica 2's answer judged on replica 1.
+    assert feedback(proxy1, served_by_1, "good").status_code == 409
+    assert feedback(proxy1, served_by_2, "good").status_code == 200
+    wait_for(
+        lambda: faq_bound(proxy2)["served_judged"] == before[1]["served_judged"] + 2, "replica 2 to see both verdicts"
+    )
+    assert faq_bound(proxy2)["served_wrong"] == before[1]["served_wrong"] + 1

@@ -316,32 +316,55 @@ def test_an_entry_answers_every_phrasing_with_its_one_answer_and_multiline_text_
     assert len(entry.questions) == 3 and entry.answer == "A\n\tB"
 
 
-def test_an_error_bound_starts_conservative_learns_down_and_raises_an_entry_that_was_wrong() -> None:
+async def test_an_error_bound_starts_conservative_learns_down_and_raises_an_entry_that_was_wrong() -> None:
     from proxy.retrieval.error_bound import ErrorBound
 
     bound = ErrorBound("faq", "p", max_error=0.05, start=0.96, floor=0.92)
     assert bound.answers("e1", 0.96) and not bound.answers("e1", 0.95)
     # Explorations at 0.93-0.96 that re-generated the entry's answer: enough to bound the error at 5%.
     for i in range(120):
-        bound.record(f"e{i % 5}", 0.935 + (i % 5) * 0.005, True, served=False)
+        await bound.record(f"e{i % 5}", 0.935 + (i % 5) * 0.005, True, served=False)
     assert bound.threshold() <= 0.935 and bound.answers("e1", 0.94)
     # One wrong outcome for e1 at 0.95 (1 of 121 still bounds the pool's error at 5%): e1 never again
     # answers at or below it; the others still do.
-    bound.record("e1", 0.95, False, served=False)
+    await bound.record("e1", 0.95, False, served=False)
     assert not bound.answers("e1", 0.95) and bound.answers("e2", 0.95) and bound.answers("e1", 0.97)
     assert bound.status()["answering"] and bound.status()["explored"] == 121
 
 
-def test_a_collection_whose_realised_error_exceeds_its_bound_stops_answering() -> None:
+async def test_a_collection_whose_realised_error_exceeds_its_bound_stops_answering() -> None:
     from proxy.retrieval.error_bound import ErrorBound
 
     bound = ErrorBound("faq", "p", max_error=0.02, start=0.96, floor=0.92)
     for _ in range(40):
-        bound.record("e", 0.99, True, served=True)
-    bound.record("e2", 0.99, False, served=True)  # 1 of 41: its lower bound is below 2%, keep answering
+        await bound.record("e", 0.99, True, served=True)
+    await bound.record("e2", 0.99, False, served=True)  # 1 of 41: its lower bound is below 2%, keep answering
     assert bound.answers("e", 0.99)
     for _ in range(5):
-        bound.record("e3", 0.99, False, served=True)
+        await bound.record("e3", 0.99, False, served=True)
     status = bound.status()
     assert not status["answering"] and not bound.answers("e", 0.999)
     assert status["served_judged"] == 46 and status["interval"][0] > 0.02
+
+
+async def test_two_error_bounds_on_one_store_learn_from_each_others_outcomes_and_a_reload_starts_afresh() -> None:
+    from proxy.retrieval.error_bound import ErrorBound
+    from proxy.store.collections import MemoryCollectionStore
+
+    store = MemoryCollectionStore()
+    a, b = (ErrorBound("faq", "p", max_error=0.05, start=0.96, floor=0.92, shared=store) for _ in range(2))
+    for i in range(120):
+        await a.record(f"e{i % 5}", 0.935 + (i % 5) * 0.005, True, served=False)
+    await a.record("e1", 0.95, False, served=False)
+    assert not b.answers("e2", 0.94)  # b has not looked yet
+    await b.refresh()
+    assert b.answers("e2", 0.94) and not b.answers("e1", 0.95) and b.status()["explored"] == 121
+    # Another policy (or the same one with another bound) learns apart.
+    other = ErrorBound("faq", "p", max_error=0.02, start=0.96, floor=0.92, shared=store)
+    await other.refresh()
+    assert other.status()["explored"] == 0
+    # A reloaded policy's bound forgets the stored outcomes before its first use, for every replica.
+    reloaded = ErrorBound("faq", "p", max_error=0.05, start=0.96, floor=0.92, shared=store, reset=True)
+    await reloaded.refresh()
+    await b.refresh()
+    assert reloaded.status()["explored"] == 0 and b.status()["explored"] == 0 and not b.answers("e2", 0.94)

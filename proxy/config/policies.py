@@ -196,7 +196,7 @@ class RetrieveAction(_Strict):
     verifier: Annotated[str, Field(min_length=1)] | None = None
     # An error bound: each entry answers only at similarities its verified outcomes (feedback, exact
     # re-generations) show to be right, starting conservative; a collection whose realised error's
-    # lower bound exceeds this stops answering until reload.
+    # lower bound exceeds this stops answering until reload. Outcomes are shared through the store.
     max_error: Annotated[float, Field(gt=0, lt=0.5)] | None = None
     # An LLM check of borderline hits; its cost is the lookup's, and part of min_cost_multiple's.
     verify: VerifyConfig | None = None

@@ -16,7 +16,8 @@ A judging mode for shadow evaluation (`POST /mock/config {"judge": ...}`): a req
 judge prompt (MT-Bench's `[[A]]`/`[[B]]`/`[[C]]` markers) is answered with a verdict: `longer` or
 `shorter` (the answer with more or fewer words wins; same length: a tie), `A`, `B`, `tie`, or `garbage`
 (no verdict). With `reply_tokens_by_model` one upstream model answers shorter, so a judge on `longer`
-makes its answers lose.
+makes its answers lose. `scripted` ([[substring, reply], ...]) answers a chat prompt containing the
+substring with that reply, e.g. "yes" to retrieval's LLM check.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class MockState:
     gate: asyncio.Event | None = None
     judge: str | None = None  # judging mode: longer | shorter | A | B | tie | garbage (None: answer as usual)
     reply_tokens_by_model: dict[str, int] = field(default_factory=dict)
+    # (substring, reply): a chat prompt containing the substring gets that reply, first match wins
+    # (a deterministic answer for a prompt the proxy sends for itself, e.g. retrieval's LLM check)
+    scripted: list[tuple[str, str]] = field(default_factory=list)
 
 
 _JUDGE_ANSWER = re.compile(
@@ -300,7 +304,8 @@ class MockUpstream:
             return early
         prompt_text = _prompt_text(body)
         verdict = _verdict(self.state.judge, prompt_text) if self.state.judge else None
-        text = verdict or _reply_text(prompt_text, self._n_words(body))
+        scripted = next((reply for part, reply in self.state.scripted if part in prompt_text), None)
+        text = verdict or scripted or _reply_text(prompt_text, self._n_words(body))
         model = body.get("model", "mock")
         prompt_tokens = self._counter.chat_prompt(body["messages"])
         created = int(time.time())
@@ -550,6 +555,8 @@ class MockUpstream:
                 setattr(self.state, key, cfg[key])
         if "reply_tokens_by_model" in cfg:
             self.state.reply_tokens_by_model = dict(cfg["reply_tokens_by_model"] or {})
+        if "scripted" in cfg:
+            self.state.scripted = [(str(part), str(reply)) for part, reply in cfg["scripted"] or []]
         if "latency_ms" in cfg:
             self.state.latency_s = cfg["latency_ms"] / 1000
         if "chunk_delay_ms" in cfg:

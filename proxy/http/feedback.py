@@ -12,9 +12,10 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from proxy.errors import Forbidden, InvalidRequest, NotFound, ProxyError, Unauthorized
+from proxy.errors import Forbidden, InvalidRequest, NotFound, ProxyError, StoreDown, Unauthorized
 from proxy.http.asgi import check_content_type
 from proxy.services.keyring import presented_key
+from proxy.store.base import StoreUnavailable
 from proxy.wire.json_body import parse_body
 
 if TYPE_CHECKING:
@@ -49,19 +50,28 @@ def add_feedback_routes(app: FastAPI, state: ProxyState) -> None:
         if rating not in _RATINGS:
             raise InvalidRequest("'rating' must be 'good' or 'bad'.")
         ledger = state.retrieval.outcomes if state.retrieval is not None else None
-        pending = ledger.find(request_id) if ledger is not None else None
-        if pending is None:
-            raise NotFound(f"No retrieval answer with request id '{request_id}' to judge (or it is over a day old).")
-        if pending.team != team:
-            raise Forbidden("That request was made by another team.", code="not_your_request")
-        if not ledger.judge(request_id):
-            raise AlreadyJudged(f"Request '{request_id}' was judged already; one verdict per request counts.")
-        pending.bound.record(pending.entry_id, pending.similarity, rating == "good", served=True)
-        status = pending.bound.status()
+        runtime = state.runtime.retrieval
+        try:
+            pending = await ledger.find(request_id) if ledger is not None else None
+            if pending is None:
+                raise NotFound(
+                    f"No retrieval answer with request id '{request_id}' to judge (or it is over a day old)."
+                )
+            if pending.team != team:
+                raise Forbidden("That request was made by another team.", code="not_your_request")
+            bound = runtime.bound_of(pending.policy, pending.collection) if runtime is not None else None
+            if bound is None or bound.key != pending.bound:
+                raise NotFound(f"Request '{request_id}' was answered under a policy that has changed since.")
+            if not await ledger.judge(request_id):
+                raise AlreadyJudged(f"Request '{request_id}' was judged already; one verdict per request counts.")
+        except StoreUnavailable as e:
+            raise StoreDown(f"Nothing was recorded: the store is unavailable ({e}).") from None
+        await bound.record(pending.entry_id, pending.similarity, rating == "good", served=True)
+        status = bound.status()
         out = {
             "request_id": request_id,
             "recorded": True,
-            "collection": pending.bound.collection,
+            "collection": bound.collection,
             "realised_error": status["realised_error"],
             "answering": status["answering"],
         }

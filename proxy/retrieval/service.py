@@ -32,10 +32,12 @@ from proxy.retrieval.llm_check import AnswerCheck
 from proxy.retrieval.query import query_from_chat
 from proxy.services.pricing import PriceBook
 from proxy.services.tokens import counter_for
-from proxy.store.base import Store
-from proxy.store.collections import CollectionStore, collection_store
+from proxy.store.base import Store, StoreUnavailable
+from proxy.store.collections import CollectionStore, MemoryCollectionStore, collection_store
 
 log = logging.getLogger("llm_proxy.retrieval")
+
+BOUND_REFRESH_S = 0.5  # how soon a replica answers by the outcomes another replica recorded
 
 
 class TaskRequest(EmbeddingHolder, Protocol):
@@ -61,8 +63,10 @@ class Retrieval:
         self._stopping: set[asyncio.Task[None]] = set()
         self._example_vectors: dict[tuple[str, tuple[str, ...]], tuple[str, np.ndarray]] = {}
         self._tasks: ExampleTasks | None = None
-        self.outcomes = OutcomeLedger()  # retrieval answers by request id, for feedback
+        self.outcomes = OutcomeLedger(self.store)  # retrieval answers by request id, for feedback
         self._bounds: dict[tuple[str, str], ErrorBound] = {}  # the bound runtime's, fresh on every reload
+        self._bound_once = False
+        self._following_bounds: asyncio.Task[None] | None = None
 
     def local_model(self, path: str | None, threads: int | None = None) -> LocalModel:
         model = self._local_models.get(path)
@@ -110,10 +114,40 @@ class Retrieval:
             self._stop_later(self._tasks.stop())
         self._tasks = ExampleTasks(tasks, embedders, self._example_vectors)
         self._tasks.start()
-        self._bounds = {}  # a reload starts every error bound afresh (a stopped collection answers again)
-        return RetrievalRuntime(
-            embedders, dict(self.collections), self._tasks, prices, count, self.outcomes, self._bounds, client
+        # A reload starts every error bound afresh, in the store too (a stopped collection answers again);
+        # the first binding of a process joins the outcomes the other replicas have recorded.
+        self._bounds = {}
+        runtime = RetrievalRuntime(
+            embedders,
+            dict(self.collections),
+            self._tasks,
+            prices,
+            count,
+            self.outcomes,
+            self._bounds,
+            client,
+            shared=self.store,
+            reset_bounds=self._bound_once,
         )
+        self._bound_once = True
+        if self._following_bounds is None:
+            with contextlib.suppress(RuntimeError):  # no running loop (explain, replay): nothing to follow
+                self._following_bounds = asyncio.get_running_loop().create_task(self._follow_bounds())
+        return runtime
+
+    async def _follow_bounds(self) -> None:
+        """Refresh every error bound of the bound runtime from the store: what other replicas learned."""
+        failing = ""
+        while True:
+            await asyncio.sleep(BOUND_REFRESH_S)
+            for bound in list(self._bounds.values()):
+                try:
+                    await bound.refresh()
+                    failing = ""
+                except StoreUnavailable as e:
+                    if str(e) != failing:
+                        log.warning("error bound of %s: cannot read the store: %s (retrying)", bound.collection, e)
+                    failing = str(e)
 
     def _stop_later(self, stopping: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(stopping)
@@ -132,6 +166,10 @@ class Retrieval:
         return self._tasks.status() if self._tasks is not None else {}
 
     async def close(self) -> None:
+        if self._following_bounds is not None:
+            self._following_bounds.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following_bounds
         for c in self.collections.values():
             await c.stop()
         if self._tasks is not None:
@@ -151,6 +189,8 @@ class RetrievalRuntime:
         outcomes: OutcomeLedger | None = None,
         bounds: dict[tuple[str, str], ErrorBound] | None = None,
         client: EmbeddingClient | None = None,
+        shared: CollectionStore | None = None,
+        reset_bounds: bool = False,
     ):
         self.embedders = embedders
         self.collections = collections
@@ -160,6 +200,8 @@ class RetrievalRuntime:
         self.outcomes = outcomes if outcomes is not None else OutcomeLedger()
         self._bounds = bounds if bounds is not None else {}
         self._client = client  # the runtime's client for the proxy's own calls (embeddings, checks)
+        self._shared = shared if shared is not None else MemoryCollectionStore()  # error bounds' outcomes
+        self._reset_bounds = reset_bounds
 
     def answer_check(self, model: str, timeout_s: float) -> AnswerCheck | None:
         """The LLM check of borderline hits on `model`, through the runtime's dispatch."""
@@ -169,8 +211,13 @@ class RetrievalRuntime:
         """The error bound of one policy over one collection (shown under the collection in /admin/kb)."""
         key = (policy, collection)
         if key not in self._bounds:
-            self._bounds[key] = ErrorBound(collection, policy, max_error, start, floor)
+            self._bounds[key] = ErrorBound(
+                collection, policy, max_error, start, floor, shared=self._shared, reset=self._reset_bounds
+            )
         return self._bounds[key]
+
+    def bound_of(self, policy: str, collection: str) -> ErrorBound | None:
+        return self._bounds.get((policy, collection))
 
     async def warm(self, timeout: float = 600.0) -> None:
         """Wait for the local model before the proxy starts serving: importing torch holds the GIL

@@ -41,6 +41,7 @@ class Lookup:
     hit: bool = False
     cost: float = 0.0
     explored: Any = None  # (error bound, entry, similarity): went upstream to be compared with the entry
+    judgeable: Any = None  # (outcome ledger, pending outcome): a hit feedback may judge
 
 
 EXPLORE_BAND = 0.04  # under max_error, the matcher looks this far below the start threshold to learn
@@ -188,9 +189,9 @@ class Retrieve(PolicyAction):
         if self._bound is not None:  # feedback on this request id judges the entry at this similarity
             from proxy.retrieval.error_bound import PendingOutcome
 
-            self._retrieval.outcomes.remember(
-                ctx.request_id, PendingOutcome(ctx.team, self._bound, entry.id, similarity, True, time.time())
-            )
+            b = self._bound
+            pending = PendingOutcome(ctx.team, b.policy, b.collection, b.key, entry.id, similarity)
+            lookup.judgeable = (self._retrieval.outcomes, pending)
         lookup.cost = ctx.embeddings.cost() if ctx.embeddings is not None else 0.0
         requested = ctx.model_requested or ctx.model
         answer_tokens = self._estimator.counter(requested).text(entry.answer)
@@ -270,16 +271,26 @@ class SettleRetrieval(Step):
                 if lookup.hit:
                     ctx.cost = lookup.cost  # the embedding; nothing was generated
                     ctx.saved = sum(ctx.saved_by_policy.values())
+                    if lookup.judgeable is not None:
+                        await self._keep_judgeable(ctx, *lookup.judgeable)
+
+    @staticmethod
+    async def _keep_judgeable(ctx: RequestContext, ledger: Any, pending: Any) -> None:
+        """Before the answer leaves: feedback right after it finds it, on any replica."""
+        try:
+            await ledger.remember(ctx.request_id, pending)
+        except StoreUnavailable as e:
+            log.warning("collection %s: a hit cannot be judged by feedback: %s", pending.collection, e)
 
     async def on_settle(self, ctx: RequestContext) -> None:
         if ctx.route != "retrieval" and ctx.lookups:
             for lookup in ctx.lookups:
                 if lookup.explored is not None:
-                    self._compare(ctx, lookup)
+                    await self._compare(ctx, lookup)
                 if lookup.fill and lookup.vector is not None:
                     await self._fill(ctx, lookup)
 
-    def _compare(self, ctx: RequestContext, lookup: Lookup) -> None:
+    async def _compare(self, ctx: RequestContext, lookup: Lookup) -> None:
         """An exploration: the upstream's answer equal to the entry's is a correct outcome, else a wrong one."""
         from proxy.retrieval.query import normalize
 
@@ -289,7 +300,7 @@ class SettleRetrieval(Step):
         if answer is None:
             return
         bound, entry, similarity = lookup.explored
-        bound.record(entry.id, similarity, normalize(answer) == normalize(entry.answer), served=False)
+        await bound.record(entry.id, similarity, normalize(answer) == normalize(entry.answer), served=False)
 
     async def _fill(self, ctx: RequestContext, lookup: Lookup) -> None:
         name = lookup.collection.name

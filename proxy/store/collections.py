@@ -8,13 +8,19 @@ replica whose version is older than the oldest change still logged reloads every
 
 In Redis every key of a collection carries the hash tag `{c:<name>}`, so each change is one Lua
 script on one slot and replicas never see half of it.
+
+Beside the entries, the verified outcomes of each error bound over a collection (`retrieve: {max_error}`:
+counts per similarity band, the similarity each entry judged wrong must exceed, the served hits judged)
+and the retrieval answers that feedback may still judge (by request id, for a day), so every replica
+learns from the outcomes any of them saw and any replica takes feedback on any replica's answer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
@@ -31,6 +37,30 @@ class StoredItem:
     raw: bytes
     expires_at: float | None
     created_at: float
+
+
+@dataclass(slots=True)
+class BoundState:
+    """The verified outcomes of one error bound over one collection, as every replica shares them."""
+
+    bands: dict[int, tuple[int, int]] = field(default_factory=dict)  # band -> (correct, wrong)
+    entry_floor: dict[str, float] = field(default_factory=dict)  # entry -> similarity it must exceed
+    served_judged: int = 0
+    served_wrong: int = 0
+    explored: int = 0
+    stopped: bool = False  # its realised error passed the bound: no replica answers until a reload
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One verified outcome for an error bound: `band` of the similarity, and for a wrong one the
+    similarity its entry must exceed from now on."""
+
+    entry_id: str
+    band: int
+    correct: bool
+    served: bool
+    floor: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +96,48 @@ class CollectionStore(Protocol):
 
     async def get(self, collection: str, entry_id: str) -> bytes | None: ...
 
+    async def record_outcome(self, collection: str, bound: str, outcome: Outcome) -> BoundState:
+        """Add one outcome to bound `bound` of the collection, atomically; the bound's state after it."""
+
+    async def bound_state(self, collection: str, bound: str) -> BoundState: ...
+
+    async def reset_bound(self, collection: str, bound: str) -> None:
+        """Forget every outcome of the bound (a reloaded policy starts it afresh)."""
+
+    async def stop_bound(self, collection: str, bound: str) -> None:
+        """Mark the bound stopped, for every replica, until it is reset."""
+
+    async def remember_answer(self, request_id: str, raw: bytes, ttl_s: float) -> None:
+        """Keep a retrieval answer that feedback may judge, for `ttl_s`."""
+
+    async def answer(self, request_id: str) -> bytes | None: ...
+
+    async def judge_answer(self, request_id: str, ttl_s: float) -> bool:
+        """Mark an answer judged; False when it already was (one verdict per request counts)."""
+
+
+def apply_outcome(state: BoundState, o: Outcome) -> None:
+    correct, wrong = state.bands.get(o.band, (0, 0))
+    state.bands[o.band] = (correct + o.correct, wrong + (not o.correct))
+    if not o.correct:
+        state.entry_floor[o.entry_id] = max(state.entry_floor.get(o.entry_id, -2.0), o.floor)
+    if o.served:
+        state.served_judged += 1
+        state.served_wrong += not o.correct
+    else:
+        state.explored += 1
+
+
+def _copy(state: BoundState) -> BoundState:
+    return BoundState(
+        dict(state.bands),
+        dict(state.entry_floor),
+        state.served_judged,
+        state.served_wrong,
+        state.explored,
+        state.stopped,
+    )
+
 
 def _kept_changes(max_entries: int) -> int:
     return max(_MIN_KEPT_CHANGES, 2 * max_entries)
@@ -78,6 +150,9 @@ class MemoryCollectionStore:
 
     def __init__(self) -> None:
         self._c: dict[str, _MemoryCollection] = {}
+        self._bounds: dict[tuple[str, str], BoundState] = {}
+        self._answers: dict[str, tuple[bytes, float]] = {}  # request id -> (answer, expires at)
+        self._judged: dict[str, float] = {}
 
     def _get(self, collection: str) -> _MemoryCollection:
         c = self._c.get(collection)
@@ -155,6 +230,41 @@ class MemoryCollectionStore:
 
     async def get(self, collection: str, entry_id: str) -> bytes | None:
         return self._get(collection).entries.get(entry_id)
+
+    async def record_outcome(self, collection: str, bound: str, outcome: Outcome) -> BoundState:
+        state = self._bounds.setdefault((collection, bound), BoundState())
+        apply_outcome(state, outcome)
+        return _copy(state)
+
+    async def bound_state(self, collection: str, bound: str) -> BoundState:
+        return _copy(self._bounds.get((collection, bound)) or BoundState())
+
+    async def reset_bound(self, collection: str, bound: str) -> None:
+        self._bounds.pop((collection, bound), None)
+
+    async def stop_bound(self, collection: str, bound: str) -> None:
+        self._bounds.setdefault((collection, bound), BoundState()).stopped = True
+
+    async def remember_answer(self, request_id: str, raw: bytes, ttl_s: float) -> None:
+        now = time.time()
+        self._answers[request_id] = (raw, now + ttl_s)
+        if len(self._answers) > _MAX_MEMORY_ANSWERS:  # oldest first: dicts keep insertion order
+            for old in list(self._answers)[: len(self._answers) - _MAX_MEMORY_ANSWERS]:
+                del self._answers[old]
+                self._judged.pop(old, None)
+
+    async def answer(self, request_id: str) -> bytes | None:
+        found = self._answers.get(request_id)
+        return found[0] if found is not None and found[1] > time.time() else None
+
+    async def judge_answer(self, request_id: str, ttl_s: float) -> bool:
+        if self._judged.get(request_id, 0.0) > time.time():
+            return False
+        self._judged[request_id] = time.time() + ttl_s
+        return True
+
+
+_MAX_MEMORY_ANSWERS = 100_000
 
 
 class _MemoryCollection:
@@ -271,6 +381,48 @@ return #ids
 """
 
 
+# KEYS[1]: the bound's hash. ARGV: band, correct (1/0), served (1/0), entry id, floor
+_RECORD_OUTCOME = """
+local h = KEYS[1]
+if ARGV[2] == '1' then
+  redis.call('HINCRBY', h, 'b:' .. ARGV[1] .. ':c', 1)
+else
+  redis.call('HINCRBY', h, 'b:' .. ARGV[1] .. ':w', 1)
+  local f = 'f:' .. ARGV[4]
+  local current = tonumber(redis.call('HGET', h, f) or '-2')
+  if current < tonumber(ARGV[5]) then redis.call('HSET', h, f, ARGV[5]) end
+end
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', h, 'served', 1)
+  if ARGV[2] ~= '1' then redis.call('HINCRBY', h, 'served_wrong', 1) end
+else
+  redis.call('HINCRBY', h, 'explored', 1)
+end
+return redis.call('HGETALL', h)
+"""
+
+
+def _bound_state(fields: dict[bytes, bytes]) -> BoundState:
+    state = BoundState()
+    for k, v in fields.items():
+        name = k.decode()
+        if name.startswith("b:"):
+            band, kind = name[2:].rsplit(":", 1)
+            correct, wrong = state.bands.get(int(band), (0, 0))
+            state.bands[int(band)] = (int(v), wrong) if kind == "c" else (correct, int(v))
+        elif name.startswith("f:"):
+            state.entry_floor[name[2:]] = float(v)
+        elif name == "served":
+            state.served_judged = int(v)
+        elif name == "served_wrong":
+            state.served_wrong = int(v)
+        elif name == "explored":
+            state.explored = int(v)
+        elif name == "stopped":
+            state.stopped = v == b"1"
+    return state
+
+
 def _down(e: Exception) -> StoreUnavailable:
     return StoreUnavailable(str(e))
 
@@ -286,6 +438,7 @@ class RedisCollectionStore:
         self._replace = client.register_script(_REPLACE_UNCHANGED)
         self._changes = client.register_script(_CHANGES)
         self._purge = client.register_script(_PURGE)
+        self._record_outcome = client.register_script(_RECORD_OUTCOME)
 
     def _keys(self, collection: str) -> list[str]:
         base = f"{self._prefix}:{{c:{collection}}}:"
@@ -370,6 +523,57 @@ class RedisCollectionStore:
     async def get(self, collection: str, entry_id: str) -> bytes | None:
         try:
             return await self._client.hget(self._keys(collection)[0], entry_id)
+        except (RedisError, OSError) as e:
+            raise _down(e) from e
+
+    def _bound_key(self, collection: str, bound: str) -> str:
+        return f"{self._prefix}:{{c:{collection}}}:bound:{bound}"
+
+    def _answer_key(self, request_id: str) -> str:
+        return f"{self._prefix}:retrieval-answer:{request_id}"
+
+    async def record_outcome(self, collection: str, bound: str, outcome: Outcome) -> BoundState:
+        args = [outcome.band, int(outcome.correct), int(outcome.served), outcome.entry_id, repr(outcome.floor)]
+        try:
+            reply = await self._record_outcome(keys=[self._bound_key(collection, bound)], args=args)
+        except (RedisError, OSError) as e:
+            raise _down(e) from e
+        return _bound_state(dict(zip(reply[::2], reply[1::2], strict=True)))
+
+    async def bound_state(self, collection: str, bound: str) -> BoundState:
+        try:
+            return _bound_state(await self._client.hgetall(self._bound_key(collection, bound)))
+        except (RedisError, OSError) as e:
+            raise _down(e) from e
+
+    async def reset_bound(self, collection: str, bound: str) -> None:
+        try:
+            await self._client.delete(self._bound_key(collection, bound))
+        except (RedisError, OSError) as e:
+            raise _down(e) from e
+
+    async def stop_bound(self, collection: str, bound: str) -> None:
+        try:
+            await self._client.hset(self._bound_key(collection, bound), "stopped", b"1")
+        except (RedisError, OSError) as e:
+            raise _down(e) from e
+
+    async def remember_answer(self, request_id: str, raw: bytes, ttl_s: float) -> None:
+        try:
+            await self._client.set(self._answer_key(request_id), raw, px=max(1, int(ttl_s * 1000)))
+        except (RedisError, OSError) as e:
+            raise _down(e) from e
+
+    async def answer(self, request_id: str) -> bytes | None:
+        try:
+            return await self._client.get(self._answer_key(request_id))
+        except (RedisError, OSError) as e:
+            raise _down(e) from e
+
+    async def judge_answer(self, request_id: str, ttl_s: float) -> bool:
+        key = self._answer_key(request_id) + ":judged"
+        try:
+            return bool(await self._client.set(key, b"1", nx=True, px=max(1, int(ttl_s * 1000))))
         except (RedisError, OSError) as e:
             raise _down(e) from e
 

@@ -1,0 +1,177 @@
+"""Where a retrieval hit's time goes: the local embedding (called directly, and through the worker
+thread as the proxy calls it), and a hit end to end through the proxy (client-measured, and the proxy's
+own `x-llm-proxy-overhead-ms`), for a paraphrase (embedding + index + guards + verifier) and an exact
+match (no embedding). Loopback only, the memory store, sequential requests.
+
+    python -m bench.retrieval_latency [--requests 100] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from bench.retrieval_eval import KEY, MASTER, ROOT, _free_port
+from proxy.retrieval.embedders import LocalModel
+
+VERIFIER = ROOT / "policies" / "verifiers" / "all-MiniLM-L6-v2.json"
+QUESTIONS = [f"Who's the author of Hamlet, act {i}?" for i in range(50)]
+
+
+def _p(ts: list[float], q: float) -> float:
+    ts = sorted(ts)
+    return ts[min(len(ts) - 1, int(len(ts) * q))]
+
+
+async def _through_thread(model: LocalModel, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        await model.encode([QUESTIONS[i % len(QUESTIONS)]])
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def embedding(n: int) -> dict[str, list[float]]:
+    model = LocalModel(None, 1)
+    model.load_blocking()
+    direct: list[float] = []
+    hop: list[float] = []
+    for _ in range(3):  # interleaved rounds: the machine's load drifts
+        for i in range(n // 3):
+            t = time.perf_counter()
+            model.encode_blocking([QUESTIONS[i % len(QUESTIONS)]])
+            direct.append((time.perf_counter() - t) * 1000)
+        hop += asyncio.run(_through_thread(model, n // 3))
+    return {"encode, called directly": direct, "encode through the worker thread": hop}
+
+
+async def _hits(url: str, n: int) -> dict[str, tuple[list[float], list[float]]]:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    async with aiohttp.ClientSession() as s:
+        for label, question in (("paraphrase", "Who's the author of Hamlet?"), ("exact", "who wrote hamlet")):
+            body = orjson.dumps({"model": "big", "messages": [{"role": "user", "content": question}]})
+            client, server = [], []
+            for i in range(n + 10):
+                t = time.perf_counter()
+                async with s.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+                    await r.read()
+                    assert r.headers.get("x-llm-proxy-route") == "retrieval", (label, dict(r.headers))
+                    overhead = float(r.headers["x-llm-proxy-overhead-ms"])
+                if i >= 10:
+                    client.append((time.perf_counter() - t) * 1000)
+                    server.append(overhead)
+            out[label] = (client, server)
+    return out
+
+
+def through_proxy(n: int) -> dict[str, tuple[list[float], list[float]]]:
+    tmp = Path(tempfile.mkdtemp())
+    mock_port, proxy_port = _free_port(), _free_port()
+    policy = tmp / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""\
+            version: 1
+            models:
+              big: {{api_base: "http://127.0.0.1:{mock_port}/v1", price: {{input_per_mtok: 2.5, output_per_mtok: 10}}}}
+            teams:
+              bench: {{keys: [{KEY}]}}
+            collections:
+              faq: {{kind: kb}}
+            policies:
+              - name: faq
+                retrieve: {{collection: faq, verifier: {VERIFIER}}}
+            """
+        )
+    )
+    env = {**os.environ, "LLM_PROXY_MASTER_KEY": MASTER}
+    env.pop("LLM_PROXY_REDIS_URL", None)
+    serve = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(policy), "--port", str(proxy_port)]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "proxy.cli", "mock-upstream", "--port", str(mock_port)], cwd=ROOT),
+        subprocess.Popen([*serve, "--log-level", "warning"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL),
+    ]
+    url = f"http://127.0.0.1:{proxy_port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # until the collection is loaded (the model loads in the background)
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+                    if orjson.loads(r.read()).get("collections", {}).get("faq", {}).get("ready"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the proxy did not get ready")
+            time.sleep(0.2)
+        entries = [
+            {
+                "id": "hamlet",
+                "questions": ["Who wrote Hamlet?", "Who is the author of Hamlet?"],
+                "answer": "Shakespeare.",
+            },
+            {"id": "capital-fr", "questions": ["What is the capital of France?"], "answer": "Paris."},
+        ]
+        req = urllib.request.Request(
+            url + "/admin/kb/faq",
+            data=orjson.dumps({"entries": entries}),
+            headers={"Authorization": f"Bearer {MASTER}", "Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(req, timeout=60).read()
+        return asyncio.run(_hits(url, n))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--write", action="store_true", help="append the section to bench/RESULTS.md")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    load = os.getloadavg()[0]
+    rows = ["| what | n | p50 ms | p95 ms |", "|---|---|---|---|"]
+    for label, ts in embedding(args.requests).items():
+        rows.append(
+            f"| {label} (in process, one short question) | {len(ts)} | {_p(ts, 0.5):.1f} | {_p(ts, 0.95):.1f} |"
+        )
+    for label, (client, server) in through_proxy(args.requests).items():
+        rows.append(
+            f"| {label} hit, client end to end | {len(client)} | {_p(client, 0.5):.1f} | {_p(client, 0.95):.1f} |"
+        )
+        rows.append(
+            f"| {label} hit, inside the proxy (overhead header) | {len(server)} "
+            f"| {_p(server, 0.5):.1f} | {_p(server, 0.95):.1f} |"
+        )
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    head = (
+        f"## Retrieval hit latency, where it goes — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — "
+        f"{platform.machine()}, 2-core shared VM (load average {load:.1f} at start); Python "
+        f"{platform.python_version()}; commit {commit.strip()} (`python -m bench.retrieval_latency "
+        f"{' '.join(sys.argv[1:])}`, {time.perf_counter() - started:.0f} s)"
+    )
+    text = "\n".join([head, "", *rows, ""])
+    print(text)
+    if args.write:
+        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
