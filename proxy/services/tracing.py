@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from proxy.upstream.trace_headers import TRACE_HEADERS
@@ -104,6 +105,24 @@ class RequestTrace:
         finally:
             TRACE_HEADERS.reset(token)
             span.end()
+
+    @contextmanager
+    def child(self, name: str, attributes: dict[str, Any]) -> Iterator[RequestTrace]:
+        """A child span for the proxy's own work on the request (a retrieval lookup, an embedding), ended on
+        leaving; what runs under the RequestTrace it yields nests under it."""
+        tracing = self._tracing
+        span = tracing._tracer.start_span(name, context=tracing._in_context(self._span), attributes=attributes)
+        try:
+            yield RequestTrace(tracing, span, self._operation)
+        except BaseException as e:
+            span.set_status(tracing._error)
+            span.set_attribute("error.type", type(e).__name__)
+            raise
+        finally:
+            span.end()
+
+    def set(self, key: str, value: Any) -> None:
+        self._span.set_attribute(key, value)
 
     def end(self, ctx: Any) -> None:
         """Close the request's span with what the request came to (after it settled)."""
