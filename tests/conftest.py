@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "tests" / "node"  # the Node clients (tests/node/package.json)
 REDIS_URL = os.environ.get("LLM_PROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MASTER_KEY = "sk-master-test"
 TEAM_KEYS = {"alpha": "sk-alpha-test", "beta": "sk-beta-test"}
@@ -365,3 +367,17 @@ def admin_spend(server: Server) -> dict:
 
 def team_spend(server: Server, team: str) -> dict:
     return admin_spend(server)["teams"].get(team, {"spend_usd": 0.0, "by_model": {}})
+
+
+@pytest.fixture(scope="module")
+def node_sdk() -> str:
+    """Node, with the Node SDKs installed (`npm ci` from the committed lock file when missing)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "Node.js and npm are needed for the Node SDK tests (scripts/test installs them)"
+    packages = ("openai", "ai", "@ai-sdk/openai", "@ai-sdk/anthropic")  # as tests/node/package.json lists them
+    if not all((NODE_DIR / "node_modules" / name / "package.json").exists() for name in packages):
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
+    return node

@@ -5,7 +5,6 @@ on top of it (the chat stream helper, streamed completions, default base64 embed
 from __future__ import annotations
 
 import base64
-import shutil
 import struct
 import subprocess
 from typing import Any
@@ -18,9 +17,7 @@ from openai import BaseModel
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.conftest import ROOT, TEAM_KEYS, client_for
-
-NODE_DIR = ROOT / "tests" / "node"
+from tests.conftest import NODE_DIR, TEAM_KEYS, client_for
 
 
 def _strict(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
@@ -110,19 +107,6 @@ def test_python_sdk_streams_completions_through_the_proxy(proxy, mock):
     chunks = list(client_for(proxy).completions.create(model="small", prompt="say something", stream=True))
     assert chunks and all(isinstance(c, Completion) and c.object == "text_completion" for c in chunks)
     assert len("".join(c.choices[0].text for c in chunks if c.choices).split()) == 32
-
-
-@pytest.fixture(scope="module")
-def node_sdk() -> str:
-    """The directory with the openai Node SDK installed (`npm ci` from the committed lock file when missing)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    assert node and npm, "Node.js and npm are needed for the Node SDK tests (scripts/test installs them)"
-    if not (NODE_DIR / "node_modules" / "openai" / "package.json").exists():
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
-    return node
 
 
 def test_node_sdk_stream_helper_completions_stream_and_base64_embeddings_through_the_proxy(proxy, mock, node_sdk):

@@ -38,8 +38,17 @@ OPS_TEAM = """\
 """
 
 
+ROUTE_TO_BIG = """\
+policies:
+  - name: to-big
+    when: {teams: [alpha], headers: {x-test-route-big: "1"}}
+    route: {to: big}
+"""
+
+
 def _policy(mock_url: str, prefix: str) -> str:
-    return policy_yaml(mock_url, f"store:\n  key_prefix: {prefix}\n").replace("teams:\n", "teams:\n" + OPS_TEAM, 1)
+    extra = f"store:\n  key_prefix: {prefix}\n{ROUTE_TO_BIG}"
+    return policy_yaml(mock_url, extra).replace("teams:\n", "teams:\n" + OPS_TEAM, 1)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +74,13 @@ def created(server: Server, **body) -> dict:
     return r.json()
 
 
-def chat(server: Server, key: str, model: str = "small", max_tokens: int = 16) -> httpx.Response:
+def chat(
+    server: Server, key: str, model: str = "small", max_tokens: int = 16, headers: dict[str, str] | None = None
+) -> httpx.Response:
     return httpx.post(
         server.url + "/v1/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
-        headers={"Authorization": f"Bearer {key}"},
+        headers={"Authorization": f"Bearer {key}", **(headers or {})},
         timeout=30,
     )
 
@@ -121,6 +132,28 @@ def test_a_key_narrows_its_teams_models(replicas, mock):
     sdk = openai.OpenAI(base_url=replicas[1].url + "/v1", api_key=key["key"], max_retries=0)
     assert [m.id for m in sdk.models.list().data] == ["small"]
     assert chat(replicas[2], TEAM_KEYS["alpha"], "big").status_code == 200  # the team itself keeps big
+
+
+def test_neither_a_route_nor_a_fallback_moves_a_key_to_a_model_it_may_not_use(replicas, mock):
+    key = created(replicas[0], team="alpha", name="no-big", models=["small", "flaky"])
+    route = {"x-test-route-big": "1"}
+    # The team's own key is routed to big; the narrowed key stays on the model it asked for.
+    assert chat(replicas[0], TEAM_KEYS["alpha"], "small", headers=route).headers["x-llm-proxy-model"] == "big"
+    r = chat(replicas[1], key["key"], "small", headers=route)
+    assert r.status_code == 200 and r.headers["x-llm-proxy-model"] == "small", r.text
+    assert "to-big" not in r.headers.get("x-llm-proxy-policies", "")
+    assert mock.stats()["last_bodies"][-1]["model"] == "mock-small"
+
+    # flaky falls back to small: allowed for this key. A key without small gets flaky's own error instead.
+    mock.fault(status=500, count=3, model="mock-flaky")
+    r = chat(replicas[2], key["key"], "flaky")
+    assert r.status_code == 200 and mock.stats()["last_bodies"][-1]["model"] == "mock-small", r.text
+    flaky_only = created(replicas[0], team="alpha", name="flaky-only", models=["flaky"])
+    mock.reset()
+    mock.fault(status=500, count=3, model="mock-flaky")
+    r = chat(replicas[2], flaky_only["key"], "flaky")
+    assert r.status_code >= 500, r.text
+    assert all(b["model"] == "mock-flaky" for b in mock.stats()["last_bodies"])
 
 
 def test_a_keys_budget_holds_under_a_concurrent_burst_across_replicas(replicas, mock):

@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.conftest import TEAM_KEYS, free_port, policy_yaml, start_proxy, wait_for
+from tests.conftest import MASTER_KEY, TEAM_KEYS, free_port, policy_yaml, start_proxy, wait_for
 from tests.recording_upstream import RecordingUpstream
 
 PROMPT = "The secret launch code is tangerine-4471; summarise it."
@@ -51,6 +51,7 @@ class OTLPReceiver:
                                     "kind": span.kind,
                                     "status": span.status.code,
                                     "attributes": {a.key: _value(a.value) for a in span.attributes},
+                                    "links": [link.span_id.hex() for link in span.links],
                                     "resource": resource,
                                 }
                             )
@@ -270,3 +271,85 @@ def test_off_tracing_imports_no_opentelemetry(env):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-2:] == ["True", "False"]
+
+
+RETRIEVAL = """\
+    collections:
+      docs: {kind: kb, embedder: embed}
+    policies:
+      - name: docs
+        # The mock's embeddings carry no meaning: every query matches its best entry, guards off.
+        when: {models: [big]}
+        retrieve: {collection: docs, min_similarity: -1, min_margin: 0, decisive_tokens: false}
+    """
+
+
+def test_a_retrieval_lookup_is_a_child_span_with_its_embedding_and_search_under_it(
+    session_tmp, mock_upstream, receiver
+):
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    server = start_proxy(session_tmp, policy_yaml(mock_upstream.url, RETRIEVAL), env=env)
+    try:
+        admin = {"Authorization": f"Bearer {MASTER_KEY}"}
+        entries = [{"id": "reset", "question": "How do I reset my password?", "answer": "Use the reset link."}]
+        assert httpx.post(f"{server.url}/admin/kb/docs", json=entries, headers=admin).status_code == 200
+        wait_for(lambda: httpx.get(server.url + "/readyz").json()["collections"]["docs"]["ready"], "the collection")
+        trace_id = secrets.token_hex(16)
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"model": "big", "messages": [{"role": "user", "content": PROMPT}]},
+            headers={"Authorization": f"Bearer {TEAM_KEYS['alpha']}", "traceparent": f"00-{trace_id}-{'2' * 16}-01"},
+        )
+        assert r.status_code == 200 and r.headers["x-llm-proxy-route"] == "retrieval", r.text
+        spans = wait_for(lambda: len(receiver.trace(trace_id)) >= 4 and receiver.trace(trace_id), "four spans")
+    finally:
+        server.stop()
+    request = next(s for s in spans if s["parent"] == "2" * 16)
+    lookup = next(s for s in spans if s["parent"] == request["span_id"])
+    assert lookup["name"] == "retrieval docs" and lookup["kind"] == 1  # SPAN_KIND_INTERNAL
+    assert lookup["attributes"]["llm_proxy.retrieval.collection"] == "docs"
+    assert lookup["attributes"]["llm_proxy.retrieval.hit"] is True
+    under = {s["name"]: s for s in spans if s["parent"] == lookup["span_id"]}
+    assert set(under) == {"embeddings embed", "search docs"}
+    embedding = under["embeddings embed"]["attributes"]
+    assert embedding["gen_ai.operation.name"] == "embeddings" and embedding["gen_ai.usage.input_tokens"] > 0
+    assert isinstance(under["search docs"]["attributes"]["llm_proxy.retrieval.similarity"], float)
+    assert b"tangerine-4471" not in b"".join(receiver.raw)
+
+
+SHADOW = """\
+    evaluation: {budget_usd_per_day: 10, workers: 1, timeout_s: 5}
+    policies:
+      - name: cheap
+        when: {teams: [alpha], models: [big]}
+        route: {to: small}
+        shadow: {rate: 1.0, compare: exact}
+    """
+
+
+def test_a_shadow_call_is_a_trace_of_its_own_linked_to_the_requests_span(session_tmp, mock_upstream, receiver):
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    server = start_proxy(session_tmp, policy_yaml(mock_upstream.url, SHADOW), env=env)
+    try:
+        trace_id = secrets.token_hex(16)
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"model": "big", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16},
+            headers={"Authorization": f"Bearer {TEAM_KEYS['alpha']}", "traceparent": f"00-{trace_id}-{'3' * 16}-01"},
+        )
+        assert r.status_code == 200 and r.headers["x-llm-proxy-model"] == "small", r.text
+        request = wait_for(
+            lambda: next((s for s in receiver.trace(trace_id) if s["parent"] == "3" * 16), None), "the request span"
+        )
+        shadow = wait_for(
+            lambda: next((s for s in receiver.spans if request["span_id"] in s["links"]), None), "the shadow span"
+        )
+    finally:
+        server.stop()
+    # Its own trace (a root span), linked to the request's span, the counterfactual call under it.
+    assert shadow["name"] == "shadow cheap" and shadow["parent"] == "" and shadow["trace_id"] != trace_id
+    assert shadow["attributes"]["gen_ai.request.model"] == "big"
+    assert shadow["attributes"]["llm_proxy.shadow.outcome"] in ("win", "tie", "loss")
+    calls = wait_for(lambda: [s for s in receiver.spans if s["parent"] == shadow["span_id"]], "the shadow's call")
+    assert calls[0]["kind"] == 3 and calls[0]["attributes"]["gen_ai.request.model"] == "big"
+    assert all(s["parent"] != request["span_id"] or s["kind"] == 3 for s in receiver.trace(trace_id))

@@ -9,6 +9,7 @@ that step alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,14 @@ class RequestContext:
     router_predictions: dict[str, Any] | None = None  # Route's learned routers: policy -> what its router predicted
     conversation: ConversationSlot | None = None
     _user_text: str | None = None
+
+    def key_allows(self, model: str) -> bool:
+        """Whether the runtime key (if one sent this request) may use `model`: it narrows its team's list."""
+        return self.key_rights is None or self.key_rights.allows(model)
+
+    def may_use(self, model: str, allowed: Mapping[str, frozenset[str]]) -> bool:
+        """Whether this request's team, and its runtime key, may use `model` (for a step that picks another)."""
+        return model in allowed.get(self.team, ()) and self.key_allows(model)
 
     @property
     def input_tokens(self) -> int:

@@ -384,17 +384,27 @@ class EmbeddingHolder(Protocol):
     """Where a request keeps its embeddings (the RequestContext)."""
 
     embeddings: RequestEmbeddings | None
+    trace: Any  # proxy.services.tracing.RequestTrace when tracing is on, else None
 
 
-async def embed_for_request(ctx: EmbeddingHolder, embedder: Embedder, text: str) -> np.ndarray:
-    """The embedding of `text` by `embedder` for this request: computed on first use, then shared."""
+async def embed_for_request(ctx: EmbeddingHolder, embedder: Embedder, text: str, trace: Any = None) -> np.ndarray:
+    """The embedding of `text` by `embedder` for this request: computed on first use (in a child span of
+    `trace`, else of the request's, when tracing is on), then shared."""
     shared = ctx.embeddings
     if shared is None:
         shared = ctx.embeddings = RequestEmbeddings()
     key = (embedder.name, text)
     vector = shared.vectors.get(key)
     if vector is None:
-        result = await embedder.embed([text])
+        trace = trace if trace is not None else ctx.trace
+        if trace is None:
+            result = await embedder.embed([text])
+        else:
+            attributes = {"gen_ai.operation.name": "embeddings", "gen_ai.request.model": embedder.name}
+            with trace.child(f"embeddings {embedder.name}", attributes) as span:
+                result = await embedder.embed([text])
+                span.set("gen_ai.usage.input_tokens", result.tokens)
+                span.set("llm_proxy.cost_usd", result.cost)
         vector = result.vectors[0]
         shared.vectors[key] = vector
         shared.calls.append(EmbeddingCall(embedder.name, result.tokens, result.cost, result.counted))

@@ -43,7 +43,7 @@ class Estimator:
         wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
         n, prompts = self._prompt_tokens(ctx, ctx.model)
         if not self._fits(ctx.model, n, prompts):
-            for fallback in self._window_fallbacks[ctx.model]:
+            for fallback in filter(ctx.key_allows, self._window_fallbacks[ctx.model]):
                 fb_n, fb_prompts = self._prompt_tokens(ctx, fallback)  # its own tokenizer may count otherwise
                 if self._fits(fallback, fb_n, fb_prompts):
                     ctx.model = fallback

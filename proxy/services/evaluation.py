@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,8 @@ log = logging.getLogger("llm_proxy.evaluation")
 _BUDGET_TTL_S = 3 * 86400
 _JUDGE_FRAMING_TOKENS = 64  # the judge prompt's markers and message framing, over its counted parts
 # Fields of the client's request a counterfactual call leaves out: it is not streamed, and one answer is compared.
+# The shadow's own trace while it runs (tracing on), so that its upstream calls are spans under it.
+_SHADOW_TRACE: ContextVar[Any] = ContextVar("llm_proxy_shadow_trace", default=None)
 _NOT_SENT = frozenset({"stream", "stream_options", "n", "model"})
 
 
@@ -59,6 +62,7 @@ class ShadowJob:
     counterfactual_model: str  # the model the client asked for
     body: dict[str, Any]  # the request as the client sent it, before any policy changed it
     answer: str  # the policy's answer
+    trace: Any = None  # the request's RequestTrace when tracing is on: the shadow's trace links to it
 
     @property
     def pair(self) -> str:
@@ -167,7 +171,7 @@ class ShadowEvaluator:
             job = self._jobs.popleft()
             metrics.SHADOW_QUEUE_DEPTH.dec()
             try:
-                await self.evaluate(job)
+                await (self.evaluate(job) if job.trace is None else self._evaluate_traced(job))
             except Exception:
                 # Never the job itself in the log line: it holds the prompt and the answers.
                 log.exception("shadow evaluation of policy %s failed", job.policy)
@@ -213,6 +217,17 @@ class ShadowEvaluator:
         if self._instruction_tokens is None:
             self._instruction_tokens = self._estimator.counter(judge).text(JUDGE_SYSTEM) + _JUDGE_FRAMING_TOKENS
         return self._instruction_tokens
+
+    async def _evaluate_traced(self, job: ShadowJob) -> str | None:
+        attributes = {"llm_proxy.policy": job.policy, "gen_ai.request.model": job.counterfactual_model}
+        with job.trace.follow_up(f"shadow {job.policy}", attributes) as trace:
+            token = _SHADOW_TRACE.set(trace)
+            try:
+                outcome = await self.evaluate(job)
+            finally:
+                _SHADOW_TRACE.reset(token)
+            trace.set("llm_proxy.shadow.outcome", outcome or "dropped")
+            return outcome
 
     async def evaluate(self, job: ShadowJob) -> str | None:
         """Run one job: reserve, call, compare, record. The outcome, or None when it was dropped."""
@@ -274,7 +289,13 @@ class ShadowEvaluator:
     ) -> tuple[str, int, int]:
         """One chat call through the dispatcher, bounded by the evaluation's timeout: text and usage."""
         call = DispatchRequest(
-            Endpoint.CHAT, model, body, model, prompt_tokens=prompt_tokens, max_output_tokens=max_output
+            Endpoint.CHAT,
+            model,
+            body,
+            model,
+            prompt_tokens=prompt_tokens,
+            max_output_tokens=max_output,
+            trace=_SHADOW_TRACE.get(),
         )
         reply = await asyncio.wait_for(self._dispatcher.send(call), self.cfg.timeout_s)
         data = reply.data or {}

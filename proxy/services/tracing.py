@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from proxy.upstream.trace_headers import TRACE_HEADERS
@@ -39,16 +40,18 @@ def tracing_from_env(env: Mapping[str, str] = os.environ) -> Tracing | None:
 
 class Tracing:
     def __init__(self, env: Mapping[str, str]):
+        from opentelemetry.context import Context
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+        from opentelemetry.trace import Link, SpanKind, Status, StatusCode, set_span_in_context
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._kind_server, self._kind_client = SpanKind.SERVER, SpanKind.CLIENT
         self._error = Status(StatusCode.ERROR)
         self._in_context = set_span_in_context
+        self._root, self._link = Context(), Link
         self._propagator = TraceContextTextMapPropagator()
         # The sampler comes from OTEL_TRACES_SAMPLER / _ARG (the SDK reads them; default parentbased_always_on).
         attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": "llm-numbers-proxy"}
@@ -104,6 +107,37 @@ class RequestTrace:
         finally:
             TRACE_HEADERS.reset(token)
             span.end()
+
+    def child(self, name: str, attributes: dict[str, Any]) -> AbstractContextManager[RequestTrace]:
+        """A child span for the proxy's own work on the request (a retrieval lookup, an embedding), ended on
+        leaving; what runs under the RequestTrace it yields nests under it."""
+        tracing = self._tracing
+        span = tracing._tracer.start_span(name, context=tracing._in_context(self._span), attributes=attributes)
+        return self._under(span)
+
+    def follow_up(self, name: str, attributes: dict[str, Any]) -> AbstractContextManager[RequestTrace]:
+        """The root span of a trace of its own, linked to this request's span: for work the proxy does for
+        itself after the answer (a shadow call), which OpenTelemetry models as a link, not a child: it
+        starts after the request's span ended, is not part of its latency, and is sampled on its own."""
+        tracing = self._tracing
+        link = tracing._link(self._span.get_span_context())
+        span = tracing._tracer.start_span(name, context=tracing._root, links=[link], attributes=attributes)
+        return self._under(span)
+
+    @contextmanager
+    def _under(self, span: Any) -> Iterator[RequestTrace]:
+        tracing = self._tracing
+        try:
+            yield RequestTrace(tracing, span, self._operation)
+        except BaseException as e:
+            span.set_status(tracing._error)
+            span.set_attribute("error.type", type(e).__name__)
+            raise
+        finally:
+            span.end()
+
+    def set(self, key: str, value: Any) -> None:
+        self._span.set_attribute(key, value)
 
     def end(self, ctx: Any) -> None:
         """Close the request's span with what the request came to (after it settled)."""

@@ -86,7 +86,7 @@ class EnforceBudget(Step):
         )
 
     def _can_downgrade(self, ctx: RequestContext, cfg: BudgetConfig) -> bool:
-        return cfg.downgrade_to != ctx.model and cfg.downgrade_to in self._allowed.get(ctx.team, ())
+        return cfg.downgrade_to != ctx.model and ctx.may_use(cfg.downgrade_to, self._allowed)
 
     async def on_settle(self, ctx: RequestContext) -> None:
         slot = ctx.budget

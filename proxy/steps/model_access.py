@@ -23,7 +23,7 @@ class ResolveModel(Step):
             )
         if ctx.model not in self._allowed.get(ctx.team, ()):
             raise Forbidden(f"Your key's team may not use the model '{ctx.model}'.", param="model")
-        if ctx.key_rights is not None and not ctx.key_rights.allows(ctx.model):
+        if not ctx.key_allows(ctx.model):
             raise Forbidden(f"Your key may not use the model '{ctx.model}'.", param="model")
         if (ctx.endpoint == Endpoint.EMBEDDINGS) != (cfg.mode == "embedding"):
             kind = "an embedding" if cfg.mode == "embedding" else f"a {cfg.mode}"

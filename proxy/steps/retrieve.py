@@ -103,6 +103,16 @@ class Retrieve(PolicyAction):
         metrics.RETRIEVAL_LOOKUPS.labels(self._cfg.collection, self._name, result).inc()
 
     async def apply(self, ctx: RequestContext) -> bool:
+        if ctx.trace is None:
+            return await self._look_up(ctx, None)
+        attributes = {"llm_proxy.retrieval.collection": self._cfg.collection, "llm_proxy.policy": self._name}
+        with ctx.trace.child(f"retrieval {self._cfg.collection}", attributes) as trace:
+            hit = await self._look_up(ctx, trace)
+            trace.set("llm_proxy.retrieval.hit", hit)
+            return hit
+
+    async def _look_up(self, ctx: RequestContext, trace: Any) -> bool:
+        """Answer from the collection when the query matches (True), else leave the request as it is."""
         retrieval = self._retrieval
         wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
         if retrieval is None or ctx.dry_run or not wire.conversational:
@@ -143,14 +153,14 @@ class Retrieve(PolicyAction):
             self._count("not_ready")
             return False
         try:
-            vector = await embed_for_request(ctx, embedder, query.text)
+            vector = await embed_for_request(ctx, embedder, query.text, trace)
         except EmbedderDown as e:
             log.debug("collection %s: embedder down: %s", collection.name, e)
             self._count("embedder_down")
             return False
         lookup.vector, lookup.identity = vector, embedder.identity
         try:
-            match = collection.search(ctx.team, query.context, vector, now)
+            match = self._search(collection, ctx.team, query.context, vector, now, trace)
         except NotReady:
             self._count("not_ready")
             return False
@@ -173,6 +183,16 @@ class Retrieve(PolicyAction):
             self._count("explored")
             return False
         return self._answer(ctx, lookup, match.entry, match.similarity, "hit")
+
+    @staticmethod
+    def _search(collection: Any, team: str | None, context: str, vector: Any, now: float, trace: Any) -> Any:
+        if trace is None:
+            return collection.search(team, context, vector, now)
+        with trace.child(f"search {collection.name}", {"llm_proxy.retrieval.collection": collection.name}) as span:
+            match = collection.search(team, context, vector, now)
+            if match is not None:
+                span.set("llm_proxy.retrieval.similarity", float(match.similarity))
+            return match
 
     def _worth_it(self, ctx: RequestContext, retrieval: Any, embedder: Any, text: str) -> bool:
         lookup_cost = retrieval.price_per_token(embedder) * retrieval.count_tokens(text)

@@ -37,7 +37,7 @@ class Route(PolicyAction):
 
     async def apply(self, ctx: RequestContext) -> bool:
         target = await self._target(ctx)
-        if target is None or ctx.model == target or target not in self._allowed.get(ctx.team, ()):
+        if target is None or ctx.model == target or not ctx.may_use(target, self._allowed):
             return False
         if self._cfg.min_cost_multiple is not None:
             expected_output = min(ctx.max_output_tokens, self._cfg.expected_output_tokens)

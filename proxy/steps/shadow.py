@@ -57,7 +57,7 @@ class SampleForShadow(Step):
                 continue
             answer = _answer_text(ctx)
             if answer:
-                job = ShadowJob(name, cfg.compare, ctx.team or "", answered, slot.model, slot.body, answer)
+                job = ShadowJob(name, cfg.compare, ctx.team or "", answered, slot.model, slot.body, answer, ctx.trace)
                 self._evaluator.submit(job)
             return  # one comparison per request: for the first sampled policy that changed it
 

@@ -46,6 +46,7 @@ class Call(Protocol):
     max_output_tokens: int
     answered_by: str | None
     upstream_seconds: float
+    key_rights: Any  # a runtime key's rights (proxy.services.runtime_keys.KeyRights), or None
     trace: Any  # the request's trace (proxy.services.tracing.RequestTrace) when tracing is on, else None
     chat_body: dict[str, Any] | None  # the request translated to chat, when made before the call
     upstream_headers: dict[str, str]  # client headers a native upstream of the format gets
@@ -66,6 +67,7 @@ class DispatchRequest:
     answered_by: str | None = None
     upstream_seconds: float = field(default=0.0)
     trace: Any = None
+    key_rights: Any = None
     chat_body: dict[str, Any] | None = None
     upstream_headers: dict[str, str] = field(default_factory=dict)
 
@@ -152,6 +154,8 @@ class Dispatcher:
         requested = ctx.model_requested
         if ctx.fallback_to_requested and requested not in chain and requested in self._upstreams:
             chain = [*chain, requested]
+        if ctx.key_rights is not None:  # a fallback the runtime key may not use is skipped
+            chain = [name for name in chain if ctx.key_rights.allows(name)]
         last: ProxyError | None = None
         for i, name in enumerate(chain):
             upstream = self._upstreams[name]
