@@ -102,13 +102,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime(config: str):
-    """A runtime for decisions only (no upstream session, embedded store); None after printing errors."""
+def _runtime(config: str, embedder: bool = False):
+    """A runtime for decisions only (no upstream session, embedded store); None after printing errors. With
+    `embedder` (built on a running loop), learned routes get their embedder, so they predict."""
     from proxy.pipeline.runtime import Runtime
     from proxy.store.memory import MemoryStore
 
     try:
-        return Runtime(load_policy_file(config), MemoryStore(), None, config)
+        retrieval = None
+        if embedder:
+            from proxy.retrieval.service import Retrieval
+
+            retrieval = Retrieval(MemoryStore(), "explain")
+        return Runtime(load_policy_file(config), MemoryStore(), None, config, retrieval=retrieval)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return None
@@ -142,7 +148,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     team = args.team if not args.key else None
     if not args.key and team is None and len(runtime.policy.teams) == 1:
         team = next(iter(runtime.policy.teams))
-    out = asyncio.run(explain(runtime, body, headers=headers, team=team))
+
+    async def decide() -> dict:
+        live = runtime
+        if any(p.route is not None and p.route.learned is not None for p in runtime.policy.policies):
+            live = _runtime(args.config, embedder=True) or runtime  # on the loop: the embedder loads in an executor
+            if live.retrieval is not None:
+                await live.retrieval.warm()  # the learned router's embedder, before its prediction is asked
+        return await explain(live, body, headers=headers, team=team)
+
+    out = asyncio.run(decide())
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     return 0 if out["decision"] != "rejected" else 2
 

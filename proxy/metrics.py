@@ -262,6 +262,12 @@ SHADOW_POLICY_STOPPED = Gauge(
     ["policy"],
     multiprocess_mode="max",
 )
+SHADOW_LABELS = Counter(
+    "llm_proxy_shadow_labels_retained",
+    "Judged shadow samples kept with their prompt (teams with retain_prompts) as labels for `router fit "
+    "--from-store`, by policy.",
+    ["policy"],
+)
 SHADOW_QUEUE_DEPTH = Gauge(
     "llm_proxy_shadow_queue_depth",
     "Shadow evaluations waiting for a worker.",

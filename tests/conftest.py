@@ -148,6 +148,7 @@ class MockUpstream(Server):
             concise_ratio=0.5,
             length_jitter=0,
             judge=None,
+            judge_only_on=None,
             reply_tokens_by_model={},
             scripted=[],
         )

@@ -219,6 +219,24 @@ def test_check_refuses_missing_corrupt_and_mismatched_router_files(tmp_path, moc
         read_router_file(tmp_path / "missing.json")
 
 
+def test_the_explain_cli_shows_the_learned_routers_prediction(tmp_path, mock_upstream, fitted_router):
+    config = tmp_path / "p.yaml"
+    config.write_text(_policy(mock_upstream.url, fitted_router))
+    threshold = json.loads(fitted_router.read_text())["threshold"]
+    for text, model, routes in ((_trivia("Mali"), "small", True), (_algebra(40), "big", False)):
+        body = json.dumps({"model": "big", "messages": [{"role": "user", "content": text}]})
+        r = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "explain", "--config", str(config), "--team", "alpha"],
+            input=body, capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["model"] == model and out["model_requested"] == "big", out
+        prediction = out["router"]["learned-small"]
+        assert prediction["routes"] is routes and prediction["threshold"] == pytest.approx(threshold)
+        assert (prediction["p_cheap_ok"] >= threshold) is routes
+
+
 def _chat(client, text: str):
     return client.chat.completions.with_raw_response.create(model="big", messages=[{"role": "user", "content": text}])
 

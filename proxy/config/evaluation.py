@@ -3,9 +3,10 @@ is measured) and a cost policy's `shadow:` sampling and `min_quality` floor."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # The pseudo-team measurement spend is recorded and budgeted under: apart from every team's spend.
 MEASUREMENT_TEAM = "__measurement__"
@@ -13,6 +14,31 @@ MEASUREMENT_TEAM = "__measurement__"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_RETENTION_S = 30 * 86400
+
+
+def duration_s(value: object) -> object:
+    """`90s`, `30m`, `12h`, `7d`, or a number of seconds, as seconds (other values are left to the type check)."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m is None:
+            raise ValueError(f"{value!r} is not a duration: write a number and a unit, e.g. 90s, 30m, 12h or 7d")
+        return float(m.group(1)) * _UNIT_S[m.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(duration_s)]
+
+
+class RetainPrompts(_Strict):
+    """A team's opt-in: the prompt text of its judged shadow samples is kept (with the judgement) for `ttl`,
+    so `router fit --from-store` can learn from them. Off unless a team sets it; nothing else keeps prompts."""
+
+    ttl: Annotated[Duration, Field(ge=1, le=MAX_RETENTION_S)]
 
 
 class EvaluationConfig(_Strict):

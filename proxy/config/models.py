@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.config.capacity import BYTES_PER_PARAM, ModelMemory
-from proxy.config.evaluation import MEASUREMENT_TEAM, EvaluationConfig
+from proxy.config.evaluation import MEASUREMENT_TEAM, EvaluationConfig, RetainPrompts
 from proxy.config.policies import LearnedRoute, PolicyConfig, RouteAction, TaskConfig
 from proxy.config.router_file import RouterFileError, expected_embedder, read_router_file
 
@@ -243,6 +243,8 @@ class TeamConfig(_Strict):
     key_budget: BudgetConfig | None = None  # the same ceiling for each of the team's keys separately
     limits: LimitsConfig | None = None
     key_limits: LimitsConfig | None = None  # per key
+    # Keep the prompt text of this team's judged shadow samples for `ttl` (labels for `router fit --from-store`).
+    retain_prompts: RetainPrompts | None = None
 
     @field_validator("keys")
     @classmethod
@@ -420,6 +422,15 @@ def _evaluation_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], 
         for i, team in enumerate(ev.exclude_teams):
             if team not in policy.teams:
                 errors.append((("evaluation", "exclude_teams", i), f"unknown team '{team}'"))
+    for name, team in policy.teams.items():
+        if team.retain_prompts is None:
+            continue
+        where = ("teams", name, "retain_prompts")
+        if ev is None or not any(p.shadow for p in policy.policies):
+            msg = "keeps the prompts of judged shadow samples: it needs `evaluation:` and a policy with `shadow:`"
+            errors.append((where, msg))
+        elif name in ev.exclude_teams:
+            errors.append((where, "the team is in evaluation.exclude_teams: it is never shadowed, nothing to keep"))
     for i, p in enumerate(policy.policies):
         if p.shadow is None:
             continue

@@ -16,8 +16,10 @@ A judging mode for shadow evaluation (`POST /mock/config {"judge": ...}`): a req
 judge prompt (MT-Bench's `[[A]]`/`[[B]]`/`[[C]]` markers) is answered with a verdict: `longer` or
 `shorter` (the answer with more or fewer words wins; same length: a tie), `A`, `B`, `tie`, or `garbage`
 (no verdict). With `reply_tokens_by_model` one upstream model answers shorter, so a judge on `longer`
-makes its answers lose. `scripted` ([[substring, reply], ...]) answers a chat prompt containing the
-substring with that reply, e.g. "yes" to retrieval's LLM check.
+makes its answers lose. With `judge_only_on` (a regex) the mode applies only to questions it matches; the
+others are judged a tie (a deterministic judge whose verdict depends on the prompt: labels a router can learn).
+`scripted` ([[substring, reply], ...]) answers a chat prompt containing the substring with that reply,
+e.g. "yes" to retrieval's LLM check.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class MockState:
     held: int = 0
     gate: asyncio.Event | None = None
     judge: str | None = None  # judging mode: longer | shorter | A | B | tie | garbage (None: answer as usual)
+    judge_only_on: str | None = None  # a regex: questions it does not match are judged a tie
     reply_tokens_by_model: dict[str, int] = field(default_factory=dict)
     # (substring, reply): a chat prompt containing the substring gets that reply, first match wins
     # (a deterministic answer for a prompt the proxy sends for itself, e.g. retrieval's LLM check)
@@ -119,11 +122,17 @@ def _prompt_text(body: dict[str, Any]) -> str:
     return p if isinstance(p, str) else " ".join(map(str, p))
 
 
-def _verdict(mode: str, prompt: str) -> str | None:
+_JUDGE_QUESTION = re.compile(r"\[User Question\]\n(.*?)\n\n\[The Start of Assistant A", re.DOTALL)
+
+
+def _verdict(mode: str, prompt: str, only_on: str | None = None) -> str | None:
     """The judge's reply to a pairwise judge prompt in judging mode `mode`, or None for any other prompt."""
     if "[[A]]" not in prompt or "[[C]]" not in prompt:
         return None
     answers = dict(_JUDGE_ANSWER.findall(prompt))
+    question = _JUDGE_QUESTION.search(prompt)
+    if only_on is not None and not (question and re.search(only_on, question.group(1))):
+        mode = "tie"
     if mode == "garbage":
         return "Both answers have their merits; I would rather not choose."
     if mode in ("longer", "shorter") and len(answers) == 2:
@@ -303,7 +312,7 @@ class MockUpstream:
         if early is not None:
             return early
         prompt_text = _prompt_text(body)
-        verdict = _verdict(self.state.judge, prompt_text) if self.state.judge else None
+        verdict = _verdict(self.state.judge, prompt_text, self.state.judge_only_on) if self.state.judge else None
         scripted = next((reply for part, reply in self.state.scripted if part in prompt_text), None)
         text = verdict or scripted or _reply_text(prompt_text, self._n_words(body))
         model = body.get("model", "mock")
@@ -550,7 +559,15 @@ class MockUpstream:
 
     async def configure(self, request: web.Request) -> web.Response:
         cfg = await request.json(loads=orjson.loads)
-        for key in ("reply_tokens", "usage", "embedding_dim", "concise_ratio", "length_jitter", "judge"):
+        for key in (
+            "reply_tokens",
+            "usage",
+            "embedding_dim",
+            "concise_ratio",
+            "length_jitter",
+            "judge",
+            "judge_only_on",
+        ):
             if key in cfg:
                 setattr(self.state, key, cfg[key])
         if "reply_tokens_by_model" in cfg:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy.config import PolicyFile
-from proxy.errors import ProxyError, Unauthorized
+from proxy.errors import InvalidRequest, NotFound, ProxyError, StoreDown, Unauthorized
 from proxy.http.admin_auth import require_master_key
 from proxy.http.asgi import check_content_type
 from proxy.http.endpoints import unknown_path
@@ -27,8 +27,9 @@ from proxy.http.savings_report import savings_report
 from proxy.http.state import ProxyState
 from proxy.pipeline.explain import explain
 from proxy.services.budget_ledger import scope_for
+from proxy.services.shadow_labels import NoLabels, labels_jsonl, retained_labels
 from proxy.store import Store
-from proxy.store.base import NANO, utc_day
+from proxy.store.base import NANO, StoreUnavailable, utc_day
 from proxy.wire.json_body import parse_body
 
 
@@ -164,6 +165,20 @@ def build_ops_app(state: ProxyState) -> FastAPI:
         require_master_key(request.headers, state.master_key)
         runtime = state.runtime
         return await savings_report(runtime.policy, state.store, max(1, min(days, 90)), runtime.evaluation)
+
+    @app.get("/admin/shadow/labels")
+    async def admin_shadow_labels(request: Request, policy: str | None = None) -> Response:
+        """The retained labels of a shadowed policy as JSONL (`router fit --labels` reads it)."""
+        require_master_key(request.headers, state.master_key)
+        if not policy:
+            raise InvalidRequest("Name the shadowed policy: GET /admin/shadow/labels?policy=NAME.", param="policy")
+        try:
+            labels = await retained_labels(state.runtime.policy, state.store, policy)
+        except NoLabels as e:
+            raise NotFound(f"No labels: {e}.") from None
+        except StoreUnavailable as e:
+            raise StoreDown(f"The store is unavailable ({e}).") from None
+        return Response(labels_jsonl(labels), media_type="application/x-ndjson")
 
     @app.get("/admin/spend")
     async def admin_spend(request: Request, days: int = 7) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from proxy import metrics
 from proxy.config.evaluation import MEASUREMENT_TEAM
 from proxy.config.models import PolicyFile
@@ -40,6 +42,7 @@ from proxy.store.base import BudgetScope, JudgementCounts, Store, StoreUnavailab
 from proxy.upstream.dispatch import Dispatcher, DispatchRequest
 from proxy.wire.adapter import Endpoint
 from proxy.wire.chat import CHAT
+from proxy.wire.content import user_text
 
 log = logging.getLogger("llm_proxy.evaluation")
 
@@ -49,6 +52,8 @@ _JUDGE_FRAMING_TOKENS = 64  # the judge prompt's markers and message framing, ov
 # The shadow's own trace while it runs (tracing on), so that its upstream calls are spans under it.
 _SHADOW_TRACE: ContextVar[Any] = ContextVar("llm_proxy_shadow_trace", default=None)
 _NOT_SENT = frozenset({"stream", "stream_options", "n", "model"})
+# A judged outcome (the policy's side) as the winner of a RouteLLM pairwise label (the policy's answer: `weak`).
+WINNER = {"win": "weak", "tie": "tie", "loss": "strong"}
 
 
 @dataclass(slots=True, eq=False)
@@ -63,6 +68,9 @@ class ShadowJob:
     body: dict[str, Any]  # the request as the client sent it, before any policy changed it
     answer: str  # the policy's answer
     trace: Any = None  # the request's RequestTrace when tracing is on: the shadow's trace links to it
+    # The team retains prompts (teams.T.retain_prompts): once judged, the user text is kept this long with
+    # its outcome, as a label for `router fit --from-store`. None: nothing outlives the job.
+    retain_ttl_s: float | None = None
 
     @property
     def pair(self) -> str:
@@ -281,8 +289,32 @@ class ShadowEvaluator:
         except StoreUnavailable as e:
             log.error("could not record a judgement of policy %s: %s", job.policy, e)
             return outcome
+        if job.retain_ttl_s is not None and outcome in WINNER:
+            await self._retain(job, outcome)
         await self.refresh(job.policy)
         return outcome
+
+    async def _retain(self, job: ShadowJob, outcome: str) -> None:
+        """Keep a judged sample of a team that retains prompts: a RouteLLM pairwise label (the policy's answer
+        is the `weak` one) with the user text a learned router scores."""
+        assert job.retain_ttl_s is not None
+        prompt = user_text(job.body)
+        if not prompt.strip():
+            return
+        label = {
+            "prompt": prompt,
+            "winner": WINNER[outcome],
+            "model": job.model,
+            "counterfactual_model": job.counterfactual_model,
+            "compare": job.compare,
+            "judged_at": round(time.time(), 3),
+        }
+        try:
+            await self._store.put_label(job.team, job.policy, orjson.dumps(label), job.retain_ttl_s)
+        except StoreUnavailable as e:
+            log.error("could not keep a label of policy %s: %s", job.policy, e)
+            return
+        metrics.child(metrics.SHADOW_LABELS, job.policy).inc()
 
     async def _call(
         self, model: str, body: dict[str, Any], prompt_tokens: int, max_output: int

@@ -34,6 +34,7 @@ class SampleForShadow(Step):
         self._shadowed = [(p.name, p.action, p.shadow) for p in policy.policies if p.shadow is not None]
         self._max_rate = max((s.rate for _, _, s in self._shadowed), default=0.0)
         self._excluded = frozenset(policy.evaluation.exclude_teams)
+        self._retain_s = {n: t.retain_prompts.ttl for n, t in policy.teams.items() if t.retain_prompts is not None}
 
     async def on_request(self, ctx: RequestContext) -> None:
         if ctx.dry_run or ctx.endpoint != Endpoint.CHAT or ctx.team is None or ctx.team in self._excluded:
@@ -57,7 +58,9 @@ class SampleForShadow(Step):
                 continue
             answer = _answer_text(ctx)
             if answer:
-                job = ShadowJob(name, cfg.compare, ctx.team or "", answered, slot.model, slot.body, answer, ctx.trace)
+                team = ctx.team or ""
+                retain = self._retain_s.get(team)
+                job = ShadowJob(name, cfg.compare, team, answered, slot.model, slot.body, answer, ctx.trace, retain)
                 self._evaluator.submit(job)
             return  # one comparison per request: for the first sampled policy that changed it
 

@@ -76,6 +76,7 @@ class TeamSpend:
 
 
 OUTCOMES = ("win", "tie", "loss", "unjudged")  # a shadow comparison, from the policy's side
+MAX_LABELS = 50_000  # retained shadow labels (with their prompts) per team and policy
 
 
 @dataclass
@@ -183,6 +184,13 @@ class Store(Protocol):
 
     async def judgements(self, policies: list[str], days: list[str]) -> Judgements:
         """policy -> (day, model pair) -> counts, for the days given."""
+
+    async def put_label(self, team: str, policy: str, label: bytes, ttl_s: float) -> None:
+        """Keep one judged shadow sample of `policy` with its prompt (a team that retains prompts) for `ttl_s`;
+        at most MAX_LABELS per team and policy, the oldest forgotten first."""
+
+    async def labels(self, team: str, policy: str) -> list[bytes]:
+        """The kept labels of `team` for `policy` that have not expired, oldest first."""
 
     async def put_conversation(self, team: str, response_id: str, data: bytes, ttl_s: float) -> None:
         """Keep a stored response (its conversation so far) for `ttl_s`, readable only by `team`."""

@@ -6,9 +6,10 @@ Each method runs without an await inside, so on one event loop it is as atomic a
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 
 from proxy.store.base import (
+    MAX_LABELS,
     BudgetScope,
     JudgementCounts,
     Judgements,
@@ -30,7 +31,9 @@ MAX_CONVERSATIONS = 10_000
 class MemoryStore:
     name = "memory"
 
-    def __init__(self, max_conversations: int = MAX_CONVERSATIONS) -> None:
+    def __init__(self, max_conversations: int = MAX_CONVERSATIONS, max_labels: int = MAX_LABELS) -> None:
+        self._labels: dict[tuple[str, str], deque[tuple[float, bytes]]] = {}
+        self._max_labels = max_labels
         self._conversations: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
         self._max_conversations = max_conversations
         self._total: dict[str, dict[str, SpendLine]] = defaultdict(lambda: defaultdict(SpendLine))
@@ -142,6 +145,27 @@ class MemoryStore:
         if len(self._windows) > 4096:
             for key in [k for k in self._windows if k[2] < index - 1]:
                 del self._windows[key]
+
+    async def put_label(self, team: str, policy: str, label: bytes, ttl_s: float) -> None:
+        for other in self._labels.values():  # a few deques (teams x policies): nothing outlives its TTL for long
+            self._drop_expired(other)
+        kept = self._labels.setdefault((team, policy), deque(maxlen=self._max_labels))
+        kept.append((time.monotonic() + ttl_s, label))
+
+    async def labels(self, team: str, policy: str) -> list[bytes]:
+        kept = self._labels.get((team, policy))
+        if kept is None:
+            return []
+        self._drop_expired(kept)
+        now = time.monotonic()
+        return [label for expires, label in kept if expires > now]
+
+    @staticmethod
+    def _drop_expired(kept: deque[tuple[float, bytes]]) -> None:
+        # Labels of one team and policy share a TTL, so they expire in the order they came.
+        now = time.monotonic()
+        while kept and kept[0][0] <= now:
+            kept.popleft()
 
     async def put_conversation(self, team: str, response_id: str, data: bytes, ttl_s: float) -> None:
         key = (team, response_id)

@@ -21,6 +21,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from proxy.config.models import StoreConfig
 from proxy.store.base import (
+    MAX_LABELS,
     OUTCOMES,
     BudgetScope,
     JudgementCounts,
@@ -74,6 +75,26 @@ return 1
 _JUDGEMENT = """
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# One retained shadow label: its own key (Redis expires the prompt text exactly at its TTL) and an index of
+# the team's labels for the policy, scored by expiry, trimmed of the expired and of the oldest beyond the
+# cap (their keys deleted with them). KEYS: index, label key, label key prefix.
+# ARGV: label id, label, TTL ms, now ms, cap.
+_LABEL = """
+local ttl = tonumber(ARGV[3])
+local now = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[5])
+if over > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[1], 0, over - 1)) do redis.call('DEL', KEYS[3] .. old) end
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, over - 1)
+end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(last[2])))
 return 1
 """
 
@@ -243,6 +264,7 @@ _OPERATIONS = {
     "release": _RELEASE_IF_RESERVED,
     "judgement": _JUDGEMENT,
     "judgement_once": _ONCE + _JUDGEMENT,
+    "label": _LABEL,
 }
 _BATCH = (
     "local ops = {}\n"
@@ -514,6 +536,30 @@ class RedisStore:
                         setattr(counts, outcome, int(v))
             out[policy] = rows
         return out
+
+    def _label_keys(self, team: str, policy: str) -> tuple[str, str]:
+        """The index of a team's labels for a policy, and the prefix of each label's key."""
+        return self.team_key(team, f"labels:{policy}"), self.team_key(team, f"label:{policy}:")
+
+    async def put_label(self, team: str, policy: str, label: bytes, ttl_s: float) -> None:
+        index, prefix = self._label_keys(team, policy)
+        # Time first: labels of one millisecond (one score) sort by id, in the order they came.
+        now_ns = time.time_ns()
+        label_id = f"{now_ns:020d}-{self._writer}{next(self._writes):x}"
+        now_ms = now_ns // 1_000_000
+        keys = [index, prefix + label_id, prefix]
+        await self._run("label", keys, [label_id, label.decode(), max(1, round(ttl_s * 1000)), now_ms, MAX_LABELS])
+
+    async def labels(self, team: str, policy: str) -> list[bytes]:
+        index, prefix = self._label_keys(team, policy)
+        try:
+            ids = await self.client.zrangebyscore(index, int(time.time() * 1000), "+inf")
+            if not ids:
+                return []
+            values = await self.client.mget([prefix + i.decode() for i in ids])
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(str(e)) from e
+        return [v for v in values if v is not None]
 
     def _budget_key(self, scope: BudgetScope) -> str:
         return self.team_key(scope.team, f"budget:{scope.name}:{scope.period}")

@@ -127,6 +127,13 @@ class FailurePolicyStore:
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
         return await self.inner.spend(teams, days)
 
+    async def put_label(self, team: str, policy: str, label: bytes, ttl_s: float) -> None:
+        # Never journalled: prompt text waits in no local queue; a label the store cannot take is lost.
+        await self.inner.put_label(team, policy, label, ttl_s)
+
+    async def labels(self, team: str, policy: str) -> list[bytes]:
+        return await self.inner.labels(team, policy)
+
     async def put_conversation(self, team: str, response_id: str, data: bytes, ttl_s: float) -> None:
         # Kept after the client has its answer: a failure only means a later turn cannot continue from it.
         try:

@@ -3,7 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
+
+_NO_SHARED_STORE = (
+    "router fit --from-store reads the shared store: set LLM_PROXY_REDIS_URL (or --redis-url) to the proxy's "
+    "Redis. The embedded memory store lives inside the serving process: export its labels with "
+    "GET /admin/shadow/labels?policy=NAME and fit them with --labels FILE."
+)
+
+
+def _store_labels(args: argparse.Namespace):
+    """The labels a running proxy kept for `--policy` (teams that retain prompts), read from its Redis; with
+    the local model the policy file names (unless --model)."""
+    from proxy.config import ConfigError, load_policy_file
+    from proxy.services.routers.fit import LabelsError, parse_labels
+    from proxy.services.shadow_labels import NoLabels, retained_labels
+    from proxy.store.base import StoreUnavailable
+    from proxy.store.redis import RedisStore
+
+    if not args.policy:
+        raise LabelsError(["--from-store needs --policy NAME: the shadowed policy whose judgements are the labels"])
+    url = args.redis_url or os.environ.get("LLM_PROXY_REDIS_URL")
+    if not url:
+        raise LabelsError([_NO_SHARED_STORE])
+    try:
+        policy = load_policy_file(args.config)
+    except ConfigError as e:
+        raise LabelsError([str(issue) for issue in e.issues]) from None
+
+    async def read():
+        store = RedisStore(url, policy.store)
+        try:
+            return await retained_labels(policy, store, args.policy)
+        finally:
+            await store.close()
+
+    try:
+        kept = asyncio.run(read())
+    except NoLabels as e:
+        raise LabelsError([f"{args.config}: {e}"]) from None
+    except StoreUnavailable as e:
+        raise LabelsError([f"cannot read the store at {url.split('@')[-1]}: {e}"]) from None
+    import orjson
+
+    source = f"store labels of policy {args.policy} (teams {', '.join(kept.teams)})"
+    labels = parse_labels([orjson.dumps(row).decode() for row in kept.rows], source)
+    return labels, args.model or policy.retrieval.local_model
 
 
 def cmd_router_fit(args: argparse.Namespace) -> int:
@@ -16,7 +63,10 @@ def cmd_router_fit(args: argparse.Namespace) -> int:
         print(f"--target-quality must be in (0, 1], got {args.target_quality}", file=sys.stderr)
         return 1
     try:
-        labels = read_labels(args.labels)
+        if args.from_store:
+            labels, args.model = _store_labels(args)
+        else:
+            labels = read_labels(args.labels)
     except LabelsError as e:
         for problem in e.problems[:50]:
             print(problem, file=sys.stderr)
@@ -55,7 +105,20 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:
         "fit",
         help="fit a router from JSONL labels ({prompt, weak_ok, strong_ok} or {prompt, winner: weak|strong|tie})",
     )
-    f.add_argument("--labels", required=True, help="JSONL of labelled prompts")
+    source = f.add_mutually_exclusive_group(required=True)
+    source.add_argument("--labels", help="JSONL of labelled prompts")
+    source.add_argument(
+        "--from-store",
+        action="store_true",
+        help="the judged shadow samples a running proxy kept (teams with retain_prompts) in its Redis",
+    )
+    f.add_argument("--policy", help="with --from-store: the shadowed policy whose judgements are the labels")
+    f.add_argument(
+        "--config",
+        default=os.environ.get("LLM_PROXY_CONFIG", "policies/default.yaml"),
+        help="with --from-store: the proxy's policy file (its teams, store prefix and local model)",
+    )
+    f.add_argument("--redis-url", help="with --from-store: the proxy's Redis (default $LLM_PROXY_REDIS_URL)")
     f.add_argument("--out", required=True, help="the router file to write (JSON)")
     f.add_argument("--target-quality", type=float, default=0.95, help="quality to keep vs all-strong (held out)")
     f.add_argument("--folds", type=int, default=5, choices=range(2, 21), metavar="K", help="held-out folds (2-20)")

@@ -73,6 +73,12 @@ def read_labels(path: str | Path) -> Labels:
         raise LabelsError([f"{p}: cannot read labels: {e.strerror}"]) from None
     except UnicodeDecodeError:
         raise LabelsError([f"{p}: labels are not UTF-8 text"]) from None
+    return parse_labels(lines, str(p))
+
+
+def parse_labels(lines: list[str], source: str) -> Labels:
+    """Labels from JSONL lines; problems as `source:line: message`."""
+    p = source
     prompts: list[str] = []
     weak: list[float] = []
     strong: list[float] = []
@@ -126,6 +132,14 @@ def read_labels(path: str | Path) -> Labels:
         problems.append(f"{p}: {len(prompts)} labels; a router needs at least {_MIN_LABELS}")
     if not problems and strong and sum(strong) == 0:
         problems.append(f"{p}: the strong model is never right: there is no quality to keep")
+    if not problems:
+        ok = {w >= s for w, s in zip(weak, strong, strict=True)}
+        if len(ok) == 1:
+            said = "at least as good as" if ok.pop() else "worse than"
+            problems.append(
+                f"{p}: every label says the cheap answer is {said} the strong one: a router learns nothing "
+                "from one class"
+            )
     if problems:
         raise LabelsError(problems)
     return Labels(prompts, np.asarray(weak), np.asarray(strong), fmt or "correctness")
