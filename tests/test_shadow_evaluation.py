@@ -235,6 +235,38 @@ def test_the_floor_stops_a_policy_whose_answers_lose_until_a_reload(shadow_proxy
     wait_for(lambda: metric(shadow_proxy, "llm_proxy_shadow_policy_stopped", policy="floored-route") == 1, "the stop")
 
 
+def test_a_stop_by_the_floor_on_one_replica_stops_the_policy_on_the_others(session_tmp, mock_upstream):
+    mock_upstream.reset()
+    mock_upstream.configure(judge="longer", reply_tokens_by_model={"mock-small": 4})  # the cheap answers lose
+    with private_redis_keys(f"llmpfloor{uuid.uuid4().hex[:8]}") as prefix:
+        evaluation = EVALUATION + "  floor_refresh_s: 0.2\n"
+        policy = _policy(mock_upstream.url, evaluation, f"store: {{key_prefix: {prefix}}}\n")
+        one, two = (start_proxy(session_tmp, policy, REDIS_URL) for _ in range(2))
+        try:
+            assert _ask(two, "floor", "Before the stop.").headers["x-llm-proxy-model"] == "small"
+            for i in range(4):  # with the loss judged on `two`, the fifth: the judgements are shared
+                assert _ask(one, "floor", f"Replica question {i}.").headers["x-llm-proxy-model"] == "small"
+            wait_for(lambda: metric(one, "llm_proxy_shadow_policy_stopped", policy="floored-route") == 1, "the stop")
+            wait_for(
+                lambda: metric(two, "llm_proxy_shadow_policy_stopped", policy="floored-route") == 1,
+                "the other replica to follow the stop",
+            )
+            raw = _ask(two, "floor", "After the stop, on the other replica.")
+            assert raw.headers["x-llm-proxy-model"] == "big" and "x-llm-proxy-policies" not in raw.headers
+            floor = _savings(two)["by_policy"]["floored-route"]["quality"]["floor"]
+            assert floor["stopped"] is True and floor["stopped_at"]["ci95"][1] < 0.9
+            assert "policy floored-route stopped (seen by another replica)" in two.log()
+            assert "Replica question" not in two.log() and "Replica question" not in one.log()
+            # A reload lifts the stop where it runs (its runtime started after the stop); the other keeps it.
+            r = httpx.post(two.url + "/admin/reload", headers=ADMIN, timeout=30)
+            assert r.status_code == 200, r.text
+            assert _ask(two, "floor", "After the reload.").headers["x-llm-proxy-model"] == "small"
+            assert _ask(one, "floor", "Still stopped here.").headers["x-llm-proxy-model"] == "big"
+        finally:
+            one.stop()
+            two.stop()
+
+
 @pytest.mark.parametrize(
     ("setup", "kind"),
     [

@@ -57,6 +57,8 @@ class EvaluationConfig(_Strict):
     judge_max_tokens: Annotated[int, Field(ge=1, le=8192)] = 512
     # The days of judgements a `min_quality` floor is read over.
     window_days: Annotated[int, Field(ge=1, le=90)] = 7
+    # How often each replica reads the stops other replicas' floors made (shared through the store).
+    floor_refresh_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     # Teams whose requests are never shadowed (their prompts never leave for a second call).
     exclude_teams: list[str] = []
 

@@ -13,6 +13,7 @@ queued job, in memory, until it is judged; nothing here logs them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -79,30 +80,43 @@ class ShadowJob:
 
 class QualityFloor:
     """The policies of one runtime stopped by their `min_quality` floor: a reload builds a new runtime, and
-    with it a floor that has stopped nothing."""
+    with it a floor that has stopped nothing. A stop is shared through the store: every replica whose
+    runtime started before it follows it (`adopt`), so a reload anywhere still lifts it there."""
 
-    def __init__(self, policy: PolicyFile):
+    def __init__(self, policy: PolicyFile, started_at: float | None = None):
         self.floors = {p.name: (p.min_quality, p.min_samples) for p in policy.policies if p.min_quality is not None}
         self.stopped: dict[str, QualityRetained] = {}
+        self.started_at = time.time() if started_at is None else started_at
         for name in self.floors:
             metrics.SHADOW_POLICY_STOPPED.labels(name).set(0)
 
-    def judge(self, name: str, quality: QualityRetained) -> None:
-        """Stop `name` when its interval's upper end is below its floor with enough samples."""
+    def judge(self, name: str, quality: QualityRetained) -> bool:
+        """Stop `name` when its interval's upper end is below its floor with enough samples; True when this
+        judgement stopped it."""
         floor = self.floors.get(name)
         if floor is None or name in self.stopped or not floor_breached(quality, floor[0], floor[1]):
-            return
+            return False
+        self._stop(name, quality, "")
+        return True
+
+    def adopt(self, name: str, quality: QualityRetained) -> None:
+        """Another replica's floor stopped `name` after this runtime started: stop it here too."""
+        if name in self.floors and name not in self.stopped:
+            self._stop(name, quality, " (seen by another replica)")
+
+    def _stop(self, name: str, quality: QualityRetained, where: str) -> None:
         self.stopped[name] = quality
         metrics.SHADOW_POLICY_STOPPED.labels(name).set(1)
         log.warning(
-            "policy %s stopped: quality retained %.3f (95%% interval %.3f-%.3f, n=%d) is below its floor %.3f; "
+            "policy %s stopped%s: quality retained %.3f (95%% interval %.3f-%.3f, n=%d) is below its floor %.3f; "
             "it acts again after a reload",
             name,
+            where,
             quality.share,
             quality.low,
             quality.high,
             quality.n,
-            floor[0],
+            self.floors[name][0],
         )
 
 
@@ -146,6 +160,10 @@ class ShadowEvaluator:
         self._workers: list[asyncio.Task[None]] = []
         self._retired = False
         self._instruction_tokens: int | None = None
+        self._following: asyncio.Task[None] | None = None
+        if self.floor.floors:
+            with contextlib.suppress(RuntimeError):  # no running loop: only this replica's judgements stop
+                self._following = asyncio.get_running_loop().create_task(self._follow_floors())
 
     # ------------------------------------------------------------------------------------ the queue
 
@@ -192,6 +210,8 @@ class ShadowEvaluator:
     def retire(self) -> None:
         """A reload replaced this runtime: take no new jobs, finish the queued ones, then stop."""
         self._retired = True
+        if self._following is not None:
+            self._following.cancel()
         if self._wake is not None:
             self._wake.set()
 
@@ -396,8 +416,34 @@ class ShadowEvaluator:
         if quality.n:  # with nothing judged there is no figure to show (not a share of 1.0)
             for bound, value in (("estimate", quality.share), ("low", quality.low), ("high", quality.high)):
                 metrics.child(metrics.SHADOW_QUALITY, policy, bound).set(value)
-        self.floor.judge(policy, quality)
+        if self.floor.judge(policy, quality):
+            stop = {"at": time.time(), "wins": quality.wins, "ties": quality.ties, "losses": quality.losses}
+            try:
+                await self._store.put_floor_stop(policy, orjson.dumps(stop), self.cfg.window_days * 86400)
+            except StoreUnavailable as e:
+                log.error("could not share the stop of policy %s with other replicas: %s", policy, e)
         return quality
+
+    async def _follow_floors(self) -> None:
+        """Every `floor_refresh_s`, stop here what another replica's floor stopped after this runtime started."""
+        failing = ""
+        while True:
+            await asyncio.sleep(self.cfg.floor_refresh_s)
+            waiting = [name for name in self.floor.floors if name not in self.floor.stopped]
+            if not waiting:
+                return
+            try:
+                stops = await self._store.floor_stops(waiting)
+                failing = ""
+            except StoreUnavailable as e:
+                if str(e) != failing:
+                    log.warning("quality floors: cannot read the stops of other replicas: %s (retrying)", e)
+                failing = str(e)
+                continue
+            for name, raw in stops.items():
+                stop = orjson.loads(raw)
+                if stop["at"] >= self.floor.started_at:
+                    self.floor.adopt(name, quality_retained(stop["wins"], stop["ties"], stop["losses"]))
 
 
 __all__ = ["UNJUDGED", "QualityFloor", "ShadowEvaluator", "ShadowJob"]

@@ -185,6 +185,12 @@ class Store(Protocol):
     async def judgements(self, policies: list[str], days: list[str]) -> Judgements:
         """policy -> (day, model pair) -> counts, for the days given."""
 
+    async def put_floor_stop(self, policy: str, stop: bytes, ttl_s: float) -> None:
+        """Keep the latest stop of `policy` by its quality floor (what the floor read, when) for `ttl_s`."""
+
+    async def floor_stops(self, policies: list[str]) -> dict[str, bytes]:
+        """policy -> its latest kept floor stop, for those of `policies` that have one."""
+
     async def put_label(self, team: str, policy: str, label: bytes, ttl_s: float) -> None:
         """Keep one judged shadow sample of `policy` with its prompt (a team that retains prompts) for `ttl_s`;
         at most MAX_LABELS per team and policy, the oldest forgotten first."""

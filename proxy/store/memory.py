@@ -33,6 +33,7 @@ class MemoryStore:
 
     def __init__(self, max_conversations: int = MAX_CONVERSATIONS, max_labels: int = MAX_LABELS) -> None:
         self._labels: dict[tuple[str, str], deque[tuple[float, bytes]]] = {}
+        self._floor_stops: dict[str, tuple[float, bytes]] = {}  # policy -> (expires, stop)
         self._max_labels = max_labels
         self._conversations: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
         self._max_conversations = max_conversations
@@ -145,6 +146,18 @@ class MemoryStore:
         if len(self._windows) > 4096:
             for key in [k for k in self._windows if k[2] < index - 1]:
                 del self._windows[key]
+
+    async def put_floor_stop(self, policy: str, stop: bytes, ttl_s: float) -> None:
+        self._floor_stops[policy] = (time.monotonic() + ttl_s, stop)
+
+    async def floor_stops(self, policies: list[str]) -> dict[str, bytes]:
+        now = time.monotonic()
+        out = {}
+        for policy in policies:
+            expires, stop = self._floor_stops.get(policy, (0.0, b""))
+            if expires > now:
+                out[policy] = stop
+        return out
 
     async def put_label(self, team: str, policy: str, label: bytes, ttl_s: float) -> None:
         for other in self._labels.values():  # a few deques (teams x policies): nothing outlives its TTL for long

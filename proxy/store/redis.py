@@ -537,6 +537,26 @@ class RedisStore:
             out[policy] = rows
         return out
 
+    def _floor_stop_key(self, policy: str) -> str:
+        return f"{self._prefix}:{{p:{policy}}}:floor_stop"
+
+    async def put_floor_stop(self, policy: str, stop: bytes, ttl_s: float) -> None:
+        try:
+            await self.client.set(self._floor_stop_key(policy), stop, px=max(1, round(ttl_s * 1000)))
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(str(e)) from e
+
+    async def floor_stops(self, policies: list[str]) -> dict[str, bytes]:
+        out = {}
+        try:
+            for policy in policies:  # one key per policy, each in its policy's slot (Redis Cluster): no MGET
+                stop = await self.client.get(self._floor_stop_key(policy))
+                if stop is not None:
+                    out[policy] = stop
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(str(e)) from e
+        return out
+
     def _label_keys(self, team: str, policy: str) -> tuple[str, str]:
         """The index of a team's labels for a policy, and the prefix of each label's key."""
         return self.team_key(team, f"labels:{policy}"), self.team_key(team, f"label:{policy}:")

@@ -127,6 +127,12 @@ class FailurePolicyStore:
     async def spend(self, teams: list[str], days: list[str]) -> dict[str, TeamSpend]:
         return await self.inner.spend(teams, days)
 
+    async def put_floor_stop(self, policy: str, stop: bytes, ttl_s: float) -> None:
+        await self.inner.put_floor_stop(policy, stop, ttl_s)
+
+    async def floor_stops(self, policies: list[str]) -> dict[str, bytes]:
+        return await self.inner.floor_stops(policies)
+
     async def put_label(self, team: str, policy: str, label: bytes, ttl_s: float) -> None:
         # Never journalled: prompt text waits in no local queue; a label the store cannot take is lost.
         await self.inner.put_label(team, policy, label, ttl_s)
