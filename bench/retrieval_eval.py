@@ -572,6 +572,38 @@ async def _hit_latency(url: str, n: int) -> dict[str, list[float]]:
     return out
 
 
+def load_faq_when_ready(url: str, timeout_s: float) -> None:
+    """Wait until the proxy at `url` has its `faq` collection ready (the model loads in the background),
+    then load two entries into it through the admin API."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+                if orjson.loads(r.read()).get("collections", {}).get("faq", {}).get("ready"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("the proxy did not get ready")
+        time.sleep(0.1)
+    entries = [
+        {
+            "id": "hamlet",
+            "questions": ["Who wrote Hamlet?", "Who is the author of Hamlet?"],
+            "answer": "Shakespeare.",
+        },
+        {"id": "capital-fr", "questions": ["What is the capital of France?"], "answer": "Paris."},
+    ]
+    req = urllib.request.Request(
+        url + "/admin/kb/faq",
+        data=orjson.dumps({"entries": entries}),
+        headers={"Authorization": f"Bearer {MASTER}", "Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(req, timeout=60).read()
+
+
 def proxy_latency(n: int, min_similarity: float, margin: float, lines: list[str], verifier: Path | None) -> None:
     tmp = Path(tempfile.mkdtemp())
     mock_port, proxy_port = _free_port(), _free_port()
@@ -617,33 +649,7 @@ def proxy_latency(n: int, min_similarity: float, margin: float, lines: list[str]
     ]
     url = f"http://127.0.0.1:{proxy_port}"
     try:
-        import urllib.request
-
-        deadline = time.monotonic() + 120
-        while True:  # until the collection is loaded (the model loads in the background)
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
-                    if orjson.loads(r.read()).get("collections", {}).get("faq", {}).get("ready"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the proxy did not get ready")
-            time.sleep(0.1)
-        entries = [
-            {
-                "id": "hamlet",
-                "questions": ["Who wrote Hamlet?", "Who is the author of Hamlet?"],
-                "answer": "Shakespeare.",
-            },
-            {"id": "capital-fr", "questions": ["What is the capital of France?"], "answer": "Paris."},
-        ]
-        req = urllib.request.Request(
-            url + "/admin/kb/faq",
-            data=orjson.dumps({"entries": entries}),
-            headers={"Authorization": f"Bearer {MASTER}", "Content-Type": "application/json"},
-        )
-        urllib.request.urlopen(req, timeout=60).read()
+        load_faq_when_ready(url, timeout_s=120)
         times = asyncio.run(_hit_latency(url, n))
     finally:
         for p in procs:

@@ -17,13 +17,12 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 import orjson
 
-from bench.retrieval_eval import KEY, MASTER, ROOT, _free_port
+from bench.retrieval_eval import KEY, MASTER, ROOT, _free_port, load_faq_when_ready
 from proxy.retrieval.embedders import LocalModel
 
 VERIFIER = ROOT / "policies" / "verifiers" / "all-MiniLM-L6-v2.json"
@@ -107,31 +106,7 @@ def through_proxy(n: int) -> dict[str, tuple[list[float], list[float]]]:
     ]
     url = f"http://127.0.0.1:{proxy_port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:  # until the collection is loaded (the model loads in the background)
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
-                    if orjson.loads(r.read()).get("collections", {}).get("faq", {}).get("ready"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the proxy did not get ready")
-            time.sleep(0.2)
-        entries = [
-            {
-                "id": "hamlet",
-                "questions": ["Who wrote Hamlet?", "Who is the author of Hamlet?"],
-                "answer": "Shakespeare.",
-            },
-            {"id": "capital-fr", "questions": ["What is the capital of France?"], "answer": "Paris."},
-        ]
-        req = urllib.request.Request(
-            url + "/admin/kb/faq",
-            data=orjson.dumps({"entries": entries}),
-            headers={"Authorization": f"Bearer {MASTER}", "Content-Type": "application/json"},
-        )
-        urllib.request.urlopen(req, timeout=60).read()
+        load_faq_when_ready(url, timeout_s=180)
         return asyncio.run(_hits(url, n))
     finally:
         for p in procs:
