@@ -39,6 +39,7 @@ import psutil
 import redis
 
 from bench.overhead import KEY, ROOT, _free_port, _spawn, _wait
+from bench.results import append_section, short_commit
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 _MESSAGES = [{"role": "user", "content": "Say something short about proxies and why they help."}]
@@ -320,15 +321,13 @@ def main() -> None:
     table = render(rows, scaling, extra)
     print(table)
     if args.write:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
         header = (
             f"\n## Hot path, every step on — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — "
             f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, commit "
-            f"{commit.stdout.strip()} (`python -m bench.hot_path --seconds {args.seconds:g} --rounds {args.rounds}"
+            f"{short_commit()} (`python -m bench.hot_path --seconds {args.seconds:g} --rounds {args.rounds}"
             f"{' --workers-scaling' if args.workers_scaling else ''}`)\n\n"
         )
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(header + table + "\n")
+        append_section(header + table)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import aiohttp
 import numpy as np
 import orjson
 
+from bench.results import append_section, short_commit
 from proxy.retrieval.calibrate import (
     Pair,
     calibrate,
@@ -689,17 +690,15 @@ def main() -> None:
         lines.append("")
         index_speed(args.index_size, lines)
     cores = os.cpu_count()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     head = (
         f"## Retrieval error bounds, verifier and guards — {time.strftime('%Y-%m-%d')} — {platform.machine()}, "
-        f"{cores} cores shared, loaded; Python {platform.python_version()}; commit {commit.strip()} "
+        f"{cores} cores shared, loaded; Python {platform.python_version()}; commit {short_commit()} "
         f"(`python -m bench.retrieval_eval {' '.join(sys.argv[1:])}`, {time.perf_counter() - started:.0f} s)"
     )
     text = "\n".join([head, "", *lines, ""])
     print(text)
     if args.write:
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+        append_section(text)
 
 
 if __name__ == "__main__":

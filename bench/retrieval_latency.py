@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from bench.results import append_section, short_commit
 from bench.retrieval_eval import KEY, MASTER, ROOT, _free_port, load_faq_when_ready
 from proxy.retrieval.embedders import LocalModel
 
@@ -134,18 +135,16 @@ def main() -> None:
             f"| {label} hit, inside the proxy (overhead header) | {len(server)} "
             f"| {_p(server, 0.5):.1f} | {_p(server, 0.95):.1f} |"
         )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     head = (
         f"## Retrieval hit latency, where it goes — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — "
         f"{platform.machine()}, 2-core shared VM (load average {load:.1f} at start); Python "
-        f"{platform.python_version()}; commit {commit.strip()} (`python -m bench.retrieval_latency "
+        f"{platform.python_version()}; commit {short_commit()} (`python -m bench.retrieval_latency "
         f"{' '.join(sys.argv[1:])}`, {time.perf_counter() - started:.0f} s)"
     )
     text = "\n".join([head, "", *rows, ""])
     print(text)
     if args.write:
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+        append_section(text)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import redis
 
 from bench.hot_path import BODY, REDIS_URL, Target, _lua, full_policy, wrk
 from bench.overhead import ROOT, _free_port, _spawn, _wait
+from bench.results import append_section, short_commit
 
 PROBE = ROOT / "bench" / "gc_probe.py"
 
@@ -189,15 +189,13 @@ def main() -> None:
     table = render(asyncio.run(run(args.seconds, args.rounds, args.before, args.redis, args.gc_threshold)))
     print(table)
     if args.write:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
         header = (
             f"\n## Latency tail at concurrency — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — 2-core shared "
-            f"VM, Python {platform.python_version()}, commit {commit.stdout.strip()} (`python -m bench.tail "
+            f"VM, Python {platform.python_version()}, commit {short_commit()} (`python -m bench.tail "
             f"--seconds {args.seconds:g} --rounds {args.rounds}{' --redis' if args.redis else ''}"
             f"{' --before DIR' if args.before else ''}`)\n\n"
         )
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(header + table + "\n")
+        append_section(header + table)
 
 
 if __name__ == "__main__":
