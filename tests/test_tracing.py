@@ -301,7 +301,7 @@ def test_a_retrieval_lookup_is_a_child_span_with_its_embedding_and_search_under_
             headers={"Authorization": f"Bearer {TEAM_KEYS['alpha']}", "traceparent": f"00-{trace_id}-{'2' * 16}-01"},
         )
         assert r.status_code == 200 and r.headers["x-llm-proxy-route"] == "retrieval", r.text
-        spans = wait_for(lambda: len(receiver.trace(trace_id)) >= 4 and receiver.trace(trace_id), "four spans")
+        spans = wait_for(lambda: len(receiver.trace(trace_id)) >= 5 and receiver.trace(trace_id), "five spans")
     finally:
         server.stop()
     request = next(s for s in spans if s["parent"] == "2" * 16)
@@ -314,6 +314,10 @@ def test_a_retrieval_lookup_is_a_child_span_with_its_embedding_and_search_under_
     embedding = under["embeddings embed"]["attributes"]
     assert embedding["gen_ai.operation.name"] == "embeddings" and embedding["gen_ai.usage.input_tokens"] > 0
     assert isinstance(under["search docs"]["attributes"]["llm_proxy.retrieval.similarity"], float)
+    # The embedding's call to its upstream: a client span under it (each attempt's, as for chat attempts,
+    # whose traceparent the upstream gets: test_every_upstream_attempt_is_a_child_span).
+    (call,) = [s for s in spans if s["parent"] == under["embeddings embed"]["span_id"]]
+    assert call["name"] == "embeddings embed" and call["kind"] == 3  # SPAN_KIND_CLIENT
     assert b"tangerine-4471" not in b"".join(receiver.raw)
 
 

@@ -63,7 +63,9 @@ class Embedder(Protocol):
     def identity(self) -> str | None:
         """What produces the vectors (model and dimension), once known: vectors of two identities never mix."""
 
-    async def embed(self, texts: list[str]) -> Embedding: ...
+    async def embed(self, texts: list[str], trace: Any = None) -> Embedding:
+        """The vectors of `texts`; a call to an upstream is a client span of `trace` (a RequestTrace) if given."""
+        ...
 
     async def ready(self) -> None:
         """Return once the embedder can answer (its identity is known); raise EmbedderDown otherwise."""
@@ -262,7 +264,7 @@ class LocalEmbedder:
     async def ready(self) -> None:
         await self._model.ready(self._timeout)
 
-    async def embed(self, texts: list[str]) -> Embedding:
+    async def embed(self, texts: list[str], trace: Any = None) -> Embedding:  # in process: no upstream span
         await self.ready()
         started = time.perf_counter()
         try:
@@ -315,10 +317,10 @@ class ModelEmbedder:
         except Exception as e:
             raise EmbedderDown("error", str(e)) from e
 
-    async def embed(self, texts: list[str]) -> Embedding:
+    async def embed(self, texts: list[str], trace: Any = None) -> Embedding:
         started = time.perf_counter()
         try:
-            reply = await asyncio.wait_for(self._client.embed(self.name, texts), self._timeout)
+            reply = await asyncio.wait_for(self._client.embed(self.name, texts, trace), self._timeout)
         except TimeoutError:
             metrics.EMBEDDER_ERRORS.labels(self.name, "timeout").inc()
             raise EmbedderDown("timeout", f"embedder '{self.name}' did not answer within {self._timeout}s") from None
@@ -377,7 +379,7 @@ class RequestEmbeddings:
 class EmbeddingClient(Protocol):
     """Embedding calls through the runtime (proxy.services.embedding_client.EmbeddingClient)."""
 
-    async def embed(self, model: str, texts: list[str]) -> Any: ...
+    async def embed(self, model: str, texts: list[str], trace: Any = None) -> Any: ...
 
 
 class EmbeddingHolder(Protocol):
@@ -401,8 +403,8 @@ async def embed_for_request(ctx: EmbeddingHolder, embedder: Embedder, text: str,
             result = await embedder.embed([text])
         else:
             attributes = {"gen_ai.operation.name": "embeddings", "gen_ai.request.model": embedder.name}
-            with trace.child(f"embeddings {embedder.name}", attributes) as span:
-                result = await embedder.embed([text])
+            with trace.child(f"embeddings {embedder.name}", attributes, "embeddings") as span:
+                result = await embedder.embed([text], span)
                 span.set("gen_ai.usage.input_tokens", result.tokens)
                 span.set("llm_proxy.cost_usd", result.cost)
         vector = result.vectors[0]

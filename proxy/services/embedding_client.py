@@ -27,10 +27,11 @@ class EmbeddingClient:
         self._dispatcher = dispatcher
         self._estimator = estimator
 
-    async def embed(self, model: str, texts: list[str]) -> EmbeddingReply:
+    async def embed(self, model: str, texts: list[str], trace: Any = None) -> EmbeddingReply:
+        """`trace`: the RequestTrace (tracing on) whose span each upstream attempt is a client span of."""
         if self._dispatcher is None:
             raise RuntimeError("no upstream session: embeddings cannot be called in this runtime")
-        call = DispatchRequest(Endpoint.EMBEDDINGS, model, {"model": model, "input": texts})
+        call = DispatchRequest(Endpoint.EMBEDDINGS, model, {"model": model, "input": texts}, trace=trace)
         reply = await self._dispatcher.send(call)
         data = reply.data or {}  # its shape is the embedder's to check
         answered = call.answered_by or model

@@ -108,12 +108,15 @@ class RequestTrace:
             TRACE_HEADERS.reset(token)
             span.end()
 
-    def child(self, name: str, attributes: dict[str, Any]) -> AbstractContextManager[RequestTrace]:
+    def child(
+        self, name: str, attributes: dict[str, Any], operation: str | None = None
+    ) -> AbstractContextManager[RequestTrace]:
         """A child span for the proxy's own work on the request (a retrieval lookup, an embedding), ended on
-        leaving; what runs under the RequestTrace it yields nests under it."""
+        leaving; what runs under the RequestTrace it yields nests under it (its upstream attempts named by
+        `operation`, else by the request's)."""
         tracing = self._tracing
         span = tracing._tracer.start_span(name, context=tracing._in_context(self._span), attributes=attributes)
-        return self._under(span)
+        return self._under(span, operation)
 
     def follow_up(self, name: str, attributes: dict[str, Any]) -> AbstractContextManager[RequestTrace]:
         """The root span of a trace of its own, linked to this request's span: for work the proxy does for
@@ -125,10 +128,10 @@ class RequestTrace:
         return self._under(span)
 
     @contextmanager
-    def _under(self, span: Any) -> Iterator[RequestTrace]:
+    def _under(self, span: Any, operation: str | None = None) -> Iterator[RequestTrace]:
         tracing = self._tracing
         try:
-            yield RequestTrace(tracing, span, self._operation)
+            yield RequestTrace(tracing, span, operation or self._operation)
         except BaseException as e:
             span.set_status(tracing._error)
             span.set_attribute("error.type", type(e).__name__)
