@@ -605,27 +605,32 @@ def load_faq_when_ready(url: str, timeout_s: float) -> None:
     urllib.request.urlopen(req, timeout=60).read()
 
 
+def faq_policy(mock_port: int, retrieve: str) -> str:
+    """The policy of a benchmark proxy: one model on the mock at `mock_port`, one team, the `faq` KB answering
+    through a policy `retrieve: {collection: faq, RETRIEVE}`."""
+    return textwrap.dedent(
+        f"""\
+        version: 1
+        models:
+          big: {{api_base: "http://127.0.0.1:{mock_port}/v1", price: {{input_per_mtok: 2.5, output_per_mtok: 10}}}}
+        teams:
+          bench: {{keys: [{KEY}]}}
+        collections:
+          faq: {{kind: kb}}
+        policies:
+          - name: faq
+            retrieve: {{collection: faq, {retrieve}}}
+        """
+    )
+
+
 def proxy_latency(n: int, min_similarity: float, margin: float, lines: list[str], verifier: Path | None) -> None:
     tmp = Path(tempfile.mkdtemp())
     mock_port, proxy_port = _free_port(), _free_port()
     policy = tmp / "policy.yaml"
     verifier_key = f", verifier: {verifier}" if verifier is not None else ""
-    policy.write_text(
-        textwrap.dedent(
-            f"""\
-            version: 1
-            models:
-              big: {{api_base: "http://127.0.0.1:{mock_port}/v1", price: {{input_per_mtok: 2.5, output_per_mtok: 10}}}}
-            teams:
-              bench: {{keys: [{KEY}]}}
-            collections:
-              faq: {{kind: kb}}
-            policies:
-              - name: faq
-                retrieve: {{collection: faq, min_similarity: {min_similarity:.4f}, min_margin: {margin}{verifier_key}}}
-            """
-        )
-    )
+    retrieve = f"min_similarity: {min_similarity:.4f}, min_margin: {margin}{verifier_key}"
+    policy.write_text(faq_policy(mock_port, retrieve))
     env = {**os.environ, "LLM_PROXY_MASTER_KEY": MASTER}
     env.pop("LLM_PROXY_REDIS_URL", None)
     procs = [

@@ -15,7 +15,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import aiohttp
 import orjson
 
 from bench.results import append_section, short_commit
-from bench.retrieval_eval import KEY, MASTER, ROOT, _free_port, load_faq_when_ready
+from bench.retrieval_eval import KEY, MASTER, ROOT, _free_port, faq_policy, load_faq_when_ready
 from proxy.retrieval.embedders import LocalModel
 
 VERIFIER = ROOT / "policies" / "verifiers" / "all-MiniLM-L6-v2.json"
@@ -82,22 +81,7 @@ def through_proxy(n: int) -> dict[str, tuple[list[float], list[float]]]:
     tmp = Path(tempfile.mkdtemp())
     mock_port, proxy_port = _free_port(), _free_port()
     policy = tmp / "policy.yaml"
-    policy.write_text(
-        textwrap.dedent(
-            f"""\
-            version: 1
-            models:
-              big: {{api_base: "http://127.0.0.1:{mock_port}/v1", price: {{input_per_mtok: 2.5, output_per_mtok: 10}}}}
-            teams:
-              bench: {{keys: [{KEY}]}}
-            collections:
-              faq: {{kind: kb}}
-            policies:
-              - name: faq
-                retrieve: {{collection: faq, verifier: {VERIFIER}}}
-            """
-        )
-    )
+    policy.write_text(faq_policy(mock_port, f"verifier: {VERIFIER}"))
     env = {**os.environ, "LLM_PROXY_MASTER_KEY": MASTER}
     env.pop("LLM_PROXY_REDIS_URL", None)
     serve = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(policy), "--port", str(proxy_port)]
