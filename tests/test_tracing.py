@@ -284,15 +284,14 @@ RETRIEVAL = """\
     """
 
 
-def test_a_retrieval_lookup_is_a_child_span_with_its_embedding_and_search_under_it(
-    session_tmp, mock_upstream, receiver
-):
+def test_a_retrieval_lookup_is_a_child_span_with_its_embedding_and_search_under_it(session_tmp, mock, receiver):
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    server = start_proxy(session_tmp, policy_yaml(mock_upstream.url, RETRIEVAL), env=env)
+    server = start_proxy(session_tmp, policy_yaml(mock.url, RETRIEVAL), env=env)
     try:
         admin = {"Authorization": f"Bearer {MASTER_KEY}"}
         entries = [{"id": "reset", "question": "How do I reset my password?", "answer": "Use the reset link."}]
-        assert httpx.post(f"{server.url}/admin/kb/docs", json=entries, headers=admin).status_code == 200
+        r = httpx.post(f"{server.url}/admin/kb/docs", json=entries, headers=admin)
+        assert r.status_code == 200, r.text
         wait_for(lambda: httpx.get(server.url + "/readyz").json()["collections"]["docs"]["ready"], "the collection")
         trace_id = secrets.token_hex(16)
         r = httpx.post(
@@ -331,9 +330,9 @@ SHADOW = """\
     """
 
 
-def test_a_shadow_call_is_a_trace_of_its_own_linked_to_the_requests_span(session_tmp, mock_upstream, receiver):
+def test_a_shadow_call_is_a_trace_of_its_own_linked_to_the_requests_span(session_tmp, mock, receiver):
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    server = start_proxy(session_tmp, policy_yaml(mock_upstream.url, SHADOW), env=env)
+    server = start_proxy(session_tmp, policy_yaml(mock.url, SHADOW), env=env)
     try:
         trace_id = secrets.token_hex(16)
         r = httpx.post(

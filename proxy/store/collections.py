@@ -530,7 +530,8 @@ class RedisCollectionStore:
         return f"{self._prefix}:{{c:{collection}}}:bound:{bound}"
 
     def _answer_key(self, request_id: str) -> str:
-        return f"{self._prefix}:retrieval-answer:{request_id}"
+        # Tagged by request, like every key: the answer and its verdict mark share one Cluster slot.
+        return f"{self._prefix}:{{a:{request_id}}}:answer"
 
     async def record_outcome(self, collection: str, bound: str, outcome: Outcome) -> BoundState:
         args = [outcome.band, int(outcome.correct), int(outcome.served), outcome.entry_id, repr(outcome.floor)]
