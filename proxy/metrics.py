@@ -235,7 +235,8 @@ SHADOW_JUDGEMENTS = Counter(
 )
 SHADOW_DROPPED = Counter(
     "llm_proxy_shadow_dropped",
-    "Sampled shadow evaluations not made, by policy and reason (queue_full, budget, store_down, shadow_error).",
+    "Sampled shadow evaluations not made, by policy and reason "
+    "(queue_full, budget, store_down, shadow_error, untranslatable, shutdown).",
     ["policy", "reason"],
 )
 SHADOW_JUDGE_ERRORS = Counter(

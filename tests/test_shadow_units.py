@@ -1,5 +1,6 @@
 """The parts of shadow evaluation that need no server: the judge's verdict parser and the two-order rule,
-the checks without a judge, judgements in both stores, the policy file's `evaluation:` and `shadow:` checks."""
+the checks without a judge, judgements in both stores, the policy file's `evaluation:` and `shadow:` checks,
+the counterfactual's body and the judge's question in each format."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from proxy.config import parse_policy_text
 from proxy.config.loader import ConfigError
+from proxy.services.evaluation import ShadowJob, counterfactual_body, question_text
 from proxy.services.judging import (
     LOSS,
     TIE,
@@ -26,7 +28,47 @@ from proxy.services.judging import (
     parse_verdict,
 )
 from proxy.store.memory import MemoryStore
+from proxy.wire.adapter import Endpoint
+from proxy.wire.formats import BY_ENDPOINT
 from tests.conftest import REDIS_URL, ROOT, private_redis_keys
+
+
+def _job(endpoint: str, body: dict) -> ShadowJob:
+    return ShadowJob("p", "judge", "t", "small", "big", body, "answer", endpoint=endpoint)
+
+
+def test_the_counterfactual_is_the_clients_request_to_the_model_it_asked_for_unstreamed_and_unstored():
+    responses = {"model": "small", "input": "Hi", "stream": True, "background": True, "store": True, "top_p": 0.5}
+    assert counterfactual_body(_job(Endpoint.RESPONSES, responses)) == {
+        "model": "big",
+        "input": "Hi",
+        "store": False,  # the Responses API stores by default
+        "top_p": 0.5,
+    }
+    messages = {"model": "small", "max_tokens": 9, "system": "S", "messages": [], "stream": True}
+    assert counterfactual_body(_job(Endpoint.MESSAGES, messages)) == {
+        "model": "big",
+        "max_tokens": 9,
+        "system": "S",
+        "messages": [],
+    }
+    chat = {"model": "small", "messages": [], "stream": True, "stream_options": {}, "n": 2, "store": True}
+    assert counterfactual_body(_job(Endpoint.CHAT, chat)) == {"model": "big", "messages": []}
+
+
+def test_the_judge_reads_each_formats_request_as_a_conversation():
+    responses = {"input": [{"role": "user", "content": [{"type": "input_text", "text": "Q?"}]}], "instructions": "I."}
+    assert question_text(BY_ENDPOINT[Endpoint.RESPONSES], responses) == "system: I.\nuser: Q?"
+    messages = {
+        "max_tokens": 5,
+        "system": "S.",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Q?"}]}],
+    }
+    assert question_text(BY_ENDPOINT[Endpoint.MESSAGES], messages) == "system: S.\nuser: Q?"
+    # A response id only its upstream knows has no chat form: the judge reads the new input alone.
+    continued = {"input": "And then?", "previous_response_id": "resp_upstream"}
+    assert question_text(BY_ENDPOINT[Endpoint.RESPONSES], continued) == "And then?"
+    assert question_text(BY_ENDPOINT[Endpoint.CHAT], {"messages": [{"role": "user", "content": "Q?"}]}) == "Q?"
 
 
 @pytest.mark.parametrize(

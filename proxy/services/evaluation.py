@@ -2,12 +2,13 @@
 client's path, and the `min_quality` floor that stops a policy whose answers are worse.
 
 A sampled request a policy changed (routed, made concise, answered from retrieval) is queued once its
-client has the answer. A worker sends the counterfactual (the request as the client sent it, to the model
-it asked for) through the runtime's dispatcher, compares the two answers (a judge in both orders, or an
-exact / JSON / final-number check), and records the outcome per policy, model pair and day in the store.
-Shadow and judge calls are measurement spend: reserved against the daily measurement budget before the
-call, recorded under their own pseudo-team, never against a team. Prompts and answers live only in the
-queued job, in memory, until it is judged; nothing here logs them.
+client has the answer. A worker sends the counterfactual (the request as the client sent it, in its own
+format: chat, Responses or Messages, to the model it asked for, not streamed and stored nowhere) through
+the runtime's dispatcher (which translates it for an upstream that speaks only chat), compares the two
+answers (a judge in both orders, or an exact / JSON / final-number check), and records the outcome per
+policy, model pair and day in the store. Shadow and judge calls are measurement spend: reserved against
+the daily measurement budget before the call, recorded under their own pseudo-team, never against a team.
+Prompts and answers live only in the queued job, in memory, until it is judged; nothing here logs them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import time
 from collections import deque
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -41,18 +42,21 @@ from proxy.services.judging import (
 from proxy.services.quality import QualityRetained, floor_breached, quality_retained
 from proxy.store.base import BudgetScope, JudgementCounts, Store, StoreUnavailable, Usage, to_nano, utc_day
 from proxy.upstream.dispatch import Dispatcher, DispatchRequest
-from proxy.wire.adapter import Endpoint
+from proxy.wire.adapter import Endpoint, WireAdapter
 from proxy.wire.chat import CHAT
 from proxy.wire.content import user_text
+from proxy.wire.formats import BY_ENDPOINT
 
 log = logging.getLogger("llm_proxy.evaluation")
 
 _BUDGET_TTL_S = 3 * 86400
 _JUDGE_FRAMING_TOKENS = 64  # the judge prompt's markers and message framing, over its counted parts
-# Fields of the client's request a counterfactual call leaves out: it is not streamed, and one answer is compared.
 # The shadow's own trace while it runs (tracing on), so that its upstream calls are spans under it.
 _SHADOW_TRACE: ContextVar[Any] = ContextVar("llm_proxy_shadow_trace", default=None)
-_NOT_SENT = frozenset({"stream", "stream_options", "n", "model"})
+# Fields of the client's request a counterfactual call leaves out: it is not streamed nor run in the background
+# (a Responses `background`), one answer is compared, and nothing is stored (chat's `store` is off by default;
+# a Responses request gets `store: false`, as the API stores by default).
+_NOT_SENT = frozenset({"stream", "stream_options", "n", "model", "store", "background"})
 # A judged outcome (the policy's side) as the winner of a RouteLLM pairwise label (the policy's answer: `weak`).
 WINNER = {"win": "weak", "tie": "tie", "loss": "strong"}
 
@@ -67,11 +71,13 @@ class ShadowJob:
     model: str  # what answered under the policy ("retrieval:COLLECTION" for a retrieval hit)
     counterfactual_model: str  # the model the client asked for
     body: dict[str, Any]  # the request as the client sent it, before any policy changed it
-    answer: str  # the policy's answer
+    answer: str  # the policy's answer, the text the client received
     trace: Any = None  # the request's RequestTrace when tracing is on: the shadow's trace links to it
     # The team retains prompts (teams.T.retain_prompts): once judged, the user text is kept this long with
     # its outcome, as a label for `router fit --from-store`. None: nothing outlives the job.
     retain_ttl_s: float | None = None
+    endpoint: str = Endpoint.CHAT  # the client's format, which `body` is in (chat, Responses or Messages)
+    upstream_headers: dict[str, str] = field(default_factory=dict)  # the client's, for a native upstream
 
     @property
     def pair(self) -> str:
@@ -233,13 +239,8 @@ class ShadowEvaluator:
         day = period_id("day", time.time() if now is None else now)
         return BudgetScope(MEASUREMENT_TEAM, "measurement", day, self._limit_nano, _BUDGET_TTL_S)
 
-    def _max_output(self, model: str, body: dict[str, Any]) -> int:
-        return (
-            body.get("max_completion_tokens")
-            or body.get("max_tokens")
-            or self._prices.price(model).max_output_tokens
-            or self._default_max_output
-        )
+    def _max_output(self, model: str, wire: WireAdapter, body: dict[str, Any]) -> int:
+        return wire.max_output(body) or self._prices.price(model).max_output_tokens or self._default_max_output
 
     def _judge_instructions(self, judge: str) -> int:
         if self._instruction_tokens is None:
@@ -259,13 +260,22 @@ class ShadowEvaluator:
 
     async def evaluate(self, job: ShadowJob) -> str | None:
         """Run one job: reserve, call, compare, record. The outcome, or None when it was dropped."""
-        model = job.counterfactual_model
-        body = {k: v for k, v in job.body.items() if k not in _NOT_SENT}
-        body["model"] = model
-        prompt_tokens, _ = CHAT.count_prompt(self._estimator.counter(model), body)
-        max_output = self._max_output(model, body)
+        model, wire = job.counterfactual_model, BY_ENDPOINT[job.endpoint]
+        body = counterfactual_body(job)
+        request = DispatchRequest(job.endpoint, model, body, model, upstream_headers=job.upstream_headers)
+        if not self._dispatcher.speaks(model, job.endpoint):
+            # Translated once, as TranslateForUpstream does for a client's request; what no chat upstream can
+            # take (a Responses id only its upstream knows, a built-in tool) is not sent nor reserved for.
+            try:
+                request.chat_body = wire.to_chat(body)
+            except ProxyError:
+                metrics.child(metrics.SHADOW_DROPPED, job.policy, "untranslatable").inc()
+                return None
+        prompt_tokens, _ = wire.count_prompt(self._estimator.counter(model), body)
+        max_output = self._max_output(model, wire, body)
+        request.prompt_tokens, request.max_output_tokens = prompt_tokens, max_output
         worst = self._prices.cost(model, prompt_tokens, max_output)
-        question = conversation_text(job.body)
+        question = question_text(wire, job.body)
         if job.compare == "judge":
             judge = self.cfg.judge
             assert judge is not None  # check makes compare: judge need one
@@ -290,7 +300,7 @@ class ShadowEvaluator:
         spend = _Spend(self._store)
         try:
             try:
-                reference = await self._counterfactual(body, model, prompt_tokens, max_output, spend)
+                reference = await self._counterfactual(request, spend)
             except _ShadowFailed:
                 metrics.child(metrics.SHADOW_DROPPED, job.policy, "shadow_error").inc()
                 return None
@@ -336,32 +346,23 @@ class ShadowEvaluator:
             return
         metrics.child(metrics.SHADOW_LABELS, job.policy).inc()
 
-    async def _call(
-        self, model: str, body: dict[str, Any], prompt_tokens: int, max_output: int
-    ) -> tuple[str, int, int]:
-        """One chat call through the dispatcher, bounded by the evaluation's timeout: text and usage."""
-        call = DispatchRequest(
-            Endpoint.CHAT,
-            model,
-            body,
-            model,
-            prompt_tokens=prompt_tokens,
-            max_output_tokens=max_output,
-            trace=_SHADOW_TRACE.get(),
-        )
+    async def _call(self, call: DispatchRequest) -> tuple[str, int, int]:
+        """One call through the dispatcher, bounded by the evaluation's timeout: the text of its reply (in the
+        call's format: the dispatcher translates a chat upstream's reply back) and its usage."""
+        call.trace = _SHADOW_TRACE.get()
         reply = await asyncio.wait_for(self._dispatcher.send(call), self.cfg.timeout_s)
+        wire = BY_ENDPOINT[call.endpoint]
         data = reply.data or {}
-        CHAT.check_reply(data)
-        text = CHAT.reply_text(data)
+        wire.check_reply(data)
+        text = wire.reply_text(data)
         if reply.usage is not None:
             return text, reply.usage.input, reply.usage.output
-        return text, prompt_tokens, self._estimator.counter(call.answered_by or model).text(text)
+        return text, call.prompt_tokens, self._estimator.counter(call.answered_by or call.model).text(text)
 
-    async def _counterfactual(
-        self, body: dict[str, Any], model: str, prompt_tokens: int, max_output: int, spend: _Spend
-    ) -> str:
+    async def _counterfactual(self, call: DispatchRequest, spend: _Spend) -> str:
+        model = call.model
         try:
-            text, used_in, used_out = await self._call(model, body, prompt_tokens, max_output)
+            text, used_in, used_out = await self._call(call)
         except Exception as e:  # whatever the upstream did, the client's answer is not affected
             log.info("shadow call to %s failed: %s", model, type(e).__name__)
             raise _ShadowFailed from None
@@ -383,8 +384,11 @@ class ShadowEvaluator:
         assert judge is not None
         body = {"model": judge, "messages": messages, "max_tokens": self.cfg.judge_max_tokens, "temperature": 0}
         prompt_tokens, _ = CHAT.count_prompt(self._estimator.counter(judge), body)
+        call = DispatchRequest(
+            Endpoint.CHAT, judge, body, judge, prompt_tokens=prompt_tokens, max_output_tokens=self.cfg.judge_max_tokens
+        )
         try:
-            text, used_in, used_out = await self._call(judge, body, prompt_tokens, self.cfg.judge_max_tokens)
+            text, used_in, used_out = await self._call(call)
         except TimeoutError:
             metrics.child(metrics.SHADOW_JUDGE_ERRORS, judge, "timeout").inc()
             return None
@@ -444,6 +448,25 @@ class ShadowEvaluator:
                 stop = orjson.loads(raw)
                 if stop["at"] >= self.floor.started_at:
                     self.floor.adopt(name, quality_retained(stop["wins"], stop["ties"], stop["losses"]))
+
+
+def counterfactual_body(job: ShadowJob) -> dict[str, Any]:
+    """The request as the client sent it, to the model it asked for, in its format: not streamed, one answer,
+    and kept by no upstream."""
+    body = {k: v for k, v in job.body.items() if k not in _NOT_SENT}
+    body["model"] = job.counterfactual_model
+    if job.endpoint == Endpoint.RESPONSES:
+        body["store"] = False
+    return body
+
+
+def question_text(wire: WireAdapter, body: dict[str, Any]) -> str:
+    """The request as the judge reads it, from its chat form (a Responses request's instructions and input
+    items, a Messages request's system and blocks); failing a translation, the user's text."""
+    try:
+        return conversation_text(wire.to_chat(body))
+    except ProxyError:
+        return user_text(body)
 
 
 __all__ = ["UNJUDGED", "QualityFloor", "ShadowEvaluator", "ShadowJob"]

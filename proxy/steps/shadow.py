@@ -1,6 +1,10 @@
 """Shadow sampling: for a sampled fraction of requests, keep the request as the client sent it before the
 policies change it; once the client has its answer, queue the comparison of the policy's answer with the
 counterfactual's (proxy/services/evaluation.py runs it in the background). Nothing here waits on an upstream.
+
+Chat Completions, the Responses API and Anthropic Messages are shadowed: the request is kept in the client's
+format (a Responses request continuing a kept conversation with its history already in `input`), and the
+answer is read from what the client received in that format.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from proxy.pipeline.context import Endpoint, RequestContext, ShadowSlot
 from proxy.pipeline.step import Step
 from proxy.services.evaluation import ShadowEvaluator, ShadowJob
 from proxy.services.holdout_stats import TREATED, holdout_bucket
-from proxy.wire import sse
-from proxy.wire.chat import CHAT
 from proxy.wire.content import reply_text
+from proxy.wire.formats import BY_ENDPOINT
+
+# The generation formats a counterfactual can be sent in (a completions or embeddings request is not shadowed).
+SHADOWED_ENDPOINTS = frozenset({Endpoint.CHAT, Endpoint.RESPONSES, Endpoint.MESSAGES})
 
 
 def shadow_draw(request_id: str) -> float:
@@ -37,12 +43,13 @@ class SampleForShadow(Step):
         self._retain_s = {n: t.retain_prompts.ttl for n, t in policy.teams.items() if t.retain_prompts is not None}
 
     async def on_request(self, ctx: RequestContext) -> None:
-        if ctx.dry_run or ctx.endpoint != Endpoint.CHAT or ctx.team is None or ctx.team in self._excluded:
+        if ctx.dry_run or ctx.endpoint not in SHADOWED_ENDPOINTS or ctx.team is None or ctx.team in self._excluded:
             return
         draw = shadow_draw(ctx.request_id)
         if draw >= self._max_rate:
             return
-        # A copy, as the policies after this step edit the body in place (messages, max_tokens).
+        # A copy, as the policies after this step edit the body in place (messages, instructions, max_tokens).
+        # It is taken after KeepConversation: a Responses request's stored history is already its input.
         ctx.shadow = ShadowSlot(draw, orjson.loads(orjson.dumps(ctx.body)), ctx.model)
 
     async def on_settle(self, ctx: RequestContext) -> None:
@@ -60,7 +67,19 @@ class SampleForShadow(Step):
             if answer:
                 team = ctx.team or ""
                 retain = self._retain_s.get(team)
-                job = ShadowJob(name, cfg.compare, team, answered, slot.model, slot.body, answer, ctx.trace, retain)
+                job = ShadowJob(
+                    name,
+                    cfg.compare,
+                    team,
+                    answered,
+                    slot.model,
+                    slot.body,
+                    answer,
+                    ctx.trace,
+                    retain,
+                    endpoint=ctx.endpoint,
+                    upstream_headers=ctx.upstream_headers,
+                )
                 self._evaluator.submit(job)
             return  # one comparison per request: for the first sampled policy that changed it
 
@@ -80,13 +99,16 @@ class SampleForShadow(Step):
 
 
 def _answer_text(ctx: RequestContext) -> str:
-    """The text the client received: a step's answer, the upstream's reply, or the stream's relayed events."""
+    """The text the client received: a step's answer (a chat completion, sent in the client's format), the
+    upstream's reply or the stream's relayed events, both in the client's format (translated back already
+    when the upstream speaks only chat)."""
     if ctx.answer is not None:
         return reply_text(ctx.answer)
     reply = ctx.reply
     if reply is None:
         return ""
+    wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
     if reply.events is not None:
-        return sse.generated_text(reply.events)
+        return wire.stream_text(reply.events)
     data: Any = reply.data or {}
-    return CHAT.reply_text(data)
+    return wire.reply_text(data)
