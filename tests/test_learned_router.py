@@ -295,3 +295,21 @@ def test_a_router_fitted_by_the_cli_routes_by_its_prediction(session_tmp, mock, 
         wait_for(lambda: "was fitted on embedder local:all-MiniLM-L6-v2:768" in server.log(), "the log line", 10)
     finally:
         server.stop()
+
+
+def test_a_reload_that_adds_a_learned_router_loads_its_embedder_and_readyz_says_when(session_tmp, mock, fitted_router):
+    server = launch_proxy(session_tmp, policy_yaml(mock.url, ""))
+    try:
+        wait_until_serving(server.url + "/healthz", server.proc, timeout=120)
+        assert "embedders" not in httpx.get(server.url + "/readyz").json()  # nothing embeds yet
+        config = next(session_tmp.glob(f"policy-{server.port}.yaml"))
+        config.write_text(_policy(mock.url, fitted_router))
+        r = httpx.post(server.url + "/admin/reload", headers={"Authorization": f"Bearer {MASTER_KEY}"})
+        assert r.status_code == 200, r.text
+        # No request has needed the model yet: the reload itself started loading it.
+        wait_for(lambda: httpx.get(server.url + "/readyz").json()["embedders"]["local"]["loaded"], "MiniLM", 300)
+        assert httpx.get(server.url + "/readyz").json()["embedders"]["local"]["identity"].endswith(":384")
+        raw = _chat(client_for(server), _trivia(CAPITALS[-1][0]))
+        assert raw.headers["x-llm-proxy-model"] == "small"  # the first request after the reload routes
+    finally:
+        server.stop()

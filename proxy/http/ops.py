@@ -123,6 +123,8 @@ def build_ops_app(state: ProxyState) -> FastAPI:
         if state.retrieval is not None:
             body["collections"] = state.retrieval.status()
             body["tasks"] = state.retrieval.task_status()  # example embeddings: a task matches once ready
+        if state.runtime.retrieval is not None:
+            body["embedders"] = state.runtime.retrieval.local_status()  # a reload starts loading a new model
         return JSONResponse(body, status_code=200 if store_ok and tokenizers_ok else 503)
 
     @app.get("/metrics")

@@ -229,6 +229,14 @@ class RetrievalRuntime:
                 except EmbedderDown as err:
                     log.error("the local embedder is unavailable; retrieval that needs it is skipped: %s", err)
 
+    def local_status(self) -> dict[str, Any]:
+        """Per in-process embedder: whether its model is loaded (a lookup through it is skipped until then)."""
+        return {
+            name: {"loaded": e.identity is not None, "identity": e.identity}
+            for name, e in sorted(self.embedders.items())
+            if isinstance(e, LocalEmbedder)
+        }
+
     def price_per_token(self, embedder: Embedder) -> float:
         if isinstance(embedder, LocalEmbedder):
             return embedder.price_per_token
