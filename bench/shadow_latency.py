@@ -1,6 +1,7 @@
 """Shadow evaluation and client latency: the same requests through a proxy with shadow evaluation off and
-one with it on at rate 1.0 (every routed request gets a counterfactual call and two judge calls, in the
-background), in alternating rounds of one run, against the mock upstream with a fixed latency.
+one with it on at `--rate` (1.0: every routed request gets a counterfactual call and two judge calls, in the
+background; the default policy rate is 0.02), in alternating rounds of one run, against the mock upstream
+with a fixed latency.
 
 Client latency is wall time per request at the client (sequential requests, one connection); proxy
 overhead is the proxy's own `x-llm-proxy-overhead-ms`. After an "on" round the benchmark waits for the
@@ -8,7 +9,7 @@ shadow queue to drain, so each round of the other arm starts on an idle proxy.
 
 Data: ../shared/data/routellm_mmlu_dev, the first N MMLU prompts as the user turn.
 
-Usage: .venv/bin/python -m bench.shadow_latency [--n 100] [--rounds 5] [--latency-ms 20] [--write]
+Usage: .venv/bin/python -m bench.shadow_latency [--n 100] [--rounds 5] [--latency-ms 20] [--rate 1.0] [--write]
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from bench.results import append_section, short_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data" / "routellm_mmlu_dev"
@@ -49,7 +52,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _policy(mock: str, shadow: bool) -> str:
+def _policy(mock: str, shadow: bool, rate: float) -> str:
     up = f"api_base: {mock}/v1"
     evaluation = "evaluation: {judge: judge, budget_usd_per_day: 1000, queue: 10000, workers: 2}\n" if shadow else ""
     return (
@@ -66,7 +69,7 @@ def _policy(mock: str, shadow: bool) -> str:
         )
         + evaluation
         + "policies:\n  - name: cheap\n    route: {to: small}\n"
-        + ("    shadow: {rate: 1.0}\n" if shadow else "")
+        + (f"    shadow: {{rate: {rate:g}}}\n" if shadow else "")
     )
 
 
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="requests per round and arm")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--latency-ms", type=float, default=20.0, help="the mock upstream's latency per call")
+    ap.add_argument("--rate", type=float, default=1.0, help="the shadow sampling rate of the on arm")
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
     prompts = _prompts(args.n)
@@ -132,7 +136,7 @@ def main() -> None:
         for arm, shadow in (("off", False), ("on", True)):
             port = _free_port()
             config = tmp / f"{arm}.yaml"
-            config.write_text(_policy(mock, shadow))
+            config.write_text(_policy(mock, shadow, args.rate))
             serve = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
             procs.append(_start(serve, port, "/healthz", tmp / f"{arm}.log"))
             urls[arm] = f"http://127.0.0.1:{port}"
@@ -174,24 +178,21 @@ def main() -> None:
     print(table)
     print(f"shadow comparisons judged: {judged:.0f}, dropped: {dropped:.0f}")
     if args.write:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
-        date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         load = os.getloadavg()[0]
-        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write(
-                f"\n## Shadow evaluation and client latency — {date} — 2-core x86_64 shared, loaded — commit {commit} "
-                f"(`python -m bench.shadow_latency --n {args.n} --rounds {args.rounds} "
-                f"--latency-ms {args.latency_ms:g}`)"
-                f"\n\nData: ../shared/data/routellm_mmlu_dev, the first {len(prompts)} MMLU prompts as the user turn, "
-                f"`max_tokens: 32`, sent one at a time (one connection) to `big`, routed to `small`; the mock "
-                f"upstream answers every call after {args.latency_ms:g} ms. Off: no `evaluation:`; on: `shadow: "
-                f"{{rate: 1.0}}` (each request then costs three more upstream calls in the background: the "
-                f"counterfactual and two judge calls), 2 workers. {args.rounds} rounds per arm, alternating which arm "
-                f"goes first; after an on round the queue drains before the next round. Judged: {judged:.0f}, "
-                f"dropped: {dropped:.0f}. Load average (1 min) at the end: {load:.1f}.\n\n" + table + "\n"
-            )
+        append_section(
+            f"## Shadow evaluation and client latency — {date} — 2-core x86_64 shared, loaded — "
+            f"commit {short_commit()} "
+            f"(`python -m bench.shadow_latency --n {args.n} --rounds {args.rounds} "
+            f"--latency-ms {args.latency_ms:g} --rate {args.rate:g}`)"
+            f"\n\nData: ../shared/data/routellm_mmlu_dev, the first {len(prompts)} MMLU prompts as the user turn, "
+            f"`max_tokens: 32`, sent one at a time (one connection) to `big`, routed to `small`; the mock "
+            f"upstream answers every call after {args.latency_ms:g} ms. Off: no `evaluation:`; on: `shadow: "
+            f"{{rate: {args.rate:g}}}` (each sampled request costs three more upstream calls in the background: the "
+            f"counterfactual and two judge calls), 2 workers. {args.rounds} rounds per arm, alternating which arm "
+            f"goes first; after an on round the queue drains before the next round. Judged: {judged:.0f}, "
+            f"dropped: {dropped:.0f}. Load average (1 min) at the end: {load:.1f}.\n\n" + table
+        )
 
 
 if __name__ == "__main__":
