@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import Server, start_proxy, wait_for
-from tests.test_shadow_evaluation import ADMIN, EVALUATION, metric
+from tests.test_shadow_evaluation import ADMIN, EVALUATION, metric, shadow_models
 
 KEY = "sk-shadow-agents"
 QUESTION = "Explain what a token is, for someone new to language models."
@@ -27,14 +27,9 @@ _ANSWER = re.compile(r"\[The Start of Assistant (A|B)'s Answer\]\n(.*?)\n\[The E
 def _policy(mock_url: str) -> str:
     up = f"api_base: {mock_url}/v1"
     return (
-        textwrap.dedent(
+        shadow_models(mock_url)
+        + textwrap.dedent(
             f"""\
-        version: 1
-        retries: {{max_attempts: 1, max_total_s: 5, initial_backoff_s: 0.01, max_backoff_s: 0.02}}
-        models:
-          big: {{{up}, upstream_model: mock-big, price: {{input_per_mtok: 2.5, output_per_mtok: 10}}}}
-          small: {{{up}, upstream_model: mock-small, price: {{input_per_mtok: 0.15, output_per_mtok: 0.6}}}}
-          judge: {{{up}, upstream_model: mock-judge, price: {{input_per_mtok: 1, output_per_mtok: 4}}}}
           resp-big: {{{up}, upstream_model: mock-resp-big, api: responses,
                       price: {{input_per_mtok: 2, output_per_mtok: 8}}}}
           resp-small: {{{up}, upstream_model: mock-resp-small, api: responses,

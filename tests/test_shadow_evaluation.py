@@ -23,17 +23,27 @@ ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
 QUESTION = [{"role": "user", "content": "Explain what a token is, for someone new to language models."}]
 
 
-def _policy(mock_url: str, evaluation: str, extra: str = "") -> str:
+def shadow_models(mock_url: str) -> str:
+    """The head of a shadow test's policy: no retries, and `big`, `small` and `judge` on the mock (more
+    models may follow, indented two spaces)."""
     up = f"api_base: {mock_url}/v1"
+    return textwrap.dedent(
+        f"""\
+        version: 1
+        retries: {{max_attempts: 1, max_total_s: 5, initial_backoff_s: 0.01, max_backoff_s: 0.02}}
+        models:
+          big: {{{up}, upstream_model: mock-big, price: {{input_per_mtok: 2.5, output_per_mtok: 10}}}}
+          small: {{{up}, upstream_model: mock-small, price: {{input_per_mtok: 0.15, output_per_mtok: 0.6}}}}
+          judge: {{{up}, upstream_model: mock-judge, price: {{input_per_mtok: 1, output_per_mtok: 4}}}}
+        """
+    )
+
+
+def _policy(mock_url: str, evaluation: str, extra: str = "") -> str:
     return (
-        textwrap.dedent(
+        shadow_models(mock_url)
+        + textwrap.dedent(
             f"""\
-            version: 1
-            retries: {{max_attempts: 1, max_total_s: 5, initial_backoff_s: 0.01, max_backoff_s: 0.02}}
-            models:
-              big: {{{up}, upstream_model: mock-big, price: {{input_per_mtok: 2.5, output_per_mtok: 10}}}}
-              small: {{{up}, upstream_model: mock-small, price: {{input_per_mtok: 0.15, output_per_mtok: 0.6}}}}
-              judge: {{{up}, upstream_model: mock-judge, price: {{input_per_mtok: 1, output_per_mtok: 4}}}}
             teams:
               shadowed: {{keys: [{KEY}], budget: {{usd: 100, period: day}}}}
               private: {{keys: [{OTHER_KEY}]}}
