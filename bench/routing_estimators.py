@@ -8,7 +8,7 @@ training folds only:
 - nested (within and across domains): the logistic probe (L2 by inner log loss, as `router fit`), kNN (k by
   inner log loss) and their average, threshold read off the inner out-of-fold curve of each;
 - all-mpnet-base-v2 against MiniLM, and both concatenated, on the random subsample of prompts mpnet has
-  embedded (mpnet ran at ~0.4-0.7 prompts/s on this shared 2-core machine, so all 7655 take hours).
+  embedded (mpnet ran at ~0.4-1 prompts/s on this shared 2-core machine, so all 7655 take hours).
 
 Usage: LLM_PROXY_DATA=/work/shared/data python -m bench.routing_estimators [--write]
        ... --embed-mpnet /tmp/mpnet/all-mpnet-base-v2 --mpnet-cache /tmp/mpnet-mmlu.npz   (resumable, random order)
@@ -266,7 +266,7 @@ def main() -> None:
         append_section(
             f"## Learned router on MMLU: other estimators and embedders (issue 13) — {time.strftime('%Y-%m-%d')} — "
             f"2-core shared VM (x86_64), commit {short_commit()} (`LLM_PROXY_DATA=/work/shared/data python -m "
-            "bench.routing_estimators --mpnet-cache ... --write`)\n\n" + text
+            "bench.routing_estimators --write`)\n\n" + text
         )
 
 
