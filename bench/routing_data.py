@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "routellm_mmlu_dev"
+DATA = Path(os.environ.get("LLM_PROXY_DATA", ROOT.parent / "shared" / "data")) / "routellm_mmlu_dev"
 CACHE = ROOT / "bench" / ".cache"
 WEAK_COL, STRONG_COL = "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"
 

@@ -34,7 +34,7 @@ from proxy.pipeline.runtime import Runtime
 from proxy.store.memory import MemoryStore
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "routellm_mmlu_dev"
+DATA = Path(os.environ.get("LLM_PROXY_DATA", ROOT.parent / "shared" / "data")) / "routellm_mmlu_dev"
 WEAK_COL, STRONG_COL = "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"
 ANSWER_TOKENS = 1  # an MMLU answer is one letter
 
