@@ -52,12 +52,17 @@ MODELS = """\
     price: {{input_per_mtok: 2, output_per_mtok: 4}}
     max_input_tokens: 2000
     max_output_tokens: 500
+  brittle:
+    api_base: {mock}/v1
+    upstream_model: mock-brittle
+    price: {{input_per_mtok: 0.15, output_per_mtok: 0.6}}
+    fallbacks: [long]
 """
 
 
 def _team(name: str, key: str, budget: str) -> str:
     digest = hashlib.sha256(key.encode()).hexdigest()
-    return f"  {name}:\n    keys: [sha256:{digest}]\n    models: [small, short]\n    budget: {budget}\n"
+    return f"  {name}:\n    keys: [sha256:{digest}]\n    models: [small, short, brittle]\n    budget: {budget}\n"
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +118,32 @@ def test_a_prompt_too_long_for_every_fallback_is_a_400_with_no_call(limits_proxy
     assert "40 tokens (2000 with its context-window fallbacks)" in r.json()["error"]["message"]
     assert mock.calls() == 0
     assert team_spend(limits_proxy, "alpha")["spend_usd"] == spent
+
+
+def test_a_context_window_fallback_the_team_may_not_use_is_skipped(limits_proxy, mock):
+    # Team rich may use short but neither of its fallbacks: the prompt is too long, with no call and no spend.
+    spent = team_spend(limits_proxy, "rich")["spend_usd"]
+    r = _chat(limits_proxy, RICH_KEY, model="short", messages=_words(100))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 40 tokens. However" in r.json()["error"]["message"]
+    assert mock.calls() == 0
+    assert team_spend(limits_proxy, "rich")["spend_usd"] == spent
+
+
+def test_a_fallback_the_team_may_not_use_is_skipped(limits_proxy, mock):
+    mock.fault(status=502, count=20, model="mock-brittle")
+    # Alpha may use every model: brittle fails, its fallback answers.
+    r = _chat(limits_proxy, TEAM_KEYS["alpha"], model="brittle")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-llm-proxy-model"] == "long"
+    # Rich may use brittle but not long: the failure is the answer, and long is never called.
+    spent, calls = team_spend(limits_proxy, "rich")["spend_usd"], mock.calls()
+    r = _chat(limits_proxy, RICH_KEY, model="brittle")
+    assert r.status_code == 502, r.text
+    sent = [b["model"] for b in mock.stats()["last_bodies"]][-(mock.calls() - calls) :]
+    assert sent and set(sent) == {"mock-brittle"}, sent
+    assert team_spend(limits_proxy, "rich")["spend_usd"] == spent
 
 
 def _issues(text: str) -> list[str]:

@@ -62,9 +62,9 @@ class Runtime:
         self.prices = PriceBook(policy.models)
         self.keyring = KeyRing(policy.teams, runtime_keys)
         self.allowed = allowed_models(policy)
-        self.estimator = Estimator(policy, self.prices)
+        self.estimator = Estimator(policy, self.prices, self.allowed)
         self.ledger = BudgetLedger(policy, store)
-        self.dispatcher = Dispatcher(policy, session) if session is not None else None
+        self.dispatcher = Dispatcher(policy, session, self.allowed) if session is not None else None
         self.embedding_client = EmbeddingClient(self.dispatcher, self.estimator)
         # Retrieval (collections, tasks by examples) is bound only when the policy file uses it, so the
         # base proxy never imports numpy or an embedding model.

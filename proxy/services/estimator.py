@@ -3,6 +3,7 @@ reserves) and after it (the real usage, counted the upstream's way when it repor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from proxy.config.models import PolicyFile
@@ -18,13 +19,20 @@ if TYPE_CHECKING:
 
 
 class Estimator:
-    def __init__(self, policy: PolicyFile, prices: PriceBook):
+    def __init__(self, policy: PolicyFile, prices: PriceBook, allowed: Mapping[str, frozenset[str]] | None = None):
         self.prices = prices
+        self._allowed = allowed
         self._default_max_output = policy.server.default_max_output_tokens
         self._counters: dict[str, TokenCounter] = {
             name: counter_for(cfg.upstream_model or name, cfg.tokenizer) for name, cfg in policy.models.items()
         }
         self._window_fallbacks = {name: cfg.context_window_fallbacks for name, cfg in policy.models.items()}
+
+    def _may_use(self, ctx: RequestContext, model: str) -> bool:
+        """A fallback the request's team (where its models are known) and runtime key may both use."""
+        if self._allowed is None or ctx.team is None:
+            return ctx.key_allows(model)
+        return ctx.may_use(model, self._allowed)
 
     def counter(self, model: str) -> TokenCounter:
         return self._counters[model]
@@ -43,7 +51,8 @@ class Estimator:
         wire = ctx.wire or BY_ENDPOINT[ctx.endpoint]
         n, prompts = self._prompt_tokens(ctx, ctx.model)
         if not self._fits(ctx.model, n, prompts):
-            for fallback in filter(ctx.key_allows, self._window_fallbacks[ctx.model]):
+            usable = [m for m in self._window_fallbacks[ctx.model] if self._may_use(ctx, m)]
+            for fallback in usable:
                 fb_n, fb_prompts = self._prompt_tokens(ctx, fallback)  # its own tokenizer may count otherwise
                 if self._fits(fallback, fb_n, fb_prompts):
                     ctx.model = fallback
@@ -52,7 +61,7 @@ class Estimator:
                     break
             else:
                 limit = self.prices.price(ctx.model).max_input_tokens
-                windows = [self.prices.price(f).max_input_tokens or 0 for f in self._window_fallbacks[ctx.model]]
+                windows = [self.prices.price(f).max_input_tokens or 0 for f in usable]
                 widest = f" ({max(windows)} with its context-window fallbacks)" if windows else ""
                 raise ContextLengthExceeded(
                     f"This model's maximum context length is {limit} tokens{widest}. However, your request has "

@@ -9,7 +9,7 @@ alone, so a fallback from a native to a translating upstream (or back) answers i
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -47,6 +47,7 @@ class Call(Protocol):
     answered_by: str | None
     upstream_seconds: float
     key_rights: Any  # a runtime key's rights (proxy.services.runtime_keys.KeyRights), or None
+    team: str | None  # the client's team (its `models:` bound the fallbacks); None for the proxy's own calls
     trace: Any  # the request's trace (proxy.services.tracing.RequestTrace) when tracing is on, else None
     chat_body: dict[str, Any] | None  # the request translated to chat, when made before the call
     upstream_headers: dict[str, str]  # client headers a native upstream of the format gets
@@ -68,6 +69,7 @@ class DispatchRequest:
     upstream_seconds: float = field(default=0.0)
     trace: Any = None
     key_rights: Any = None
+    team: str | None = None
     chat_body: dict[str, Any] | None = None
     upstream_headers: dict[str, str] = field(default_factory=dict)
 
@@ -139,7 +141,12 @@ async def _open(upstream: Upstream, ctx: Call) -> Stream:
 
 
 class Dispatcher:
-    def __init__(self, policy: PolicyFile, session: aiohttp.ClientSession):
+    def __init__(
+        self,
+        policy: PolicyFile,
+        session: aiohttp.ClientSession,
+        allowed: Mapping[str, frozenset[str]] | None = None,
+    ):
         connect = policy.server.connect_timeout_s
         self._upstreams: dict[str, Upstream] = {
             name: build_upstream(name, cfg, session, connect) for name, cfg in policy.models.items()
@@ -148,13 +155,17 @@ class Dispatcher:
             name: cfg.retries or policy.retries for name, cfg in policy.models.items()
         }
         self._chain: dict[str, list[str]] = {name: [name, *cfg.fallbacks] for name, cfg in policy.models.items()}
+        self._allowed = allowed if allowed is not None else {}  # team -> the models its `models:` admit
 
     async def _with_fallbacks(self, ctx: Call, call: Callable[[Upstream], Awaitable[T]]) -> T:
         chain = self._chain[ctx.model]
         requested = ctx.model_requested
         if ctx.fallback_to_requested and requested not in chain and requested in self._upstreams:
             chain = [*chain, requested]
-        if ctx.key_rights is not None:  # a fallback the runtime key may not use is skipped
+        if ctx.team is not None and ctx.team in self._allowed:  # a fallback the team may not use is skipped
+            team_models = self._allowed[ctx.team]
+            chain = [chain[0], *(name for name in chain[1:] if name in team_models)]
+        if ctx.key_rights is not None:  # and so is one the runtime key may not use
             chain = [name for name in chain if ctx.key_rights.allows(name)]
         last: ProxyError | None = None
         for i, name in enumerate(chain):
