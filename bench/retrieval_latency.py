@@ -1,7 +1,8 @@
 """Where a retrieval hit's time goes: the local embedding (called directly, and through the worker
 thread as the proxy calls it), and a hit end to end through the proxy (client-measured, and the proxy's
 own `x-llm-proxy-overhead-ms`), for a paraphrase (embedding + index + guards + verifier) and an exact
-match (no embedding). Loopback only, the memory store, sequential requests.
+match (no embedding); and the proxy's resident memory with retrieval on (the model loaded, the FAQ collection
+indexed) before and after those hits. Loopback only, the memory store, sequential requests.
 
     python -m bench.retrieval_latency [--requests 100] [--write]
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import psutil
 
 from bench.results import append_section, short_commit
 from bench.retrieval_eval import KEY, MASTER, ROOT, _free_port, faq_policy, load_faq_when_ready
@@ -77,7 +79,8 @@ async def _hits(url: str, n: int) -> dict[str, tuple[list[float], list[float]]]:
     return out
 
 
-def through_proxy(n: int) -> dict[str, tuple[list[float], list[float]]]:
+def through_proxy(n: int) -> tuple[dict[str, tuple[list[float], list[float]]], tuple[float, float]]:
+    """The hits' latencies, and the proxy's RSS in MiB once ready (idle) and after the hits."""
     tmp = Path(tempfile.mkdtemp())
     mock_port, proxy_port = _free_port(), _free_port()
     policy = tmp / "policy.yaml"
@@ -92,7 +95,10 @@ def through_proxy(n: int) -> dict[str, tuple[list[float], list[float]]]:
     url = f"http://127.0.0.1:{proxy_port}"
     try:
         load_faq_when_ready(url, timeout_s=180)
-        return asyncio.run(_hits(url, n))
+        proxy = psutil.Process(procs[1].pid)
+        idle = proxy.memory_info().rss / 2**20
+        hits = asyncio.run(_hits(url, n))
+        return hits, (idle, proxy.memory_info().rss / 2**20)
     finally:
         for p in procs:
             p.terminate()
@@ -111,7 +117,8 @@ def main() -> None:
         rows.append(
             f"| {label} (in process, one short question) | {len(ts)} | {_p(ts, 0.5):.1f} | {_p(ts, 0.95):.1f} |"
         )
-    for label, (client, server) in through_proxy(args.requests).items():
+    hits, (idle_mib, after_mib) = through_proxy(args.requests)
+    for label, (client, server) in hits.items():
         rows.append(
             f"| {label} hit, client end to end | {len(client)} | {_p(client, 0.5):.1f} | {_p(client, 0.95):.1f} |"
         )
@@ -125,7 +132,11 @@ def main() -> None:
         f"{platform.python_version()}; commit {short_commit()} (`python -m bench.retrieval_latency "
         f"{' '.join(sys.argv[1:])}`, {time.perf_counter() - started:.0f} s)"
     )
-    text = "\n".join([head, "", *rows, ""])
+    memory = (
+        f"Proxy resident memory with retrieval on (one process, torch and all-MiniLM-L6-v2 loaded, the FAQ "
+        f"collection indexed): {idle_mib:.0f} MiB idle, {after_mib:.0f} MiB after the {2 * (args.requests + 10)} hits."
+    )
+    text = "\n".join([head, "", *rows, "", memory, ""])
     print(text)
     if args.write:
         append_section(text)
