@@ -25,6 +25,7 @@ import numpy as np
 from bench.results import append_section, short_commit
 from bench.routing_data import embed_questions, load_questions
 from bench.routing_learned import SEED, TARGET, bootstrap_quality, labels_of, share_for
+from bench.routing_learned import oof_scores as oof
 from proxy.config.router_file import threshold_for
 from proxy.services.routers.estimators import LogisticProbe
 from proxy.services.routers.features import feature_matrix
@@ -53,14 +54,6 @@ class WeightedKnn:
 def logloss(p: np.ndarray, y: np.ndarray) -> float:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-def oof(make, x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
-    out = np.zeros(len(y))
-    for test in parts:
-        train = np.setdiff1d(np.arange(len(y)), test, assume_unique=True)
-        out[test] = make(x[train], y[train]).predict(x[test])
-    return out
 
 
 def knn_select(unit: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> tuple[np.ndarray, WeightedKnn, int]:
