@@ -282,6 +282,29 @@ def test_a_messages_request_answered_from_retrieval_is_shadowed_and_judged(agent
     assert _pair(agents_shadow, "kb-answers", "retrieval:docs vs claude-big")["losses"] >= 1
 
 
+def test_a_responses_request_answered_from_retrieval_is_shadowed_and_judged(agents_shadow, mock):
+    mock.configure(judge="longer")
+    entries = [{"id": "hours", "question": "When is the office open?", "answer": "From nine to five."}]
+    r = httpx.post(f"{agents_shadow.url}/admin/kb/docs", json=entries, headers=ADMIN, timeout=30)
+    assert r.status_code == 200, r.text
+    wait_for(lambda: httpx.get(agents_shadow.url + "/readyz").json()["collections"]["docs"]["ready"], "the kb")
+    before = _outcomes(agents_shadow, "kb-answers")
+    try:  # the same question: an exact hit, whatever the mock's meaningless embeddings say
+        raw = _openai(agents_shadow).responses.with_raw_response.create(
+            model="resp-big", input="When is the office open?", extra_headers={"x-shadow": "kb"}
+        )
+    finally:  # the module's other retrieval test matches by nearest entry: leave it only its own
+        httpx.delete(f"{agents_shadow.url}/admin/kb/docs/hours", headers=ADMIN, timeout=30).raise_for_status()
+    assert raw.headers["x-llm-proxy-route"] == "retrieval"
+    text = raw.parse().output_text
+    assert text == "From nine to five."
+    _expect_one_loss(agents_shadow, "kb-answers", before)  # 4 words against the counterfactual's 32
+    _assert_judge_saw(mock, text)
+    (counterfactual,) = _bodies(mock, "mock-resp-big")  # in the Responses format, to the model asked for
+    assert counterfactual["input"] == "When is the office open?" and counterfactual["store"] is False
+    assert _pair(agents_shadow, "kb-answers", "retrieval:docs vs resp-big")["losses"] >= 1
+
+
 # ----------------------------------------------------------------------------------------- bad input
 
 
