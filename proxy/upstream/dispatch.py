@@ -162,7 +162,7 @@ class Dispatcher:
         requested = ctx.model_requested
         if ctx.fallback_to_requested and requested not in chain and requested in self._upstreams:
             chain = [*chain, requested]
-        if ctx.team is not None and ctx.team in self._allowed:  # a fallback the team may not use is skipped
+        if len(chain) > 1 and ctx.team in self._allowed:  # a fallback the team may not use is skipped
             team_models = self._allowed[ctx.team]
             chain = [chain[0], *(name for name in chain[1:] if name in team_models)]
         if ctx.key_rights is not None:  # and so is one the runtime key may not use
