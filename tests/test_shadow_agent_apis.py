@@ -259,12 +259,17 @@ def test_a_routed_messages_request_is_shadowed_in_its_format_and_judged(agents_s
     assert _pair(agents_shadow, "cheap-route", f"small vs {model}")["losses"] >= 1
 
 
+def _store_entry(server: Server, entry_id: str, question: str, answer: str) -> None:
+    """One entry in the `docs` collection, once the collection is ready to answer from it."""
+    entries = [{"id": entry_id, "question": question, "answer": answer}]
+    r = httpx.post(f"{server.url}/admin/kb/docs", json=entries, headers=ADMIN, timeout=30)
+    assert r.status_code == 200, r.text
+    wait_for(lambda: httpx.get(server.url + "/readyz").json()["collections"]["docs"]["ready"], "the kb")
+
+
 def test_a_messages_request_answered_from_retrieval_is_shadowed_and_judged(agents_shadow, mock):
     mock.configure(judge="longer")
-    entries = [{"id": "reset", "question": "How do I reset my password?", "answer": "Use the reset link."}]
-    r = httpx.post(f"{agents_shadow.url}/admin/kb/docs", json=entries, headers=ADMIN, timeout=30)
-    assert r.status_code == 200, r.text
-    wait_for(lambda: httpx.get(agents_shadow.url + "/readyz").json()["collections"]["docs"]["ready"], "the kb")
+    _store_entry(agents_shadow, "reset", "How do I reset my password?", "Use the reset link.")
     before = _outcomes(agents_shadow, "kb-answers")
     with _anthropic(agents_shadow).messages.stream(
         model="claude-big",
@@ -284,10 +289,7 @@ def test_a_messages_request_answered_from_retrieval_is_shadowed_and_judged(agent
 
 def test_a_responses_request_answered_from_retrieval_is_shadowed_and_judged(agents_shadow, mock):
     mock.configure(judge="longer")
-    entries = [{"id": "hours", "question": "When is the office open?", "answer": "From nine to five."}]
-    r = httpx.post(f"{agents_shadow.url}/admin/kb/docs", json=entries, headers=ADMIN, timeout=30)
-    assert r.status_code == 200, r.text
-    wait_for(lambda: httpx.get(agents_shadow.url + "/readyz").json()["collections"]["docs"]["ready"], "the kb")
+    _store_entry(agents_shadow, "hours", "When is the office open?", "From nine to five.")
     before = _outcomes(agents_shadow, "kb-answers")
     try:  # the same question: an exact hit, whatever the mock's meaningless embeddings say
         raw = _openai(agents_shadow).responses.with_raw_response.create(
