@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from proxy.errors import InvalidRequest, ProxyError
-from proxy.wire.sse_events import SSEBuffer, chat_chunks, named_event
+from proxy.wire.sse_events import SSEBuffer, chat_chunks, chat_deltas, named_event
 from proxy.wire.usage import is_int
 
 # Messages fields this module maps (or drops: they mean nothing to a chat upstream); any other field is
@@ -489,24 +489,18 @@ class MessagesStream:
         for chunk in chat_chunks(self._buffer.feed(events)):
             if isinstance(chunk.get("usage"), dict):
                 self.usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
-                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                    continue
-                delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if isinstance(reasoning, str) and reasoning:
+            for delta in chat_deltas(chunk):
+                if delta.reasoning:
                     if self._open != "thinking":
                         out.append(self._begin("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
-                    out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
-                if isinstance(delta.get("content"), str) and delta["content"]:
+                    out.append(self._delta({"type": "thinking_delta", "thinking": delta.reasoning}))
+                if delta.text:
                     if self._open != "text":
                         out.append(self._begin("text", {"type": "text", "text": ""}))
-                    out.append(self._text_delta(delta["content"]))
-                for call in delta.get("tool_calls") or ():
-                    if isinstance(call, dict):
-                        out.append(self._call_delta(call))
-                if choice.get("finish_reason") is not None:
-                    self._stop_reason = _STOP_REASONS.get(choice["finish_reason"], "end_turn")
+                    out.append(self._text_delta(delta.text))
+                out.extend(self._call_delta(call) for call in delta.tool_calls)
+                if delta.finish_reason is not None:
+                    self._stop_reason = _STOP_REASONS.get(delta.finish_reason, "end_turn")
         return b"".join(out)
 
     def finish(self) -> bytes:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from proxy.errors import InvalidRequest, ProxyError
-from proxy.wire.sse_events import SSEBuffer, chat_chunks, named_event
+from proxy.wire.sse_events import SSEBuffer, chat_chunks, chat_deltas, named_event
 from proxy.wire.usage import is_int
 
 # Responses fields this module maps (or deliberately drops); any other field is passed on to the chat
@@ -551,20 +551,14 @@ class ResponsesStream:
         for chunk in chat_chunks(self._buffer.feed(events)):
             if isinstance(chunk.get("usage"), dict):
                 self.usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
-                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                    continue
-                delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if isinstance(reasoning, str) and reasoning:
-                    out.append(self._text_delta("reasoning", reasoning))
-                if isinstance(delta.get("content"), str) and delta["content"]:
-                    out.append(self._text_delta("text", delta["content"]))
-                for call in delta.get("tool_calls") or ():
-                    if isinstance(call, dict):
-                        out.append(self._call_delta(call))
-                if choice.get("finish_reason") is not None:
-                    self._finish_reason = choice["finish_reason"]
+            for delta in chat_deltas(chunk):
+                if delta.reasoning:
+                    out.append(self._text_delta("reasoning", delta.reasoning))
+                if delta.text:
+                    out.append(self._text_delta("text", delta.text))
+                out.extend(self._call_delta(call) for call in delta.tool_calls)
+                if delta.finish_reason is not None:
+                    self._finish_reason = delta.finish_reason
         return b"".join(out)
 
     def finish(self) -> bytes:
