@@ -14,6 +14,7 @@ from proxy.errors import BadGateway, InvalidRequest, ProxyError
 from proxy.wire import anthropic as translate
 from proxy.wire import sse
 from proxy.wire.adapter import Counter, Endpoint, OpenAIWire, UpstreamModel, is_int
+from proxy.wire.sse_events import RelayedEvents
 
 DEFAULT_VERSION = "2023-06-01"
 _VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -21,19 +22,13 @@ _BETA = re.compile(r"^[A-Za-z0-9._\-]{1,64}(\s*,\s*[A-Za-z0-9._\-]{1,64}){0,15}$
 _DELTA_TEXT = ("text", "partial_json", "thinking")
 
 
-class MessagesAccount:
+class MessagesAccount(RelayedEvents):
     """Watches a Messages stream: relays every event; usage is `message_start`'s (the prompt, cache reads
     and writes) updated by `message_delta`'s (the output so far)."""
 
-    __slots__ = ("_relayed", "final", "usage")
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._relayed: list[bytes] = []
-        self.usage: dict[str, Any] | None = None
-        self.final: dict[str, Any] | None = None
-
-    def relay(self, events: bytes) -> bytes:
-        self._relayed.append(events)
+    def _watch(self, events: bytes) -> None:
         if b'"usage"' in events:
             for data in sse.json_payloads([events]):
                 if not isinstance(data, dict):
@@ -43,11 +38,6 @@ class MessagesAccount:
                 usage = holder.get("usage") if isinstance(holder, dict) else None
                 if isinstance(usage, dict):
                     self.usage = {**(self.usage or {}), **{k: v for k, v in usage.items() if v is not None}}
-        return events
-
-    @property
-    def relayed(self) -> list[bytes]:
-        return self._relayed
 
 
 def _is_block(block: Any) -> bool:

@@ -12,6 +12,7 @@ from proxy.errors import BadGateway, InvalidRequest, NotFound, ProxyError
 from proxy.wire import responses as translate
 from proxy.wire import sse
 from proxy.wire.adapter import Counter, Endpoint, OpenAIWire, UpstreamModel, is_int
+from proxy.wire.sse_events import RelayedEvents
 
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _DELTAS = frozenset(
@@ -19,28 +20,17 @@ _DELTAS = frozenset(
 )
 
 
-class ResponsesAccount:
+class ResponsesAccount(RelayedEvents):
     """Watches a Responses stream: relays every event, keeps the finished response and its usage."""
 
-    __slots__ = ("_relayed", "final", "usage")
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._relayed: list[bytes] = []
-        self.usage: dict[str, Any] | None = None
-        self.final: dict[str, Any] | None = None
-
-    def relay(self, events: bytes) -> bytes:
-        self._relayed.append(events)
+    def _watch(self, events: bytes) -> None:
         if b'"response.completed"' in events or b'"response.incomplete"' in events or b'"response.failed"' in events:
             for data in sse.json_payloads([events]):
                 if isinstance(data, dict) and data.get("type") in _TERMINAL and isinstance(data.get("response"), dict):
                     self.final = data["response"]
                     self.usage = self.final.get("usage")
-        return events
-
-    @property
-    def relayed(self) -> list[bytes]:
-        return self._relayed
 
 
 def _check_input(value: Any) -> None:

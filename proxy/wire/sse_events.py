@@ -45,6 +45,30 @@ def chat_deltas(chunk: dict[str, Any]) -> Iterator[ChatDelta]:
         )
 
 
+class RelayedEvents:
+    """Watches a stream of named events relayed unchanged (the Responses API, Anthropic's Messages): keeps
+    every run for the reply, and hands each to `_watch` to read the usage and the finished object from."""
+
+    __slots__ = ("_relayed", "final", "usage")
+
+    def __init__(self) -> None:
+        self._relayed: list[bytes] = []
+        self.usage: dict[str, Any] | None = None
+        self.final: dict[str, Any] | None = None
+
+    def relay(self, events: bytes) -> bytes:
+        self._relayed.append(events)
+        self._watch(events)
+        return events
+
+    def _watch(self, events: bytes) -> None:
+        raise NotImplementedError
+
+    @property
+    def relayed(self) -> list[bytes]:
+        return self._relayed
+
+
 class SSEBuffer:
     """Reassembles SSE events from arbitrary byte runs: an upstream may split an event across reads."""
 
