@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from proxy.errors import InvalidRequest, ProxyError
-from proxy.wire.sse_events import SSEBuffer, chat_chunks, chat_deltas, named_event
+from proxy.wire.sse_events import SSEBuffer, named_event, read_chat
 from proxy.wire.usage import is_int
 
 # Messages fields this module maps (or drops: they mean nothing to a chat upstream); any other field is
@@ -485,22 +485,21 @@ class MessagesStream:
 
     def feed(self, events: bytes) -> bytes:
         """The Messages events for a run of chat SSE bytes (a partial event waits for the next run)."""
+        usage, deltas = read_chat(self._buffer.feed(events))
+        self.usage = usage or self.usage
         out: list[bytes] = []
-        for chunk in chat_chunks(self._buffer.feed(events)):
-            if isinstance(chunk.get("usage"), dict):
-                self.usage = chunk["usage"]
-            for delta in chat_deltas(chunk):
-                if delta.reasoning:
-                    if self._open != "thinking":
-                        out.append(self._begin("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
-                    out.append(self._delta({"type": "thinking_delta", "thinking": delta.reasoning}))
-                if delta.text:
-                    if self._open != "text":
-                        out.append(self._begin("text", {"type": "text", "text": ""}))
-                    out.append(self._text_delta(delta.text))
-                out.extend(self._call_delta(call) for call in delta.tool_calls)
-                if delta.finish_reason is not None:
-                    self._stop_reason = _STOP_REASONS.get(delta.finish_reason, "end_turn")
+        for delta in deltas:
+            if delta.reasoning:
+                if self._open != "thinking":
+                    out.append(self._begin("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
+                out.append(self._delta({"type": "thinking_delta", "thinking": delta.reasoning}))
+            if delta.text:
+                if self._open != "text":
+                    out.append(self._begin("text", {"type": "text", "text": ""}))
+                out.append(self._text_delta(delta.text))
+            out.extend(self._call_delta(call) for call in delta.tool_calls)
+            if delta.finish_reason is not None:
+                self._stop_reason = _STOP_REASONS.get(delta.finish_reason, "end_turn")
         return b"".join(out)
 
     def finish(self) -> bytes:

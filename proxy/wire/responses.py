@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from proxy.errors import InvalidRequest, ProxyError
-from proxy.wire.sse_events import SSEBuffer, chat_chunks, chat_deltas, named_event
+from proxy.wire.sse_events import SSEBuffer, named_event, read_chat
 from proxy.wire.usage import is_int
 
 # Responses fields this module maps (or deliberately drops); any other field is passed on to the chat
@@ -547,18 +547,17 @@ class ResponsesStream:
 
     def feed(self, events: bytes) -> bytes:
         """The Responses events for a run of chat SSE bytes (a partial event waits for the next run)."""
+        usage, deltas = read_chat(self._buffer.feed(events))
+        self.usage = usage or self.usage
         out: list[bytes] = []
-        for chunk in chat_chunks(self._buffer.feed(events)):
-            if isinstance(chunk.get("usage"), dict):
-                self.usage = chunk["usage"]
-            for delta in chat_deltas(chunk):
-                if delta.reasoning:
-                    out.append(self._text_delta("reasoning", delta.reasoning))
-                if delta.text:
-                    out.append(self._text_delta("text", delta.text))
-                out.extend(self._call_delta(call) for call in delta.tool_calls)
-                if delta.finish_reason is not None:
-                    self._finish_reason = delta.finish_reason
+        for delta in deltas:
+            if delta.reasoning:
+                out.append(self._text_delta("reasoning", delta.reasoning))
+            if delta.text:
+                out.append(self._text_delta("text", delta.text))
+            out.extend(self._call_delta(call) for call in delta.tool_calls)
+            if delta.finish_reason is not None:
+                self._finish_reason = delta.finish_reason
         return b"".join(out)
 
     def finish(self) -> bytes:

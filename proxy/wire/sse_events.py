@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import orjson
@@ -15,11 +14,6 @@ def named_event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def chat_chunks(events: bytes) -> list[dict[str, Any]]:
-    """The JSON chunks in a run of chat-completion SSE events (`[DONE]` and comments skipped)."""
-    return [chunk for chunk in sse.json_payloads([events]) if isinstance(chunk, dict)]
-
-
 class ChatDelta(NamedTuple):
     """What one chat-completion chunk adds to the first choice (the only one the translators serve)."""
 
@@ -29,20 +23,30 @@ class ChatDelta(NamedTuple):
     finish_reason: Any  # None until the last chunk of the choice
 
 
-def chat_deltas(chunk: dict[str, Any]) -> Iterator[ChatDelta]:
-    """The first choice's deltas in one chunk; pieces of the wrong type read as empty."""
-    for choice in chunk.get("choices") or ():
-        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+def read_chat(events: bytes) -> tuple[dict[str, Any] | None, list[ChatDelta]]:
+    """A run of chat-completion SSE events (`[DONE]` and comments skipped): the last usage object in it,
+    and the first choice's deltas in order (pieces of the wrong type read as empty)."""
+    usage, deltas = None, []
+    for chunk in sse.json_payloads([events]):
+        if not isinstance(chunk, dict):
             continue
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        text = delta.get("content")
-        yield ChatDelta(
-            reasoning if isinstance(reasoning, str) else "",
-            text if isinstance(text, str) else "",
-            tuple(call for call in delta.get("tool_calls") or () if isinstance(call, dict)),
-            choice.get("finish_reason"),
-        )
+        if isinstance(chunk.get("usage"), dict):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            text = delta.get("content")
+            deltas.append(
+                ChatDelta(
+                    reasoning if isinstance(reasoning, str) else "",
+                    text if isinstance(text, str) else "",
+                    tuple(call for call in delta.get("tool_calls") or () if isinstance(call, dict)),
+                    choice.get("finish_reason"),
+                )
+            )
+    return usage, deltas
 
 
 class RelayedEvents:
