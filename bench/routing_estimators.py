@@ -138,6 +138,45 @@ def screening(x: np.ndarray, unit: np.ndarray, labels: Labels, parts: list[np.nd
     return lines
 
 
+def tfidf_scores(texts: list[str], y: np.ndarray, parts: list[np.ndarray], c: float, **vectorizer) -> np.ndarray:
+    """Out-of-fold P(weak is at least as good) from a logistic regression over TF-IDF n-grams of the prompt
+    (the vocabulary is fitted on each training fold only)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    scores = np.zeros(len(y))
+    for test in parts:
+        train = np.setdiff1d(np.arange(len(y)), test, assume_unique=True)
+        vec = TfidfVectorizer(sublinear_tf=True, **vectorizer)
+        a = vec.fit_transform([texts[i] for i in train])
+        model = LogisticRegression(C=c, max_iter=2000).fit(a, y[train])
+        scores[test] = model.predict_proba(vec.transform([texts[i] for i in test]))[:, 1]
+    return scores
+
+
+def lexical(x: np.ndarray, labels: Labels, parts: list[np.ndarray]) -> list[str]:
+    """Screening of lexical features (what an embedding of the prompt may blur: notation, option formats) alone
+    and averaged with the shipped probe."""
+    y, rnd = labels.weak_ok, random_share(labels)
+    probe = oof(lambda a, b: LogisticProbe.fit(a, b, 3000.0), x, y, parts)
+    lines = [
+        "| estimator | strong share for 95% (pooled test curve) | × random | held-out log loss |",
+        "|---|---|---|---|",
+    ]
+    arms = [("logistic probe L2=3000 (shipped)", probe)]
+    for name, kw in (
+        ("word 1–2-grams", {"ngram_range": (1, 2), "min_df": 2}),
+        ("character 2–5-grams", {"analyzer": "char_wb", "ngram_range": (2, 5), "min_df": 3}),
+    ):
+        for c in (0.3, 1.0, 3.0):
+            s = tfidf_scores(labels.prompts, y, parts, c, **kw)
+            arms += [(f"TF-IDF {name}, logistic C={c:g}", s), ("mean(that, shipped probe)", (s + probe) / 2)]
+    for name, s in arms:
+        share = share_for(routing_curve(s, labels))
+        lines.append(f"| {name} | {share:.1%} | {share / rnd:.3f}× | {logloss(s, y):.4f} |")
+    return lines
+
+
 def mpnet_subsample(cache: str, questions, minilm: np.ndarray, labels: Labels) -> list[str]:
     z = np.load(cache)
     idx, mp = z["idx"], z["vectors"].astype(np.float64)
@@ -198,6 +237,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mpnet-cache", help="npz (idx, vectors) of all-mpnet-base-v2 vectors for some questions")
     ap.add_argument("--mpnet-only", action="store_true", help="only the embedder comparison (needs --mpnet-cache)")
+    ap.add_argument("--lexical-only", action="store_true", help="only the TF-IDF screening")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--embed-mpnet", metavar="MODEL_DIR", help="embed prompts in random order into --mpnet-cache")
     args = ap.parse_args()
@@ -214,6 +254,26 @@ def main() -> None:
     within = kfold(n, 5, SEED)
     across = kfold(n, 5, SEED, groups=np.asarray([q.domain for q in questions]))
     rnd = random_share(labels)
+    if args.lexical_only:
+        text = "\n".join(
+            [
+                f"MMLU (29 domains, decontaminated, n={n}); within domains, 5-fold over questions, seed {SEED}; read "
+                "off the pooled test curve (picking the best row is itself a choice made on test folds); random "
+                f"needs {rnd:.1%} strong calls, the issue asks ≤ 0.7× ({0.7 * rnd:.1%}).",
+                "",
+                *lexical(x, labels, within),
+                "",
+                f"({time.perf_counter() - started:.0f} s on this machine.)",
+            ]
+        )
+        print(text)
+        if args.write:
+            append_section(
+                f"## Learned router on MMLU: lexical features (issue 13) — {time.strftime('%Y-%m-%d')} — 2-core "
+                f"shared VM (x86_64), commit {short_commit()} (`LLM_PROXY_DATA=/work/shared/data python -m "
+                "bench.routing_estimators --lexical-only --write`)\n\n" + text
+            )
+        return
     if args.mpnet_only:
         text = "\n".join(mpnet_subsample(args.mpnet_cache, questions, vectors, labels))
         text += f"\n\n({time.perf_counter() - started:.0f} s on this machine.)"
