@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import time
 
 import numpy as np
 
 from bench.results import append_section, short_commit
 from bench.retrieval_eval import DATA, _ceiling, _semeval_qq, _stsb
+from bench.training import minilm_with_head, shuffled_batches
+from bench.training import train as train_loop
 from proxy.retrieval.calibrate import Pair, pick_by_lower_bound
-from proxy.retrieval.embedders import packaged_model_dir
 from proxy.retrieval.intervals import clopper_pearson, wilson
 
 
@@ -32,33 +32,18 @@ def _scores_of(path: str) -> list[float]:
 
 def train(pairs: list[Pair], targets: list[float], epochs: int, threads: int, seed: int = 13):
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-    path = str(packaged_model_dir())
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-5, weight_decay=0.01)
-    order = list(range(len(pairs)))
-    steps = epochs * ((len(order) + 15) // 16)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * (1 - s / steps))
-    model.train()
-    rng = random.Random(seed)
-    for _ in range(epochs):
-        rng.shuffle(order)
-        for i in range(0, len(order), 16):
-            idx = order[i : i + 16]
-            both = [(pairs[j].a, pairs[j].b) for j in idx] + [(pairs[j].b, pairs[j].a) for j in idx]  # both orders
-            batch = tok([a for a, _ in both], [b for _, b in both], padding=True, truncation=True, max_length=128)
-            batch = {k: torch.tensor(v) for k, v in batch.items()}
-            y = torch.tensor([targets[j] for j in idx] * 2, dtype=torch.float32)
-            loss = torch.nn.functional.mse_loss(torch.sigmoid(model(**batch).logits.squeeze(-1)), y)
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-    model.eval()
+    tok, model = minilm_with_head(threads, seed)
+
+    def loss_of(idx: list[int]):
+        both = [(pairs[j].a, pairs[j].b) for j in idx] + [(pairs[j].b, pairs[j].a) for j in idx]  # both orders
+        batch = tok([a for a, _ in both], [b for _, b in both], padding=True, truncation=True, max_length=128)
+        batch = {k: torch.tensor(v) for k, v in batch.items()}
+        y = torch.tensor([targets[j] for j in idx] * 2, dtype=torch.float32)
+        return torch.nn.functional.mse_loss(torch.sigmoid(model(**batch).logits.squeeze(-1)), y)
+
+    steps = epochs * ((len(pairs) + 15) // 16)
+    train_loop(model, shuffled_batches(len(pairs), 16), loss_of, epochs=epochs, steps=steps, lr=4e-5, seed=seed)
     return tok, model
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 from bench.results import append_section, short_commit
 from bench.retrieval_embedders import HEADER, _arm
 from bench.retrieval_eval import DATA, CachedEmbedder, _semeval_qq, _stsb
+from bench.training import shuffled_batches
+from bench.training import train as train_loop
 from proxy.retrieval.calibrate import VERIFIER_FLOOR
 from proxy.retrieval.embedders import LocalModel, packaged_model_dir
 
@@ -40,35 +41,22 @@ def fine_tune(out: Path, epochs: int, threads: int, batch: int = 32, lr: float =
     torch.set_num_threads(threads)
     model = SentenceTransformer(str(packaged_model_dir()), device="cpu", local_files_only=True)
     rows = _gold("train")
+
+    def loss_of(idx: list[int]):
+        chunk = [rows[j] for j in idx]
+        emb = []
+        for texts in ([a for a, _, _ in chunk], [b for _, b, _ in chunk]):
+            emb.append(torch.nn.functional.normalize(model(model.tokenize(texts))["sentence_embedding"], dim=-1))
+        cos = (emb[0] * emb[1]).sum(-1) * 20.0
+        gold = torch.tensor([s for _, _, s in chunk])
+        diff = cos[None, :] - cos[:, None]  # diff[i, j] = cos_j - cos_i, penalised where gold_i > gold_j
+        return torch.logsumexp(torch.cat([torch.zeros(1), diff[gold[:, None] > gold[None, :]]]), dim=0)
+
     steps = epochs * ((len(rows) + batch - 1) // batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * (1 - s / steps))
-    rng = random.Random(seed)
-    started, step = time.perf_counter(), 0
-    model.train()
-    for epoch in range(epochs):
-        rng.shuffle(rows)
-        for i in range(0, len(rows), batch):
-            chunk = rows[i : i + batch]
-            emb = []
-            for texts in ([a for a, _, _ in chunk], [b for _, b, _ in chunk]):
-                features = model.tokenize(texts)
-                emb.append(torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1))
-            cos = (emb[0] * emb[1]).sum(-1) * 20.0
-            gold = torch.tensor([s for _, _, s in chunk])
-            diff = cos[None, :] - cos[:, None]  # diff[i, j] = cos_j - cos_i, penalised where gold_i > gold_j
-            diff = diff[gold[:, None] > gold[None, :]]
-            loss = torch.logsumexp(torch.cat([torch.zeros(1), diff]), dim=0)
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            step += 1
-            if step % 50 == 0:
-                print(f"epoch {epoch + 1} step {step}/{steps} loss {loss.item():.3f}", flush=True)
-    model.eval()
+    batches = shuffled_batches(len(rows), batch)
+    seconds = train_loop(model, batches, loss_of, epochs=epochs, steps=steps, lr=lr, seed=seed)
     model.save(str(out))
-    return time.perf_counter() - started
+    return seconds
 
 
 def main() -> None:

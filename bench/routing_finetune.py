@@ -10,7 +10,6 @@ Usage: LLM_PROXY_DATA=/work/shared/data python -m bench.routing_finetune [--fold
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 import numpy as np
@@ -19,7 +18,8 @@ from bench.results import append_section, short_commit
 from bench.routing_data import embed_questions, load_questions
 from bench.routing_estimators import random_share
 from bench.routing_learned import SEED, labels_of, share_for
-from proxy.retrieval.embedders import packaged_model_dir
+from bench.training import minilm_with_head, shuffled_batches
+from bench.training import train as train_loop
 from proxy.services.routers.estimators import LogisticProbe
 from proxy.services.routers.features import feature_matrix
 from proxy.services.routers.fit import kfold, routing_curve
@@ -28,35 +28,16 @@ from proxy.services.routers.fit import kfold, routing_curve
 def fine_tune(texts: list[str], y: np.ndarray, epochs: int, threads: int, max_len: int, seed: int = SEED):
     """MiniLM's weights plus a one-logit head, trained on P(weak is at least as good) by binary cross-entropy."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-    path = str(packaged_model_dir())
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01)
-    batch = 16
-    order = list(range(len(texts)))
-    steps = epochs * ((len(order) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * (1 - s / steps))
-    rng, step, started = random.Random(seed), 0, time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        rng.shuffle(order)
-        for i in range(0, len(order), batch):
-            idx = order[i : i + batch]
-            enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            target = torch.tensor(y[idx], dtype=torch.float32)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(**enc).logits.squeeze(-1), target)
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            step += 1
-            if step % 50 == 0:
-                print(f"step {step}/{steps} loss {loss.item():.3f} {time.perf_counter() - started:.0f}s", flush=True)
-    model.eval()
+    tok, model = minilm_with_head(threads, seed)
+
+    def loss_of(idx: list[int]):
+        enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        target = torch.tensor(y[idx], dtype=torch.float32)
+        return torch.nn.functional.binary_cross_entropy_with_logits(model(**enc).logits.squeeze(-1), target)
+
+    steps = epochs * ((len(texts) + 15) // 16)
+    train_loop(model, shuffled_batches(len(texts), 16), loss_of, epochs=epochs, steps=steps, lr=3e-5, seed=seed)
     return tok, model
 
 
