@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, NamedTuple
 
 import orjson
@@ -49,7 +50,7 @@ def read_chat(events: bytes) -> tuple[dict[str, Any] | None, list[ChatDelta]]:
     return usage, deltas
 
 
-class RelayedEvents:
+class RelayedEvents(ABC):
     """Watches a stream of named events relayed unchanged (the Responses API, Anthropic's Messages): keeps
     every run for the reply, and hands each to `_watch` to read the usage and the finished object from."""
 
@@ -65,8 +66,9 @@ class RelayedEvents:
         self._watch(events)
         return events
 
+    @abstractmethod
     def _watch(self, events: bytes) -> None:
-        raise NotImplementedError
+        """Read what this format's events carry (usage, the finished object) from one relayed run."""
 
     @property
     def relayed(self) -> list[bytes]:
