@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from proxy.config.models import PolicyFile, embedder_label
+from proxy.config.models import PolicyFile
+from proxy.config.references import embedder_label
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from proxy.config import PolicyFile
-from proxy.config.models import uses_embedder
+from proxy.config.references import uses_embedder
 from proxy.config.reload import Reloader
 from proxy.http.heap import freeze_startup_heap, refreeze_after_reload
 from proxy.pipeline.runtime import Runtime

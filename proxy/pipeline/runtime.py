@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from proxy.config.models import PolicyFile, uses_embedder
+from proxy.config.models import PolicyFile
+from proxy.config.references import uses_embedder
 from proxy.pipeline.actions import build_action
 from proxy.pipeline.deps import ActionDeps
 from proxy.pipeline.step import Pipeline, PolicyAction, Step

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from proxy import metrics
-from proxy.config.models import LOCAL_DEFAULT_MODEL
+from proxy.config.references import LOCAL_DEFAULT_MODEL
 from proxy.errors import ProxyError
 
 log = logging.getLogger("llm_proxy.retrieval")
