@@ -200,7 +200,8 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
-    from proxy.fakes.mock_upstream import MockState, run_mock_upstream
+    from proxy.fakes.mock_state import MockState
+    from proxy.fakes.mock_upstream import run_mock_upstream
 
     state = MockState(
         latency_s=args.latency_ms / 1000,

@@ -13,7 +13,8 @@ import httpx
 import orjson
 from aiohttp import web
 
-from proxy.fakes.mock_upstream import MockState, build_mock_app
+from proxy.fakes.mock_state import MockState
+from proxy.fakes.mock_upstream import build_mock_app
 from tests.conftest import free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -28,119 +28,17 @@ import asyncio
 import base64
 import hashlib
 import math
-import re
 import struct
 import time
-from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from proxy.fakes.mock_agent_apis import register_agent_apis
+from proxy.fakes.mock_state import BREVITY, Fault, MockState, prompt_text, reply_text, verdict
 from proxy.services.tokens import counter_for
-
-_WORDS = (
-    "the proxy counts every token and prices each request so that spend stays within budget while "
-    "answers remain useful to the people who asked for them across all teams"
-).split()
-
-
-@dataclass
-class Fault:
-    """One injected failure, applied to the next `count` matching requests."""
-
-    status: int | None = None
-    retry_after: str | None = None
-    body: str = "json"  # json | html | malformed | detail (FastAPI's validation error, as infinity and TEI send)
-    reset: bool = False
-    stall_s: float = 0.0
-    count: int = 1
-    path: str | None = None  # only requests to this path (e.g. /v1/chat/completions)
-    model: str | None = None  # only requests for this upstream model
-    after_chunks: int | None = None  # for streams: break the stream after this many chunks
-    hold: bool = False  # wait for POST /mock/release before answering
-    results: str | None = None  # list replies: fewer | duplicate_index | malformed_entry
-    hold_after_chunks: int | None = None  # for streams: after this many chunks, wait for POST /mock/release
-
-    def matches(self, path: str, model: str | None) -> bool:
-        return (self.path is None or self.path == path) and (self.model is None or self.model == model)
-
-
-@dataclass
-class MockState:
-    latency_s: float = 0.0
-    reply_tokens: int = 32
-    chunk_delay_s: float = 0.0
-    usage: bool = True
-    embedding_dim: int = 16
-    # The verbosity model: a brevity instruction anywhere in the prompt ("be concise", "be brief",
-    # "briefly", ...) scales the reply to this fraction; jitter varies lengths by prompt (±fraction).
-    concise_ratio: float = 0.5
-    length_jitter: float = 0.0
-    faults: deque[Fault] = field(default_factory=deque)
-    calls: Counter[str] = field(default_factory=Counter)
-    last_bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
-    completion_tokens_served: int = 0
-    prompt_tokens_served: int = 0
-    faults_applied: Counter[str] = field(default_factory=Counter)  # by kind: status:503, reset, stall, ...
-    abandoned: int = 0  # replies nobody was left to receive (the client gave up during a stall)
-    held: int = 0
-    gate: asyncio.Event | None = None
-    judge: str | None = None  # judging mode: longer | shorter | A | B | tie | garbage (None: answer as usual)
-    judge_only_on: str | None = None  # a regex: questions it does not match are judged a tie
-    reply_tokens_by_model: dict[str, int] = field(default_factory=dict)
-    # (substring, reply): a chat prompt containing the substring gets that reply, first match wins
-    # (a deterministic answer for a prompt the proxy sends for itself, e.g. retrieval's LLM check)
-    scripted: list[tuple[str, str]] = field(default_factory=list)
-
-
-_JUDGE_ANSWER = re.compile(
-    r"\[The Start of Assistant (A|B)'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.DOTALL
-)
-_BREVITY = re.compile(r"(?i)\b(be (concise|brief)|concisely|briefly|keep it short)\b")
-
-
-def _reply_text(seed: str, n_words: int) -> str:
-    h = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "big")
-    return " ".join(_WORDS[(h + i) % len(_WORDS)] for i in range(n_words))
-
-
-def _prompt_text(body: dict[str, Any]) -> str:
-    if "messages" in body:
-        parts = []
-        for m in body["messages"]:
-            c = m.get("content")
-            if isinstance(c, str):
-                parts.append(c)
-            elif isinstance(c, list):
-                parts.extend(p.get("text", "") for p in c if isinstance(p, dict))
-        return "\n".join(parts)
-    p = body.get("prompt", body.get("input", ""))
-    return p if isinstance(p, str) else " ".join(map(str, p))
-
-
-_JUDGE_QUESTION = re.compile(r"\[User Question\]\n(.*?)\n\n\[The Start of Assistant A", re.DOTALL)
-
-
-def _verdict(mode: str, prompt: str, only_on: str | None = None) -> str | None:
-    """The judge's reply to a pairwise judge prompt in judging mode `mode`, or None for any other prompt."""
-    if "[[A]]" not in prompt or "[[C]]" not in prompt:
-        return None
-    answers = dict(_JUDGE_ANSWER.findall(prompt))
-    question = _JUDGE_QUESTION.search(prompt)
-    if only_on is not None and not (question and re.search(only_on, question.group(1))):
-        mode = "tie"
-    if mode == "garbage":
-        return "Both answers have their merits; I would rather not choose."
-    if mode in ("longer", "shorter") and len(answers) == 2:
-        a, b = len(answers["A"].split()), len(answers["B"].split())
-        better = "C" if a == b else ("A" if (a > b) == (mode == "longer") else "B")
-    else:
-        better = {"A": "A", "B": "B"}.get(mode, "C")
-    return f"Having compared both answers: [[{better}]]"
 
 
 def _misfit(entries: list[Any], how: str | None) -> list[Any]:
@@ -298,11 +196,11 @@ class MockUpstream:
     def _n_words(self, body: dict[str, Any]) -> int:
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         n = float(self.state.reply_tokens_by_model.get(body.get("model"), self.state.reply_tokens))
-        prompt = _prompt_text(body)
+        prompt = prompt_text(body)
         if self.state.length_jitter:
             h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=4).digest(), "big") / 2**32
             n *= 1 + self.state.length_jitter * (2 * h - 1)
-        if _BREVITY.search(prompt):
+        if BREVITY.search(prompt):
             n *= self.state.concise_ratio
         words = max(1, round(n))
         return min(words, limit) if isinstance(limit, int) and limit > 0 else words
@@ -311,10 +209,10 @@ class MockUpstream:
         body, fault, early = await self._begin(request)
         if early is not None:
             return early
-        prompt_text = _prompt_text(body)
-        verdict = _verdict(self.state.judge, prompt_text, self.state.judge_only_on) if self.state.judge else None
-        scripted = next((reply for part, reply in self.state.scripted if part in prompt_text), None)
-        text = verdict or scripted or _reply_text(prompt_text, self._n_words(body))
+        prompt = prompt_text(body)
+        judged = verdict(self.state.judge, prompt, self.state.judge_only_on) if self.state.judge else None
+        scripted = next((reply for part, reply in self.state.scripted if part in prompt), None)
+        text = judged or scripted or reply_text(prompt, self._n_words(body))
         model = body.get("model", "mock")
         prompt_tokens = self._counter.chat_prompt(body["messages"])
         created = int(time.time())
@@ -347,7 +245,7 @@ class MockUpstream:
             return early
         responses, prompt_total, completion_total = [], 0, 0
         for req in body["requests"]:
-            text = _reply_text(_prompt_text(req), self._n_words(req))
+            text = reply_text(prompt_text(req), self._n_words(req))
             prompt_tokens = self._counter.chat_prompt(req["messages"])
             reply = self._chat_reply(req, text, req.get("model", "mock"), prompt_tokens, int(time.time()))
             responses.append({"status_code": 200, "body": reply})
@@ -443,7 +341,7 @@ class MockUpstream:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, p in enumerate(prompts):
             p = p if isinstance(p, str) else " ".join(map(str, p))
-            text = _reply_text(p, self._n_words(body))
+            text = reply_text(p, self._n_words(body))
             choices.append({"index": i, "text": text, "finish_reason": "stop", "logprobs": None})
             prompt_tokens += self._counter.text(p)
             completion_tokens += self._counter.text(text)
@@ -500,8 +398,8 @@ class MockUpstream:
         body, _, early = await self._begin(request)
         if early is not None:
             return early
-        prompt = _prompt_text(body)
-        text = _reply_text(prompt, self._n_words(body))
+        prompt = prompt_text(body)
+        text = reply_text(prompt, self._n_words(body))
         usage = self._usage(self._counter.text(prompt), self._counter.text(text))
         return await self._deliver(
             request,
@@ -596,7 +494,7 @@ def build_mock_app(state: MockState | None = None) -> web.Application:
     app.router.add_post("/mock/release", mock.release)
     app.router.add_post("/mock/config", mock.configure)
     register_agent_apis(
-        app, mock, _reply_text, _prompt_text
+        app, mock, reply_text, prompt_text
     )  # /v1/responses, /v1/messages, tool calls, cached and reasoning usage
     return app
 
