@@ -20,3 +20,10 @@ def append_section(text: str) -> None:
     """Append `text` (a section: its heading, then its figures) to bench/RESULTS.md."""
     with open(RESULTS, "a", encoding="utf-8") as f:
         f.write("\n" + text.lstrip("\n").rstrip("\n") + "\n")
+
+
+def report(text: str, write: bool) -> None:
+    """Print a benchmark's section, and append it to bench/RESULTS.md when asked (`--write`)."""
+    print(text)
+    if write:
+        append_section(text)

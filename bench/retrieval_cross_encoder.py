@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from bench.results import append_section, short_commit
+from bench.results import report, short_commit
 from bench.retrieval_eval import DATA, _ceiling, _semeval_qq, _stsb
 from bench.training import minilm_with_head, shuffled_batches
 from bench.training import train as train_loop
@@ -123,9 +123,7 @@ def main() -> None:
             *rows,
         ]
     )
-    print(text)
-    if args.write:
-        append_section(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":

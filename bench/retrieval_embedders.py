@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from bench.results import append_section, short_commit
+from bench.results import report, short_commit
 from bench.retrieval_eval import CachedEmbedder, _ceiling, _semeval_qq, _stsb
 from proxy.retrieval.calibrate import VERIFIER_FLOOR, Pair, pick_by_lower_bound, verifier_inputs
 from proxy.retrieval.embedders import LocalModel
@@ -99,9 +99,7 @@ embedding on this CPU (one at a time, mean of 20): {", ".join(single)}.
 
 {HEADER}
 """ + "\n".join(rows)
-    print(text)
-    if args.write:
-        append_section(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import aiohttp
 import numpy as np
 import orjson
 
-from bench.results import append_section, short_commit
+from bench.results import report, short_commit
 from proxy.retrieval.calibrate import (
     Pair,
     calibrate,
@@ -701,9 +701,7 @@ def main() -> None:
         f"(`python -m bench.retrieval_eval {' '.join(sys.argv[1:])}`, {time.perf_counter() - started:.0f} s)"
     )
     text = "\n".join([head, "", *lines, ""])
-    print(text)
-    if args.write:
-        append_section(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.results import append_section, short_commit
+from bench.results import report, short_commit
 from bench.retrieval_embedders import HEADER, _arm
 from bench.retrieval_eval import DATA, CachedEmbedder, _semeval_qq, _stsb
 from bench.training import shuffled_batches
@@ -107,9 +107,7 @@ itself (not a result).
 
 {HEADER}
 """ + "\n".join(rows)
-    print(text)
-    if args.write:
-        append_section(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":

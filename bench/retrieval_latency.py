@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 import psutil
 
-from bench.results import append_section, short_commit
+from bench.results import report, short_commit
 from bench.retrieval_eval import KEY, MASTER, ROOT, _free_port, faq_policy, load_faq_when_ready
 from proxy.retrieval.embedders import LocalModel
 
@@ -137,9 +137,7 @@ def main() -> None:
         f"collection indexed): {idle_mib:.0f} MiB idle, {after_mib:.0f} MiB after the {2 * (args.requests + 10)} hits."
     )
     text = "\n".join([head, "", *rows, "", memory, ""])
-    print(text)
-    if args.write:
-        append_section(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":

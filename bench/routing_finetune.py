@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from bench.results import append_section, short_commit
+from bench.results import report, short_commit
 from bench.routing_data import embed_questions, load_questions
 from bench.routing_estimators import random_share
 from bench.routing_learned import SEED, labels_of, share_for
@@ -96,9 +96,7 @@ fitted on the training folds only, strong share for 95% of all-strong accuracy r
 | test fold (questions) | router | strong share for 95% | × random |
 |---|---|---|---|
 """ + "\n".join(rows)
-    print(text)
-    if args.write:
-        append_section(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":
