@@ -5,19 +5,37 @@ helpers are shared with the loader and the runtime."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from proxy.config.evaluation import MEASUREMENT_TEAM
+from proxy.config.evaluation import MEASUREMENT_TEAM, EvaluationConfig
+from proxy.config.policies import LearnedRoute, PolicyConfig, TaskConfig
 from proxy.config.router_file import RouterFileError, expected_embedder, read_router_file
 
-if TYPE_CHECKING:
-    from proxy.config.models import PolicyFile
-    from proxy.config.policies import LearnedRoute
+
+class PolicySections(Protocol):
+    """What these checks read of a policy file (proxy.config.models.PolicyFile, which imports this module: the
+    sections are described here rather than imported, so the two never form a circle)."""
+
+    @property
+    def models(self) -> dict[str, Any]: ...  # ModelConfig by name
+    @property
+    def teams(self) -> dict[str, Any]: ...  # TeamConfig by name
+    @property
+    def tasks(self) -> dict[str, TaskConfig]: ...
+    @property
+    def policies(self) -> list[PolicyConfig]: ...
+    @property
+    def collections(self) -> dict[str, Any]: ...  # CollectionConfig by name
+    @property
+    def retrieval(self) -> Any: ...  # RetrievalConfig
+    @property
+    def evaluation(self) -> EvaluationConfig | None: ...
+
 
 LOCAL_DEFAULT_MODEL = "all-MiniLM-L6-v2"  # the packaged model of `embedder: local` (proxy.retrieval.embedders)
 
 
-def embedder_label(policy: PolicyFile, embedder: str) -> str:
+def embedder_label(policy: PolicySections, embedder: str) -> str:
     """The model behind an embedder name, as a verifier file records it: `local:<model folder name>`
     or `model:<upstream model>` (vectors of two labels are never comparable)."""
     if embedder == "local":
@@ -27,7 +45,7 @@ def embedder_label(policy: PolicyFile, embedder: str) -> str:
     return f"model:{(model.upstream_model if model else None) or embedder}"
 
 
-def _embedder_error(policy: PolicyFile, embedder: str) -> str | None:
+def _embedder_error(policy: PolicySections, embedder: str) -> str | None:
     if embedder == "local":
         return None
     model = policy.models.get(embedder)
@@ -39,7 +57,7 @@ def _embedder_error(policy: PolicyFile, embedder: str) -> str | None:
 
 
 def _learned_route_errors(
-    policy: PolicyFile, where: tuple[str | int, ...], learned: LearnedRoute
+    policy: PolicySections, where: tuple[str | int, ...], learned: LearnedRoute
 ) -> list[tuple[tuple[str | int, ...], str]]:
     if (msg := _embedder_error(policy, learned.embedder)) is not None:
         return [((*where, "embedder"), msg)]
@@ -59,7 +77,7 @@ def _learned_route_errors(
     return []
 
 
-def uses_embedder(policy: PolicyFile) -> bool:
+def uses_embedder(policy: PolicySections) -> bool:
     """Whether a policy file needs embeddings: collections, tasks by examples, learned routes."""
     return (
         bool(policy.collections)
@@ -68,7 +86,7 @@ def uses_embedder(policy: PolicyFile) -> bool:
     )
 
 
-def retrieval_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], str]]:
+def retrieval_errors(policy: PolicySections) -> list[tuple[tuple[str | int, ...], str]]:
     errors: list[tuple[tuple[str | int, ...], str]] = []
     for name, coll in policy.collections.items():
         if (msg := _embedder_error(policy, coll.embedder)) is not None:
@@ -99,7 +117,7 @@ def retrieval_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], st
     return errors
 
 
-def evaluation_errors(policy: PolicyFile) -> list[tuple[tuple[str | int, ...], str]]:
+def evaluation_errors(policy: PolicySections) -> list[tuple[tuple[str | int, ...], str]]:
     errors: list[tuple[tuple[str | int, ...], str]] = []
     ev = policy.evaluation
     if MEASUREMENT_TEAM in policy.teams:
