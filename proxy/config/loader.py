@@ -187,15 +187,16 @@ def _resolve_verifiers(policy: PolicyFile, base: Path) -> tuple[PolicyFile, list
 
 
 def _resolve_router_paths(raw: dict[str, Any], file: str) -> None:
-    """A `route.learned.router` path is relative to the policy file's folder (as the file sits beside it)."""
+    """`route.learned.router` and `.local_model` are relative to the policy file's folder (as they sit beside it)."""
     base = Path(file).parent if Path(file).is_file() else Path.cwd()
     policies = raw.get("policies")
     for p in policies if isinstance(policies, list) else ():
         learned = (
             p.get("route", {}).get("learned") if isinstance(p, dict) and isinstance(p.get("route"), dict) else None
         )
-        if isinstance(learned, dict) and isinstance(learned.get("router"), str) and learned["router"]:
-            learned["router"] = str(base / learned["router"])
+        for key in ("router", "local_model") if isinstance(learned, dict) else ():
+            if isinstance(learned.get(key), str) and learned[key]:
+                learned[key] = str(base / learned[key])
 
 
 _NAMED_SECTIONS = ("models", "teams", "tasks", "collections")

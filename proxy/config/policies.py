@@ -112,6 +112,20 @@ class LearnedRoute(_Strict):
     # curve (default: the target the router was fitted for).
     target_quality: Annotated[float, Field(gt=0, le=1)] | None = None
     embedder: str = "local"  # must be the embedder the router was fitted on
+    # With `embedder: local`: this router's own in-process model, a sentence-transformers folder relative to
+    # the policy file (e.g. from `llm-numbers-proxy router embedder`); default: `retrieval.local_model`.
+    local_model: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _local_model_is_local(self) -> LearnedRoute:
+        if self.local_model is not None and self.embedder != "local":
+            raise ValueError("`local_model` is the folder of `embedder: local`; this route embeds with a model")
+        return self
+
+    @property
+    def embedder_key(self) -> str:
+        """The runtime's name for this route's embedder: `local`, or `local@FOLDER` for its own local model."""
+        return self.embedder if self.local_model is None else f"local@{self.local_model}"
 
 
 class RouteAction(_Strict):

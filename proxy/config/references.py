@@ -5,6 +5,7 @@ helpers are shared with the loader and the runtime."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from proxy.config.evaluation import MEASUREMENT_TEAM, EvaluationConfig
@@ -61,11 +62,15 @@ def _learned_route_errors(
 ) -> list[tuple[tuple[str | int, ...], str]]:
     if (msg := _embedder_error(policy, learned.embedder)) is not None:
         return [((*where, "embedder"), msg)]
+    if learned.local_model is not None and not (Path(learned.local_model) / "modules.json").is_file():
+        msg = f"{learned.local_model} is not a sentence-transformers folder (no modules.json)"
+        return [((*where, "local_model"), msg)]
     try:
         router = read_router_file(learned.router)
     except RouterFileError as e:
         return [((*where, "router"), str(e))]
-    expected = expected_embedder(learned.embedder, policy.retrieval.local_model, policy.models)
+    local = learned.local_model or policy.retrieval.local_model
+    expected = expected_embedder(learned.embedder, local, policy.models)
     if not router.embedder.startswith(expected + ":"):
         msg = f"router {learned.router} was fitted on embedder {router.embedder}; this policy embeds with {expected}"
         return [((*where, "embedder"), msg)]

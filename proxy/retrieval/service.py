@@ -82,8 +82,9 @@ class Retrieval:
 
         def embedder(name: str) -> Embedder:
             if name not in embedders:
-                if name == "local":
-                    model = self.local_model(settings.local_model, settings.local_threads)
+                if name == "local" or name.startswith("local@"):  # `local@FOLDER`: a learned route's own model
+                    path = settings.local_model if name == "local" else name.removeprefix("local@")
+                    model = self.local_model(path, settings.local_threads)
                     price = settings.local_price.input_per_mtok / 1e6 if settings.local_price else 0.0
                     embedders[name] = LocalEmbedder(model, price, count, settings.embed_timeout_s)
                 else:
@@ -106,7 +107,7 @@ class Retrieval:
             embedder(t.embedder)
         for p in policy.policies:
             if p.route is not None and p.route.learned is not None:
-                embedder(p.route.learned.embedder)
+                embedder(p.route.learned.embedder_key)
         for e in embedders.values():
             if isinstance(e, LocalEmbedder):
                 e.start_loading()  # on its worker thread: a reload keeps serving meanwhile

@@ -1,4 +1,5 @@
-"""`llm-numbers-proxy router fit`: fit a learned router from labelled prompts and write its file."""
+"""`llm-numbers-proxy router fit`: fit a learned router from labelled prompts and write its file;
+`router embedder`: build the language-model embedder a router may be fitted on."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import asyncio
 import os
 import sys
+
+from proxy.services.routers.llm_embedder import DEFAULT_LAYERS
 
 _NO_SHARED_STORE = (
     "router fit --from-store reads the shared store: set LLM_PROXY_REDIS_URL (or --redis-url) to the proxy's "
@@ -16,7 +19,7 @@ _NO_SHARED_STORE = (
 
 def _store_labels(args: argparse.Namespace):
     """The labels a running proxy kept for `--policy` (teams that retain prompts), read from its Redis; with
-    the local model the policy file names (unless --model)."""
+    the local model that policy's learned route or the policy file names (unless --model)."""
     from proxy.config import ConfigError, load_policy_file
     from proxy.services.routers.fit import LabelsError, parse_labels
     from proxy.services.shadow_labels import NoLabels, retained_labels
@@ -50,7 +53,16 @@ def _store_labels(args: argparse.Namespace):
 
     source = f"store labels of policy {args.policy} (teams {', '.join(kept.teams)})"
     labels = parse_labels([orjson.dumps(row).decode() for row in kept.rows], source)
-    return labels, args.model or policy.retrieval.local_model
+    return labels, args.model or _local_model_of(policy, args.policy)
+
+
+def _local_model_of(policy, name: str) -> str | None:
+    """The in-process model a policy's learned route embeds with (its own, or the retrieval one)."""
+    for p in policy.policies:
+        learned = p.route.learned if p.name == name and p.route is not None else None
+        if learned is not None and learned.local_model is not None:
+            return learned.local_model
+    return policy.retrieval.local_model
 
 
 def cmd_router_fit(args: argparse.Namespace) -> int:
@@ -98,8 +110,28 @@ def cmd_router_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_router_embedder(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.services.routers.llm_embedder import EmbedderBuildError, build_embedder, packaged_gguf
+
+    out = Path(args.out)
+    try:
+        gguf = Path(args.gguf) if args.gguf else packaged_gguf(Path(args.cache_dir))
+        built = build_embedder(gguf, args.layers, out)
+    except EmbedderBuildError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(
+        f"{out}: the first {built['layers']} of {built['of']} layers of {gguf.name} ({built['model_type']}), "
+        f"mean-pooled, {built['dim']} dimensions; fit a router on it with `router fit --model {out}` and name it "
+        "in the route as `learned.local_model`"
+    )
+    return 0
+
+
 def add_router_parser(sub: argparse._SubParsersAction) -> None:
-    r = sub.add_parser("router", help="learned routers: fit one from labelled prompts")
+    r = sub.add_parser("router", help="learned routers: fit one from labelled prompts, build an embedder for one")
     rsub = r.add_subparsers(dest="router_command", required=True)
     f = rsub.add_parser(
         "fit",
@@ -126,3 +158,19 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--model", metavar="PATH", help="a sentence-transformers folder (default: the packaged MiniLM)")
     f.add_argument("--threads", type=int, default=2, help="torch threads for embedding the labels")
     f.set_defaults(fn=cmd_router_fit)
+    e = rsub.add_parser(
+        "embedder",
+        help="build an in-process router embedder from gemma-3-270m (the GGUF packaged on PyPI): its first "
+        "layers, mean-pooled, as a sentence-transformers folder",
+    )
+    e.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    e.add_argument(
+        "--layers", type=int, default=DEFAULT_LAYERS, help="decoder layers to keep (more: slower, not better on MMLU)"
+    )
+    e.add_argument("--gguf", metavar="FILE", help="another gemma-3 GGUF (default: the packaged gemma-3-270m)")
+    e.add_argument(
+        "--cache-dir",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "llm-numbers-proxy"),
+        help="where the packaged GGUF is joined from its chunks (once)",
+    )
+    e.set_defaults(fn=cmd_router_embedder)

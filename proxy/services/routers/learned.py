@@ -97,5 +97,5 @@ def build_routers(policy: PolicyFile, embedders: dict[str, Embedder]) -> dict[st
                 raise ConfigError(
                     [ConfigIssue(learned.router, 1, f"policies.{p.name}.route.learned", str(e))]
                 ) from None
-            routers[p.name] = LearnedRouter(file, embedders[learned.embedder], p.name, learned.target_quality)
+            routers[p.name] = LearnedRouter(file, embedders[learned.embedder_key], p.name, learned.target_quality)
     return routers

@@ -1,0 +1,145 @@
+"""Issue 13: does a router fitted on a small language model's hidden states need fewer strong calls than one
+fitted on MiniLM? The embedder is what `llm-numbers-proxy router embedder` builds (the first layers of
+gemma-3-270m, mean-pooled); both routers are fitted by `router fit`'s own procedure (logistic probe over the
+embedding and the cheap features, L2 by inner log loss, threshold off the inner out-of-fold curve) on the
+training folds only, on RouteLLM's MMLU questions (../shared/data/routellm_mmlu_dev).
+
+Reports, for each embedder: the strong share for 95% of all-strong accuracy off the pooled test curve
+(three fold seeds), the share and test quality of the threshold chosen on training folds (bootstrap 95%
+interval), within domains (5-fold over questions) and across domains (5 folds of whole domains); and the
+CPU time to embed one prompt, both embedders in the same run.
+
+Usage: python -m bench.routing_llm_embedder [--model DIR] [--layers 6] [--write]
+       (without --model the folder is built under bench/.cache; embedding 7655 prompts takes ~10 min here)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.results import report, short_commit
+from bench.routing_data import CACHE, embed_questions, load_questions
+from bench.routing_learned import SEED, TARGET, bootstrap_quality, cross_fit, labels_of, share_for
+from proxy.retrieval.embedders import LocalModel
+from proxy.services.routers.features import feature_matrix
+from proxy.services.routers.fit import kfold, routing_curve
+
+FOLD_SEEDS = (SEED, 1, 2)
+
+
+def _folder(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model)
+    from proxy.services.routers.llm_embedder import build_embedder, packaged_gguf
+
+    out = CACHE / f"gemma-l{args.layers}"
+    if not (out / "modules.json").is_file():
+        build_embedder(packaged_gguf(CACHE), args.layers, out)
+    return out
+
+
+def _vectors(folder: Path, prompts: list[str]) -> np.ndarray:
+    weights = (folder / "model.safetensors").stat()
+    digest = hashlib.sha256(
+        f"{folder.resolve()}\x00{weights.st_size}\x00{weights.st_mtime_ns}\x00".encode() + "\x00".join(prompts).encode()
+    ).hexdigest()[:16]
+    path = CACHE / f"mmlu-{folder.name}-{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    model = LocalModel(str(folder), 2)
+    model.load_blocking()
+    started = time.perf_counter()
+    vectors = model.encode_blocking(prompts)
+    took = time.perf_counter() - started
+    print(f"embedded {len(prompts)} prompts with {folder.name} in {took:.0f}s", file=sys.stderr)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+def _latency(folder: Path | None, prompts: list[str]) -> tuple[float, float]:
+    """p50 and p95 ms to embed one prompt on one thread (the proxy's default `local_threads`)."""
+    model = LocalModel(str(folder) if folder else None, 1)
+    model.load_blocking()
+    for p in prompts[:5]:
+        model.encode_blocking([p])
+    times = []
+    for p in prompts:
+        started = time.perf_counter()
+        model.encode_blocking([p])
+        times.append((time.perf_counter() - started) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="a folder from `llm-numbers-proxy router embedder` (default: build one)")
+    ap.add_argument("--layers", type=int, default=6, help="when building: decoder layers to keep")
+    ap.add_argument("--latency-prompts", type=int, default=200)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    questions = load_questions()
+    labels = labels_of(questions)
+    n = len(questions)
+    folder = _folder(args)
+    minilm, identity = embed_questions(questions, threads=2)
+    arms = {identity: feature_matrix(minilm, labels.prompts)}
+    llm = _vectors(folder, labels.prompts)
+    llm_identity = f"local:{folder.name}:{llm.shape[1]}"
+    arms[llm_identity] = feature_matrix(llm, labels.prompts)
+    weak, strong = labels.weak_value.mean(), labels.strong_value.mean()
+    rnd = (TARGET * strong - weak) / (strong - weak)
+    domains = np.asarray([q.domain for q in questions])
+    rng = np.random.default_rng(SEED)
+    sample = [labels.prompts[i] for i in rng.choice(n, args.latency_prompts, replace=False)]
+    latency = {identity: _latency(None, sample), llm_identity: _latency(folder, sample)}
+
+    lines = [
+        f"MMLU (29 domains, decontaminated, n={n}); target {TARGET:.0%} of all-strong accuracy; random needs "
+        f"{rnd:.1%} strong calls, the issue asks ≤ 0.7× ({0.7 * rnd:.1%}). Each router: `router fit`'s procedure "
+        "on the training folds only (logistic probe over the embedding + cheap features, L2 by inner log loss, "
+        "threshold off the inner out-of-fold curve). Pooled test curve: the strong share read off all test folds' "
+        "scores (three fold seeds). Chosen: the share and quality of the threshold chosen on the training folds "
+        "(seed 13; quality interval: 1000 bootstrap draws of questions). Latency: one prompt at a time on one "
+        f"thread, {len(sample)} random prompts, both embedders in this run.",
+        "",
+        "| embedder | split | pooled test curve, seeds 13 / 1 / 2 | mean × random | chosen on training folds: strong "
+        "share (× random) | its test quality [95%] | worst fold quality | embed one prompt p50 / p95 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, x in arms.items():
+        for split in ("within domains", "across domains"):
+            shares, outcome = [], None
+            for fold_seed in FOLD_SEEDS:
+                groups = domains if split == "across domains" else None
+                out = cross_fit(x, labels, kfold(n, 5, fold_seed, groups=groups), split)
+                shares.append(share_for(routing_curve(out.test_scores, labels)))
+                outcome = outcome or out
+            assert outcome is not None
+            served = np.where(outcome.routed, labels.weak_value, labels.strong_value)
+            lo, hi = bootstrap_quality(served, labels.strong_value)
+            chosen = 1 - outcome.routed.mean()
+            p50, p95 = latency[name]
+            lines.append(
+                f"| {name} | {split} | {' / '.join(f'{s:.1%}' for s in shares)} | {np.mean(shares) / rnd:.3f}× | "
+                f"{chosen:.1%} ({chosen / rnd:.3f}×) | {served.sum() / labels.all_strong:.1%} [{lo:.1%}, {hi:.1%}] | "
+                f"{min(outcome.fold_quality):.1%} | {p50:.1f} / {p95:.1f} |"
+            )
+    lines += ["", f"({time.perf_counter() - started:.0f} s on this machine.)"]
+    heading = (
+        f"## Learned router on MMLU: a language-model embedder (issue 13) — {time.strftime('%Y-%m-%d')} — 2-core "
+        f"shared VM (x86_64, AVX-512 BF16/AMX), commit {short_commit()} (`python -m bench.routing_llm_embedder "
+        f"{f'--model {args.model}' if args.model else f'--layers {args.layers}'}{' --write' if args.write else ''}`)"
+    )
+    report(heading + "\n\n" + "\n".join(lines), args.write)
+
+
+if __name__ == "__main__":
+    main()
