@@ -177,6 +177,55 @@ def lexical(x: np.ndarray, labels: Labels, parts: list[np.ndarray]) -> list[str]
     return lines
 
 
+def signal(x: np.ndarray, labels: Labels, domains: np.ndarray) -> list[str]:
+    """Where the probe's signal is: a router that knows each question's domain (and routes by the domain's
+    training rate), the probe with the true domain added, and the probe's learning curve (a random share of
+    each training fold), over three fold seeds."""
+    y, rnd, n = labels.weak_ok, random_share(labels), len(labels.prompts)
+    names = sorted(set(domains))
+    onehot = (domains[:, None] == np.asarray(names)[None, :]).astype(float)
+    seeds = (SEED, 1, 2)
+
+    def shares(score_fold) -> list[float]:
+        out = []
+        for fold_seed in seeds:
+            scores = np.zeros(n)
+            for test in kfold(n, 5, fold_seed):
+                train = np.setdiff1d(np.arange(n), test, assume_unique=True)
+                scores[test] = score_fold(train, test, np.random.default_rng(fold_seed))
+            out.append(share_for(routing_curve(scores, labels)) / rnd)
+        return out
+
+    def by_domain(train, test, _rng):
+        rate = {d: (y[train][domains[train] == d].sum() + 1) / ((domains[train] == d).sum() + 2) for d in names}
+        return np.asarray([rate[d] for d in domains[test]])
+
+    with_domain = np.hstack([x, 3.0 * onehot])
+    rows = [
+        (
+            "the MiniLM probe (L2=3000)",
+            shares(lambda tr, te, _: LogisticProbe.fit(x[tr], y[tr], 3000.0).predict(x[te])),
+        ),
+        ("the question's domain alone (its training rate; the domain is not in the prompt)", shares(by_domain)),
+        (
+            "the MiniLM probe + the true domain (one-hot)",
+            shares(lambda tr, te, _: LogisticProbe.fit(with_domain[tr], y[tr], 3000.0).predict(with_domain[te])),
+        ),
+    ]
+    for frac in (0.1, 0.2, 0.35, 0.5, 0.75):
+
+        def part(tr, te, rng, frac=frac):
+            keep = rng.choice(tr, round(frac * len(tr)), replace=False)
+            return LogisticProbe.fit(x[keep], y[keep], 3000.0).predict(x[te])
+
+        rows.append(
+            (f"the MiniLM probe on {frac:.0%} of each training fold (~{round(frac * 0.8 * n)} labels)", shares(part))
+        )
+    lines = ["| router | × random, fold seeds 13 / 1 / 2 | mean |", "|---|---|---|"]
+    lines += [f"| {name} | {' / '.join(f'{v:.3f}' for v in r)} | {np.mean(r):.3f}× |" for name, r in rows]
+    return lines
+
+
 def mpnet_subsample(cache: str, questions, minilm: np.ndarray, labels: Labels) -> list[str]:
     z = np.load(cache)
     idx, mp = z["idx"], z["vectors"].astype(np.float64)
@@ -238,6 +287,7 @@ def main() -> None:
     ap.add_argument("--mpnet-cache", help="npz (idx, vectors) of all-mpnet-base-v2 vectors for some questions")
     ap.add_argument("--mpnet-only", action="store_true", help="only the embedder comparison (needs --mpnet-cache)")
     ap.add_argument("--lexical-only", action="store_true", help="only the TF-IDF screening")
+    ap.add_argument("--signal-only", action="store_true", help="only the domain-only router and the learning curve")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--embed-mpnet", metavar="MODEL_DIR", help="embed prompts in random order into --mpnet-cache")
     args = ap.parse_args()
@@ -254,6 +304,25 @@ def main() -> None:
     within = kfold(n, 5, SEED)
     across = kfold(n, 5, SEED, groups=np.asarray([q.domain for q in questions]))
     rnd = random_share(labels)
+    if args.signal_only:
+        text = "\n".join(
+            [
+                f"MMLU (29 domains, decontaminated, n={n}); within domains, 5-fold over questions; strong share for "
+                f"95% of all-strong accuracy read off the pooled test curve, × random ({rnd:.1%}).",
+                "",
+                *signal(x, labels, np.asarray([q.domain for q in questions])),
+                "",
+                f"({time.perf_counter() - started:.0f} s on this machine.)",
+            ]
+        )
+        heading = (
+            f"## Learned router on MMLU: where the signal is (issue 13) — {time.strftime('%Y-%m-%d')} — 2-core "
+            f"shared VM (x86_64), commit {short_commit()} (`python -m bench.routing_estimators --signal-only`)"
+        )
+        print(text)
+        if args.write:
+            append_section(heading + "\n\n" + text)
+        return
     if args.lexical_only:
         text = "\n".join(
             [

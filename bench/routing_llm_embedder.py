@@ -10,6 +10,7 @@ interval), within domains (5-fold over questions) and across domains (5 folds of
 CPU time to embed one prompt, both embedders in the same run.
 
 Usage: python -m bench.routing_llm_embedder [--model DIR] [--layers 6] [--write]
+       python -m bench.routing_llm_embedder --screen 2,6,12,18 [--write]   (the screening that chose 6 layers)
        (without --model the folder is built under bench/.cache; embedding 7655 prompts takes ~10 min here)
 """
 
@@ -77,17 +78,64 @@ def _latency(folder: Path | None, prompts: list[str]) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
+def screen(labels, minilm: np.ndarray, layers: tuple[int, ...]) -> list[str]:
+    """The screening that chose the layers: pooled test curves (fold seeds 13 / 1 / 2) of a logistic probe at a
+    fixed L2, per embedder folder built with that many layers. Read off test folds: a design choice, not a result."""
+    from proxy.services.routers.estimators import LogisticProbe
+
+    weak, strong = labels.weak_value.mean(), labels.strong_value.mean()
+    rnd = (TARGET * strong - weak) / (strong - weak)
+    n, y = len(labels.prompts), labels.weak_ok
+    arms = {"all-MiniLM-L6-v2": feature_matrix(minilm, labels.prompts)}
+    for k in layers:
+        ns = argparse.Namespace(model=None, layers=k)
+        arms[f"gemma-3-270m, first {k} layers"] = feature_matrix(_vectors(_folder(ns), labels.prompts), labels.prompts)
+    lines = ["| embedder | L2 | × random, fold seeds 13 / 1 / 2 | mean |", "|---|---|---|---|"]
+    for name, x in arms.items():
+        for l2 in (1000.0, 3000.0):
+            r = []
+            for fold_seed in FOLD_SEEDS:
+                scores = np.zeros(n)
+                for test in kfold(n, 5, fold_seed):
+                    train = np.setdiff1d(np.arange(n), test, assume_unique=True)
+                    scores[test] = LogisticProbe.fit(x[train], y[train], l2).predict(x[test])
+                r.append(share_for(routing_curve(scores, labels)) / rnd)
+            lines.append(f"| {name} | {l2:g} | {' / '.join(f'{v:.3f}' for v in r)} | {np.mean(r):.3f}× |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="a folder from `llm-numbers-proxy router embedder` (default: build one)")
     ap.add_argument("--layers", type=int, default=6, help="when building: decoder layers to keep")
     ap.add_argument("--latency-prompts", type=int, default=200)
+    ap.add_argument("--screen", metavar="LAYERS", help="only the layer screening, e.g. 2,6,12,18")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     started = time.perf_counter()
     questions = load_questions()
     labels = labels_of(questions)
     n = len(questions)
+    if args.screen:
+        minilm, _ = embed_questions(questions, threads=2)
+        text = "\n".join(
+            [
+                f"MMLU (29 domains, decontaminated, n={n}); within domains, 5-fold over questions; strong share "
+                "for 95% of all-strong accuracy off the pooled test curve, × random. Each gemma folder as "
+                "`router embedder --layers K` builds it.",
+                "",
+                *screen(labels, minilm, tuple(int(k) for k in args.screen.split(","))),
+                "",
+                f"({time.perf_counter() - started:.0f} s on this machine, embedding included.)",
+            ]
+        )
+        heading = (
+            f"## Learned router on MMLU: which layers of gemma-3-270m (issue 13) — {time.strftime('%Y-%m-%d')} — "
+            f"2-core shared VM (x86_64), commit {short_commit()} (`python -m bench.routing_llm_embedder --screen "
+            f"{args.screen}`)"
+        )
+        report(heading + "\n\n" + text, args.write)
+        return
     folder = _folder(args)
     minilm, identity = embed_questions(questions, threads=2)
     arms = {identity: feature_matrix(minilm, labels.prompts)}
