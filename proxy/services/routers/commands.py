@@ -155,7 +155,12 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--target-quality", type=float, default=0.95, help="quality to keep vs all-strong (held out)")
     f.add_argument("--folds", type=int, default=5, choices=range(2, 21), metavar="K", help="held-out folds (2-20)")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--model", metavar="PATH", help="a sentence-transformers folder (default: the packaged MiniLM)")
+    f.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a sentence-transformers folder (default: the packaged MiniLM; `router embedder` builds one that routes "
+        "better, bench/RESULTS.md)",
+    )
     f.add_argument("--threads", type=int, default=2, help="torch threads for embedding the labels")
     f.set_defaults(fn=cmd_router_fit)
     e = rsub.add_parser(
