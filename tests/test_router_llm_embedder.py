@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from proxy.retrieval.embedders import LocalModel
-from tests.conftest import MASTER_KEY, TEAM_KEYS, client_for, launch_proxy, policy_yaml, wait_until_serving
-from tests.test_learned_router import CAPITALS, _algebra, _chat, _check, _cli, _labels, _trivia
+from tests.conftest import MASTER_KEY, TEAM_KEYS, client_for, launch_proxy, wait_until_serving
+from tests.test_learned_router import CAPITALS, _algebra, _chat, _check, _cli, _labels, _policy, _trivia
 
 pytestmark = pytest.mark.timeout(900)  # building and loading the model on a loaded 2-core machine
 
@@ -38,21 +38,6 @@ def gemma_router(gemma_dir: Path, tmp_path_factory) -> Path:
              "--model", str(gemma_dir), "--threads", "1")  # fmt: skip
     assert r.returncode == 0, r.stderr
     return out
-
-
-def _policy(mock_url: str, router: Path, learned_extra: str) -> str:
-    return policy_yaml(
-        mock_url,
-        f"""\
-        policies:
-          - name: learned-small
-            when: {{models: [big]}}
-            route:
-              to: small
-              min_cost_multiple: 5
-              learned: {{router: {router}{learned_extra}}}
-        """,
-    )
 
 
 def test_the_built_folder_is_a_sentence_transformers_model_of_the_first_layers(gemma_dir):
