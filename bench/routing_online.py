@@ -7,6 +7,7 @@ Reports cumulative cost and quality vs all-strong over time (table and PNG), and
 window of 500 consecutive requests. Data: ../shared/data/routellm_mmlu_dev (decontaminated), prices of
 GPT-4-1106 / Mixtral-8x7B from the price book.
 Usage: .venv/bin/python -m bench.routing_online [--write] [--label-rate 0.2] [--refit-every 250] [--target 0.97]
+       [--model DIR]   (a `router embedder` folder instead of MiniLM)
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ WINDOW = 500
 
 def simulate(args: argparse.Namespace) -> dict:
     questions = load_questions()
-    vectors, _ = embed_questions(questions)
+    if args.model:  # a folder from `router embedder` (its vectors cached as bench.routing_llm_embedder keeps them)
+        from bench.routing_llm_embedder import _vectors
+
+        vectors = _vectors(Path(args.model), [q.prompt for q in questions])
+    else:
+        vectors, _ = embed_questions(questions)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(questions))
     questions = [questions[i] for i in order]
@@ -121,7 +127,8 @@ def table(r: dict, args: argparse.Namespace) -> list[str]:
     n = r["n"]
     wq = window_quality(r["served_ok"], r["strong_ok"])
     lines = [
-        f"MMLU (decontaminated, n={n}) in random order (seed {args.seed}); {args.label_rate:.0%} of requests labelled "
+        f"MMLU (decontaminated, n={n}) in random order (seed {args.seed}), embedder "
+        f"{Path(args.model).name if args.model else 'all-MiniLM-L6-v2'}; {args.label_rate:.0%} of requests labelled "
         f"({int(r['labelled'].sum())} labels), refit every {args.refit_every} labels from {args.min_labels}, "
         f"threshold for target quality {args.target:.2f} on the labels' out-of-fold curve. Prices GPT-4-1106 / "
         "Mixtral-8x7B. Measurement spend = the counterfactual call of each labelled request (judge cost not counted: "
@@ -162,6 +169,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.97)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--other-seeds", type=int, default=4, help="also report the worst window for this many orders")
+    ap.add_argument("--model", metavar="DIR", help="embed with a `router embedder` folder (default: MiniLM)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     r = simulate(args)
@@ -182,16 +190,18 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        png = f"routing_online_t{args.target:.2f}.png"
+        png = f"routing_online_t{args.target:.2f}{'_' + Path(args.model).name if args.model else ''}.png"
         plot(r, ROOT / "bench" / png)
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(
                 results_heading(
                     f"Learned router online on MMLU, target quality {args.target:.2f}",
-                    f"python -m bench.routing_online --target {args.target:.2f} --write",
+                    f"python -m bench.routing_online --target {args.target:.2f}"
+                    + (f" --model {args.model}" if args.model else "")
+                    + " --write",
                 )
                 + text
-                + "\n\n![learned router online](routing_online.png)\n"
+                + f"\n\n![learned router online]({png})\n"
             )
 
 
