@@ -203,12 +203,12 @@ def signal(x: np.ndarray, labels: Labels, domains: np.ndarray) -> list[str]:
     with_domain = np.hstack([x, 3.0 * onehot])
     rows = [
         (
-            "the MiniLM probe (L2=3000)",
+            "the probe (L2=3000)",
             shares(lambda tr, te, _: LogisticProbe.fit(x[tr], y[tr], 3000.0).predict(x[te])),
         ),
         ("the question's domain alone (its training rate; the domain is not in the prompt)", shares(by_domain)),
         (
-            "the MiniLM probe + the true domain (one-hot)",
+            "the probe + the true domain (one-hot)",
             shares(lambda tr, te, _: LogisticProbe.fit(with_domain[tr], y[tr], 3000.0).predict(with_domain[te])),
         ),
     ]
@@ -218,9 +218,7 @@ def signal(x: np.ndarray, labels: Labels, domains: np.ndarray) -> list[str]:
             keep = rng.choice(tr, round(frac * len(tr)), replace=False)
             return LogisticProbe.fit(x[keep], y[keep], 3000.0).predict(x[te])
 
-        rows.append(
-            (f"the MiniLM probe on {frac:.0%} of each training fold (~{round(frac * 0.8 * n)} labels)", shares(part))
-        )
+        rows.append((f"the probe on {frac:.0%} of each training fold (~{round(frac * 0.8 * n)} labels)", shares(part)))
     lines = ["| router | × random, fold seeds 13 / 1 / 2 | mean |", "|---|---|---|"]
     lines += [f"| {name} | {' / '.join(f'{v:.3f}' for v in r)} | {np.mean(r):.3f}× |" for name, r in rows]
     return lines
@@ -288,6 +286,7 @@ def main() -> None:
     ap.add_argument("--mpnet-only", action="store_true", help="only the embedder comparison (needs --mpnet-cache)")
     ap.add_argument("--lexical-only", action="store_true", help="only the TF-IDF screening")
     ap.add_argument("--signal-only", action="store_true", help="only the domain-only router and the learning curve")
+    ap.add_argument("--model", metavar="DIR", help="with --signal-only: a `router embedder` folder in place of MiniLM")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--embed-mpnet", metavar="MODEL_DIR", help="embed prompts in random order into --mpnet-cache")
     args = ap.parse_args()
@@ -296,7 +295,14 @@ def main() -> None:
     if args.embed_mpnet:
         embed_subsample(args.embed_mpnet, [q.prompt for q in questions], args.mpnet_cache)
         return
-    vectors, identity = embed_questions(questions, threads=1)
+    if args.model:  # a `router embedder` folder in place of MiniLM (vectors cached as routing_llm_embedder keeps them)
+        from pathlib import Path
+
+        from bench.routing_llm_embedder import _vectors
+
+        vectors, identity = _vectors(Path(args.model), [q.prompt for q in questions]), Path(args.model).name
+    else:
+        vectors, identity = embed_questions(questions, threads=1)
     labels = labels_of(questions)
     n = len(questions)
     x = feature_matrix(vectors, labels.prompts)
@@ -307,8 +313,9 @@ def main() -> None:
     if args.signal_only:
         text = "\n".join(
             [
-                f"MMLU (29 domains, decontaminated, n={n}); within domains, 5-fold over questions; strong share for "
-                f"95% of all-strong accuracy read off the pooled test curve, × random ({rnd:.1%}).",
+                f"MMLU (29 domains, decontaminated, n={n}), embedder {identity}; within domains, 5-fold over "
+                f"questions; strong share for 95% of all-strong accuracy read off the pooled test curve, × random "
+                f"({rnd:.1%}).",
                 "",
                 *signal(x, labels, np.asarray([q.domain for q in questions])),
                 "",
@@ -317,7 +324,8 @@ def main() -> None:
         )
         heading = (
             f"## Learned router on MMLU: where the signal is (issue 13) — {time.strftime('%Y-%m-%d')} — 2-core "
-            f"shared VM (x86_64), commit {short_commit()} (`python -m bench.routing_estimators --signal-only`)"
+            f"shared VM (x86_64), commit {short_commit()} (`python -m bench.routing_estimators --signal-only"
+            f"{' --model ' + args.model if args.model else ''}`)"
         )
         print(text)
         if args.write:
