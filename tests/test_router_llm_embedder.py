@@ -73,6 +73,7 @@ def test_router_embedder_refuses_bad_arguments_with_a_clear_error(tmp_path, gemm
         (["--out", str(busy)], "exists and is not an empty folder"),
         (["--gguf", str(tmp_path / "missing.gguf")], "missing.gguf: no such file"),
         (["--gguf", str(not_gguf)], "cannot load it as a language model"),
+        (["--out", str(not_gguf / "sub")], "cannot write"),  # a file where the folder's parent should be
     ]
     for extra, expected in cases:
         args = ["--out", str(tmp_path / "out"), "--gguf", str(gguf), *extra]
@@ -80,6 +81,7 @@ def test_router_embedder_refuses_bad_arguments_with_a_clear_error(tmp_path, gemm
         assert r.returncode == 1 and expected in r.stderr, (extra, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
         assert not (tmp_path / "out").exists(), extra  # nothing half-written
+        assert not list(tmp_path.glob("*.partial")), extra
 
 
 def test_check_refuses_a_local_model_that_does_not_fit_the_route(tmp_path, mock_upstream, gemma_dir, gemma_router):

@@ -4,15 +4,16 @@ prompt's tokens, saved as a sentence-transformers folder that `router fit --mode
 `route.learned.local_model` load like any other.
 
 Why a language model: on MMLU (bench/RESULTS.md) its hidden states say more about which questions the
-cheap model gets wrong than MiniLM's sentence embedding does, at ~2.5× MiniLM's CPU per prompt.
+cheap model gets wrong than MiniLM's sentence embedding does, at ~1.5× MiniLM's CPU per prompt.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-DEFAULT_LAYERS = 6  # as good as 12 or all 18 on MMLU, at a third of the full model's compute
+DEFAULT_LAYERS = 6  # no worse than 12 or all 18 on MMLU, at a third of the full model's compute
 MAX_TOKENS = 512
 _EXTRA = "pip install 'llm-numbers-proxy[router-llm]'"
 
@@ -43,7 +44,7 @@ def build_embedder(gguf: Path, layers: int, out: Path) -> dict:
     try:
         import gguf as _gguf  # noqa: F401  (transformers reads GGUF through it)
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise EmbedderBuildError(f"building an embedder needs {e.name}: {_EXTRA}") from None
     try:
@@ -61,8 +62,6 @@ def build_embedder(gguf: Path, layers: int, out: Path) -> dict:
     config.num_hidden_layers = layers
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:layers]
-    from transformers import AutoModel
-
     base = AutoModel.from_config(config)
     state = {}
     for key, value in full.state_dict().items():
@@ -75,11 +74,30 @@ def build_embedder(gguf: Path, layers: int, out: Path) -> dict:
     missing, unexpected = base.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise EmbedderBuildError(f"{gguf}: its weights do not fit a {layers}-layer {config.model_type} model")
-    out.mkdir(parents=True, exist_ok=True)
-    # bfloat16: half the file, and faster than float32 on CPUs with bf16 matrix units (AMX, AVX-512 BF16)
-    base.to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    # Written beside `out` and renamed into place last: a failure leaves no half-built folder to load.
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     dim = int(config.hidden_size)
+    try:
+        _write_folder(base.to(torch.bfloat16), tokenizer, dim, partial)
+        if out.exists():
+            out.rmdir()  # empty, as checked above
+        partial.rename(out)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise EmbedderBuildError(f"cannot write {out}: {e}") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return {"model_type": config.model_type, "layers": layers, "of": total, "dim": dim}
+
+
+def _write_folder(model, tokenizer, dim: int, out: Path) -> None:
+    """The sentence-transformers layout: the transformer (bfloat16: half the file, and faster than float32 on
+    CPUs with bf16 matrix units, AMX or AVX-512 BF16), then mean pooling."""
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     (out / "1_Pooling").mkdir()
     (out / "1_Pooling" / "config.json").write_text(
         json.dumps({"word_embedding_dimension": dim, "pooling_mode_mean_tokens": True})
@@ -90,4 +108,3 @@ def build_embedder(gguf: Path, layers: int, out: Path) -> dict:
     ]
     (out / "modules.json").write_text(json.dumps(modules))
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": MAX_TOKENS, "do_lower_case": False}))
-    return {"model_type": config.model_type, "layers": layers, "of": total, "dim": dim}
