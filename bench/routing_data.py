@@ -72,6 +72,29 @@ def embed_questions(questions: list[Question], threads: int = 2) -> tuple[np.nda
     return vectors, identity
 
 
+def embed_with_folder(folder: Path, prompts: list[str]) -> np.ndarray:
+    """(n, dim) vectors of `prompts` by a sentence-transformers folder (e.g. from `router embedder`), cached
+    under bench/.cache keyed by the folder, its weights file and the prompts."""
+    from proxy.retrieval.embedders import LocalModel
+
+    weights = (folder / "model.safetensors").stat()
+    digest = hashlib.sha256(
+        f"{folder.resolve()}\x00{weights.st_size}\x00{weights.st_mtime_ns}\x00".encode() + "\x00".join(prompts).encode()
+    ).hexdigest()[:16]
+    path = CACHE / f"mmlu-{folder.name}-{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    model = LocalModel(str(folder), 2)
+    model.load_blocking()
+    started = time.perf_counter()
+    vectors = model.encode_blocking(prompts)
+    took = time.perf_counter() - started
+    print(f"embedded {len(prompts)} prompts with {folder.name} in {took:.0f}s", file=sys.stderr)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
 if __name__ == "__main__":
     qs = load_questions()
     v, ident = embed_questions(qs)

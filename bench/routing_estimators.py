@@ -298,9 +298,9 @@ def main() -> None:
     if args.model:  # a `router embedder` folder in place of MiniLM (vectors cached as routing_llm_embedder keeps them)
         from pathlib import Path
 
-        from bench.routing_llm_embedder import _vectors
+        from bench.routing_data import embed_with_folder
 
-        vectors, identity = _vectors(Path(args.model), [q.prompt for q in questions]), Path(args.model).name
+        vectors, identity = embed_with_folder(Path(args.model), [q.prompt for q in questions]), Path(args.model).name
     else:
         vectors, identity = embed_questions(questions, threads=1)
     labels = labels_of(questions)

@@ -17,15 +17,14 @@ Usage: python -m bench.routing_llm_embedder [--model DIR] [--layers 6] [--write]
 from __future__ import annotations
 
 import argparse
-import hashlib
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.results import report, short_commit
-from bench.routing_data import CACHE, embed_questions, load_questions
+from bench.routing_data import CACHE, embed_questions, embed_with_folder, load_questions
+from bench.routing_estimators import random_share
 from bench.routing_learned import SEED, TARGET, bootstrap_quality, cross_fit, labels_of, share_for
 from proxy.retrieval.embedders import LocalModel
 from proxy.services.routers.features import feature_matrix
@@ -34,34 +33,16 @@ from proxy.services.routers.fit import kfold, routing_curve
 FOLD_SEEDS = (SEED, 1, 2)
 
 
-def _folder(args: argparse.Namespace) -> Path:
-    if args.model:
-        return Path(args.model)
+def _folder(model: str | None, layers: int) -> Path:
+    """`model`, or a folder of the first `layers` layers built as `router embedder` builds it (once)."""
+    if model:
+        return Path(model)
     from proxy.services.routers.llm_embedder import build_embedder, packaged_gguf
 
-    out = CACHE / f"gemma-l{args.layers}"
+    out = CACHE / f"gemma-l{layers}"
     if not (out / "modules.json").is_file():
-        build_embedder(packaged_gguf(CACHE), args.layers, out)
+        build_embedder(packaged_gguf(CACHE), layers, out)
     return out
-
-
-def _vectors(folder: Path, prompts: list[str]) -> np.ndarray:
-    weights = (folder / "model.safetensors").stat()
-    digest = hashlib.sha256(
-        f"{folder.resolve()}\x00{weights.st_size}\x00{weights.st_mtime_ns}\x00".encode() + "\x00".join(prompts).encode()
-    ).hexdigest()[:16]
-    path = CACHE / f"mmlu-{folder.name}-{digest}.npy"
-    if path.is_file():
-        return np.load(path)
-    model = LocalModel(str(folder), 2)
-    model.load_blocking()
-    started = time.perf_counter()
-    vectors = model.encode_blocking(prompts)
-    took = time.perf_counter() - started
-    print(f"embedded {len(prompts)} prompts with {folder.name} in {took:.0f}s", file=sys.stderr)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path, vectors)
-    return vectors
 
 
 def _latency(folder: Path | None, prompts: list[str]) -> tuple[float, float]:
@@ -83,13 +64,12 @@ def screen(labels, minilm: np.ndarray, layers: tuple[int, ...]) -> list[str]:
     fixed L2, per embedder folder built with that many layers. Read off test folds: a design choice, not a result."""
     from proxy.services.routers.estimators import LogisticProbe
 
-    weak, strong = labels.weak_value.mean(), labels.strong_value.mean()
-    rnd = (TARGET * strong - weak) / (strong - weak)
+    rnd = random_share(labels)
     n, y = len(labels.prompts), labels.weak_ok
     arms = {"all-MiniLM-L6-v2": feature_matrix(minilm, labels.prompts)}
     for k in layers:
-        ns = argparse.Namespace(model=None, layers=k)
-        arms[f"gemma-3-270m, first {k} layers"] = feature_matrix(_vectors(_folder(ns), labels.prompts), labels.prompts)
+        vectors = embed_with_folder(_folder(None, k), labels.prompts)
+        arms[f"gemma-3-270m, first {k} layers"] = feature_matrix(vectors, labels.prompts)
     lines = ["| embedder | L2 | × random, fold seeds 13 / 1 / 2 | mean |", "|---|---|---|---|"]
     for name, x in arms.items():
         for l2 in (1000.0, 3000.0):
@@ -136,14 +116,13 @@ def main() -> None:
         )
         report(heading + "\n\n" + text, args.write)
         return
-    folder = _folder(args)
+    folder = _folder(args.model, args.layers)
     minilm, identity = embed_questions(questions, threads=2)
     arms = {identity: feature_matrix(minilm, labels.prompts)}
-    llm = _vectors(folder, labels.prompts)
+    llm = embed_with_folder(folder, labels.prompts)
     llm_identity = f"local:{folder.name}:{llm.shape[1]}"
     arms[llm_identity] = feature_matrix(llm, labels.prompts)
-    weak, strong = labels.weak_value.mean(), labels.strong_value.mean()
-    rnd = (TARGET * strong - weak) / (strong - weak)
+    rnd = random_share(labels)
     domains = np.asarray([q.domain for q in questions])
     rng = np.random.default_rng(SEED)
     sample = [labels.prompts[i] for i in rng.choice(n, args.latency_prompts, replace=False)]

@@ -29,9 +29,9 @@ WINDOW = 500
 def simulate(args: argparse.Namespace) -> dict:
     questions = load_questions()
     if args.model:  # a folder from `router embedder` (its vectors cached as bench.routing_llm_embedder keeps them)
-        from bench.routing_llm_embedder import _vectors
+        from bench.routing_data import embed_with_folder
 
-        vectors = _vectors(Path(args.model), [q.prompt for q in questions])
+        vectors = embed_with_folder(Path(args.model), [q.prompt for q in questions])
     else:
         vectors, _ = embed_questions(questions)
     rng = np.random.default_rng(args.seed)
