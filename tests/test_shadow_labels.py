@@ -159,8 +159,8 @@ def test_judged_traffic_fits_a_router_from_the_store_that_then_routes_by_its_pre
         try:
             trivia = [_trivia(c) for c, _ in CAPITALS[:25]]
             algebra = [_algebra(i) for i in range(25)]
-            private = "Private question 7f3a: what does our unreleased product cost?"
-            fleeting = "Fleeting question 9c1e: which labels expire in three seconds?"
+            private = "Private question quokka: what does our unreleased product cost?"
+            fleeting = "Fleeting question kumquat: which labels expire in three seconds?"
             for text in [*trivia, *algebra]:
                 assert _chat(server, LEARNER_KEY, text).headers["x-llm-proxy-model"] == "small"
             _chat(server, PRIVATE_KEY, private)
@@ -178,16 +178,17 @@ def test_judged_traffic_fits_a_router_from_the_store_that_then_routes_by_its_pre
             assert by_prompt[trivia[0]]["model"] == "small" and by_prompt[trivia[0]]["counterfactual_model"] == "big"
 
             # The team that did not opt in: its prompt text is nowhere in the store; nor any prompt in logs
-            # or metrics.
+            # or metrics. (Each marker has letters past `f`: the store's write ids are hex and could spell a hex
+            # marker by chance.)
             stored = _everything_stored(prefix)
-            assert trivia[0] in stored and "7f3a" not in stored and "{t:private}:label" not in stored
+            assert trivia[0] in stored and "quokka" not in stored and "{t:private}:label" not in stored
             assert all(row["team"] != "private" for row in labels)
             exposed = server.log() + httpx.get(server.url + "/metrics").text
-            assert "7f3a" not in exposed and "capital city" not in exposed and HARD not in exposed
+            assert "quokka" not in exposed and "capital city" not in exposed and HARD not in exposed
 
             # The fleeting team's label expires after its 3 s: gone from the export and from Redis itself.
             wait_for(lambda: all(row["team"] != "fleeting" for row in _export(server)), "the label to expire", 30)
-            wait_for(lambda: "9c1e" not in _everything_stored(prefix), "the prompt to leave Redis", 30)
+            wait_for(lambda: "kumquat" not in _everything_stored(prefix), "the prompt to leave Redis", 30)
             assert trivia[0] in _everything_stored(prefix)  # an hour's TTL: still there
 
             # Fit from the store, with the CLI, as an operator would.
